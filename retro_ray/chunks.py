@@ -1,0 +1,229 @@
+"""Documents -> the Retro chunk database (the ``db`` stage).
+
+Each document is tokenised and cut into chunks of ``chunk_length`` tokens that never cross a
+document boundary (the last chunk of a document may be shorter). Rows of ``db/chunks``:
+
+    chunk_id  int64, dense from 0 in corpus order, the same on every rerun
+    doc_id    int64, dense from 0 over the documents kept
+    doc_pos   int32, index of the chunk within its document
+    tokens    list<int32>, at most chunk_length ids
+    text      the document text the tokens cover
+
+The continuation of chunk c is c + 1 when that chunk has the same ``doc_id``, else none.
+
+Work is cut into blocks of ``block_size`` chunks named by their range
+(``{start:012d}-{end:012d}``); the manifest records each finished block, so a build killed
+midway and run again writes and embeds only the missing ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from retro_ray import corpus, embed, tokenizer
+from retro_ray.config import Config, config_hash
+from retro_ray.corpus import BAD_INPUT, BadInputError
+from retro_ray.runtime import log
+from retro_ray.storage import Manifest, Storage, join, open_stage
+
+CHUNK_SCHEMA = pa.schema(
+    [("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("doc_pos", pa.int32()),
+     ("tokens", pa.list_(pa.int32())), ("text", pa.string())]
+)
+# What the chunking tasks emit: chunks of kept documents, and one row per skipped input row.
+_CHUNKED_SCHEMA = pa.schema(
+    [("path", pa.string()), ("row", pa.int64()), ("skip", pa.string()),
+     ("doc_pos", pa.int32()), ("tokens", pa.list_(pa.int32())), ("text", pa.string())]
+)
+
+
+def stage_dir(cfg: Config) -> str:
+    return join(cfg.workdir, "db")
+
+
+def block_name(start: int, end: int) -> str:
+    return f"{start:012d}-{end:012d}"
+
+
+def block_range(name: str) -> tuple[int, int]:
+    start, end = name.split("-")
+    return int(start), int(end)
+
+
+def chunk_spans(n_tokens: int, chunk_length: int) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of a document's chunks."""
+    return [(s, min(s + chunk_length, n_tokens)) for s in range(0, n_tokens, chunk_length)]
+
+
+def continuation_ids(chunk_ids: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
+    """The chunk that continues each chunk (the next one of its document), or -1.
+
+    ``chunk_ids`` and ``doc_ids`` are consecutive rows of the database, [n] each; the last row
+    gets -1 unless the caller passes one row more.
+    """
+    nxt = np.full(len(chunk_ids), -1, dtype=np.int64)
+    same_doc = doc_ids[1:] == doc_ids[:-1]  # [n - 1]
+    nxt[:-1][same_doc] = chunk_ids[1:][same_doc]
+    return nxt
+
+
+class ChunkDocuments:
+    """Ray Data batch function: corpus rows -> chunk rows (skipped rows pass through)."""
+
+    def __init__(self, tokenizer_json: str, chunk_length: int):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.chunk_length = chunk_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        kept = [r for r in rows if not r["skip"]]
+        encodings = iter(self.tok.encode_batch([r["text"] for r in kept], add_special_tokens=False))
+        out: list[dict] = []
+        for r in rows:
+            if r["skip"]:
+                out.append({"path": r["path"], "row": r["row"], "skip": r["skip"],
+                            "doc_pos": -1, "tokens": [], "text": None})
+                continue
+            enc = next(encodings)
+            spans = chunk_spans(len(enc.ids), self.chunk_length)
+            if not spans:
+                out.append({"path": r["path"], "row": r["row"], "skip": "empty",
+                            "doc_pos": -1, "tokens": [], "text": None})
+            for pos, (s, e) in enumerate(spans):
+                text = r["text"][enc.offsets[s][0]: enc.offsets[e - 1][1]]
+                out.append({"path": r["path"], "row": r["row"], "skip": "", "doc_pos": pos,
+                            "tokens": enc.ids[s:e], "text": text})
+        return pa.Table.from_pylist(out, schema=_CHUNKED_SCHEMA)
+
+
+def _chunk_stream(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> Iterator[pa.Table]:
+    """Chunk rows of the whole corpus, in corpus order (tokenised in parallel Ray tasks)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+    tokenizer_json = storage.read_bytes(join(tokenizer.stage_dir(cfg), "tokenizer.json")).decode()
+    ds = corpus.read_corpus(cfg, storage, files).map_batches(
+        ChunkDocuments,
+        fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "chunk_length": cfg.db.chunk_length},
+        batch_format="pyarrow",
+        batch_size=256,
+    )
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+class _BlockWriter:
+    """Assigns dense ids in stream order and writes each full block not already recorded."""
+
+    def __init__(self, cfg: Config, storage: Storage, manifest: Manifest):
+        self.cfg, self.storage, self.manifest = cfg, storage, manifest
+        self.folder = join(stage_dir(cfg), "chunks")
+        self.rows: list[pa.Table] = []
+        self.n_rows = 0
+        self.next_chunk = 0
+        self.next_doc = 0
+        self.skipped: Counter[str] = Counter()
+        self.tokens = 0
+        self.written = 0
+
+    def add(self, chunked: pa.Table) -> bool:
+        """Take the next rows of the stream; False once ``corpus.max_docs`` documents are in."""
+        skip = chunked.column("skip").to_numpy(zero_copy_only=False)
+        bad = skip != ""
+        if bad.any():
+            for i in np.flatnonzero(bad):
+                reason = str(skip[i])
+                if self.cfg.strict and reason in BAD_INPUT:
+                    row = chunked.slice(int(i), 1).to_pylist()[0]
+                    raise BadInputError(f"{corpus.describe_skip(row)} (strict: true)")
+                self.skipped[reason] += 1
+            chunked = chunked.filter(pa.array(~bad))
+        doc_pos = chunked.column("doc_pos").to_numpy()
+        doc_ids = self.next_doc - 1 + np.cumsum(doc_pos == 0)  # a chunk at doc_pos 0 opens a document
+        max_docs = self.cfg.corpus.max_docs
+        more = max_docs is None or not (doc_ids >= max_docs).any()
+        if not more:
+            chunked, doc_ids = chunked.filter(pa.array(doc_ids < max_docs)), doc_ids[doc_ids < max_docs]
+        if chunked.num_rows == 0:
+            return more
+        self.next_doc = int(doc_ids[-1]) + 1
+        chunk_ids = np.arange(self.next_chunk, self.next_chunk + chunked.num_rows, dtype=np.int64)
+        self.next_chunk += chunked.num_rows
+        self.tokens += int(pa.compute.sum(pa.compute.list_value_length(chunked.column("tokens"))).as_py())
+        table = pa.table(
+            [chunk_ids, doc_ids, chunked.column("doc_pos"), chunked.column("tokens"), chunked.column("text")],
+            schema=CHUNK_SCHEMA,
+        )
+        self.rows.append(table)
+        self.n_rows += table.num_rows
+        while self.n_rows >= self.cfg.db.block_size:
+            self._flush(self.cfg.db.block_size)
+        return more
+
+    def _flush(self, n: int) -> None:
+        pending = pa.concat_tables(self.rows)
+        block, rest = pending.slice(0, n), pending.slice(n)
+        self.rows, self.n_rows = [rest], rest.num_rows
+        start = block.column("chunk_id")[0].as_py()
+        name = block_name(start, start + block.num_rows)
+        if name in self.manifest.blocks:
+            return  # written by an earlier run of the same config and inputs
+        sha = self.storage.write_parquet(join(self.folder, f"{name}.parquet"), block.combine_chunks())
+        self.manifest.blocks[name] = {"rows": block.num_rows, "chunks_sha256": sha}
+        self.manifest.save(self.storage, stage_dir(self.cfg))
+        self.written += 1
+
+    def close(self) -> None:
+        if self.n_rows:
+            self._flush(self.n_rows)
+
+
+def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str, list[str]]) -> None:
+    """Chunk pass: stream the corpus through the tokeniser into chunk blocks."""
+    start = time.time()
+    writer = _BlockWriter(cfg, storage, manifest)
+    for chunked in _chunk_stream(cfg, storage, files):
+        if not writer.add(chunked):
+            break
+    writer.close()
+    manifest.counts.update(docs=writer.next_doc, chunks=writer.next_chunk, tokens=writer.tokens)
+    manifest.skipped = dict(sorted(writer.skipped.items()))
+    manifest.timings["chunk_s"] = time.time() - start
+    manifest.save(storage, stage_dir(cfg))
+    bad = {k: v for k, v in manifest.skipped.items() if k in BAD_INPUT}
+    log.info(
+        "db: %d documents -> %d chunks (%d tokens) in %.1fs; %d blocks written, %d kept from an "
+        "earlier run; skipped: %s", writer.next_doc, writer.next_chunk, writer.tokens,
+        manifest.timings["chunk_s"], writer.written, len(manifest.blocks) - writer.written,
+        ", ".join(f"{k}={v}" for k, v in manifest.skipped.items()) or "none",
+    )
+    if bad:
+        log.warning("db: %d bad input rows skipped (%s); strict: true stops at the first",
+                    sum(bad.values()), ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
+    """The ``db`` stage: chunk blocks, then their embeddings; resumes from the manifest."""
+    files = corpus.source_files(cfg, storage)
+    tok_manifest = storage.read_json(join(tokenizer.stage_dir(cfg), "_manifest.json"))
+    inputs = {"tokenizer": tok_manifest["config_hash"]}
+    inputs.update({p: storage.fingerprint(p) for paths in files.values() for p in paths})
+    manifest = open_stage(
+        storage, stage_dir(cfg), "db",
+        config_hash(cfg.corpus, cfg.db, embed.output_config(cfg.embed)), inputs, force,
+    )
+    if manifest.complete:
+        log.info("db: %s is up to date (%d chunks)", stage_dir(cfg), manifest.counts["chunks"])
+        return manifest
+    if "chunks" not in manifest.counts:  # the chunk pass did not finish last time
+        build_chunks(cfg, storage, manifest, files)
+    embed.embed_blocks(cfg, storage, manifest, stage_dir(cfg))
+    manifest.complete = True
+    manifest.save(storage, stage_dir(cfg))
+    return manifest

