@@ -7,7 +7,7 @@ document boundary (the last chunk of a document may be shorter). Rows of ``db/ch
     doc_id    int64, dense from 0 over the documents kept
     doc_pos   int32, index of the chunk within its document
     tokens    list<int32>, at most chunk_length ids
-    text      the document text the tokens cover
+    text      the document text of the chunk; a document's chunk texts concatenate to it
 
 The continuation of chunk c is c + 1 when that chunk has the same ``doc_id``, else none.
 
@@ -96,10 +96,12 @@ class ChunkDocuments:
             if not spans:
                 out.append({"path": r["path"], "row": r["row"], "skip": "empty",
                             "doc_pos": -1, "tokens": [], "text": None})
+            # Character boundaries: chunk texts tile the document (a character whose bytes
+            # two chunks share goes to the later one), so they concatenate to the original.
+            bounds = [0] + [enc.offsets[s][0] for s, _ in spans[1:]] + [len(r["text"])]
             for pos, (s, e) in enumerate(spans):
-                text = r["text"][enc.offsets[s][0]: enc.offsets[e - 1][1]]
                 out.append({"path": r["path"], "row": r["row"], "skip": "", "doc_pos": pos,
-                            "tokens": enc.ids[s:e], "text": text})
+                            "tokens": enc.ids[s:e], "text": r["text"][bounds[pos]: bounds[pos + 1]]})
         return pa.Table.from_pylist(out, schema=_CHUNKED_SCHEMA)
 
 

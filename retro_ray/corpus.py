@@ -71,7 +71,8 @@ def builtin_pydocs() -> list[dict]:
         except (SyntaxError, ValueError):  # a few stdlib files are templates, not Python
             continue
         if doc:
-            module = ".".join(file.relative_to(stdlib).with_suffix("").parts)
+            parts = file.relative_to(stdlib).with_suffix("").parts
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             docs.append({"title": module, "text": f"{module}\n\n{doc}"})
     return docs
 

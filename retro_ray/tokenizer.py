@@ -82,11 +82,13 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> str:
 
 
 def _training_sample(cfg: Config, storage: Storage) -> list[str]:
+    from ray.data.expressions import col
+
     from retro_ray import corpus
 
     ds = corpus.read_corpus(cfg, storage, corpus.source_files(cfg, storage))
     sample: list[str] = []
-    for batch in ds.filter(lambda r: r["skip"] == "").select_columns(["text"]).iter_batches(
+    for batch in ds.filter(expr=col("skip") == "").select_columns(["text"]).iter_batches(
         batch_format="pyarrow"
     ):
         sample.extend(batch.column("text").to_pylist())

@@ -1,0 +1,155 @@
+"""The chunk database: boundaries, stable ids, resume after a kill, bad input, S3."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from retro_ray import chunks, tokenizer
+from retro_ray.config import StorageConfig
+from retro_ray.corpus import BadInputError
+from retro_ray.storage import StageMismatchError, Storage
+
+from conftest import tiny_config
+
+
+def build(cfg, storage=None, force=False):
+    storage = storage or Storage(cfg.storage)
+    tokenizer.run(cfg, storage, force)
+    return chunks.run(cfg, storage, force)
+
+
+def read_chunks(workdir) -> dict:
+    table = pq.read_table(workdir / "db" / "chunks")
+    return table.sort_by("chunk_id").to_pydict()
+
+
+def block_digests(manifest) -> dict:
+    return {name: (b["rows"], b["chunks_sha256"], b["embeddings_sha256"]) for name, b in manifest.blocks.items()}
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, tmp_path_factory, wiki_parquet):
+    workdir = tmp_path_factory.mktemp("built")
+    cfg = tiny_config(workdir, wiki_parquet)
+    return cfg, workdir, build(cfg)
+
+
+def test_spans_and_continuations():
+    assert chunks.chunk_spans(130, 64) == [(0, 64), (64, 128), (128, 130)]
+    assert chunks.chunk_spans(0, 64) == []
+    ids = np.arange(10, 15)
+    docs = np.array([0, 0, 1, 1, 1])
+    assert chunks.continuation_ids(ids, docs).tolist() == [11, -1, 13, 14, -1]
+
+
+def test_chunks_follow_documents_exactly(built, wiki_docs):
+    cfg, workdir, manifest = built
+    rows = read_chunks(workdir)
+    n = len(rows["chunk_id"])
+    assert rows["chunk_id"] == list(range(n)) and manifest.counts["chunks"] == n
+    assert manifest.counts["docs"] == len(wiki_docs) == len(set(rows["doc_id"]))
+    tok = tokenizer.load_run_tokenizer(cfg, Storage())
+    for doc_id, doc in enumerate(wiki_docs):
+        idx = [i for i in range(n) if rows["doc_id"][i] == doc_id]
+        assert [rows["doc_pos"][i] for i in idx] == list(range(len(idx)))
+        lengths = [len(rows["tokens"][i]) for i in idx]
+        assert all(length == 64 for length in lengths[:-1]) and 0 < lengths[-1] <= 64
+        assert sum((rows["tokens"][i] for i in idx), []) == tok(doc["text"])["input_ids"]
+        assert "".join(rows["text"][i] for i in idx) == doc["text"]
+    nxt = chunks.continuation_ids(np.array(rows["chunk_id"]), np.array(rows["doc_id"]))
+    for c, after in enumerate(nxt):
+        assert after == (c + 1 if c + 1 < n and rows["doc_id"][c + 1] == rows["doc_id"][c] else -1)
+
+
+def test_blocks_are_named_by_range_and_aligned_with_embeddings(built):
+    _, workdir, manifest = built
+    names = sorted(manifest.blocks)
+    assert names[0] == "000000000000-000000000016"
+    for name in names:
+        start, end = chunks.block_range(name)
+        ids = pq.read_table(workdir / "db" / "chunks" / f"{name}.parquet").column("chunk_id").to_pylist()
+        emb = pq.read_table(workdir / "db" / "embeddings" / f"{name}.parquet")
+        assert ids == list(range(start, end)) == emb.column("chunk_id").to_pylist()
+        emb_type = emb.schema.field("embedding").type
+        assert (emb_type.list_size, emb_type.value_type) == (384, pa.float16())
+
+
+def test_rebuild_gives_the_same_ids_and_bytes(built, tmp_path):
+    cfg, _, manifest = built
+    again = build(tiny_config(tmp_path, *cfg.corpus.sources[0].paths))
+    assert block_digests(again) == block_digests(manifest)
+
+
+def test_rerun_skips_and_changed_config_needs_force(built):
+    cfg, _, manifest = built
+    assert block_digests(chunks.run(cfg, Storage())) == block_digests(manifest)
+    changed = cfg.model_copy(update={"db": cfg.db.model_copy(update={"block_size": 32})})
+    with pytest.raises(StageMismatchError, match="--force"):
+        chunks.run(changed, Storage())
+
+
+def test_killed_build_resumes_to_identical_output(built, tmp_path):
+    cfg, _, manifest = built
+    cfg = tiny_config(tmp_path / "run", *cfg.corpus.sources[0].paths)
+    tokenizer.run(cfg, Storage())
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    cmd = [sys.executable, "-m", "retro_ray.cli", "db", "--config", str(config_file)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest_file = tmp_path / "run" / "db" / "_manifest.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill as soon as the first block is embedded
+            if manifest_file.exists() and "embeddings_sha256" in manifest_file.read_text():
+                break
+            assert proc.poll() is None, "build ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = yaml.safe_load(manifest_file.read_text())
+    done = [n for n, b in partial["blocks"].items() if "embeddings_sha256" in b]
+    assert not partial["complete"] and 0 < len(done) < len(manifest.blocks)
+
+    resumed = chunks.run(cfg, Storage())
+    assert resumed.complete
+    assert block_digests(resumed) == block_digests(manifest)
+    for name in done:  # finished blocks were kept, not recomputed
+        assert resumed.blocks[name]["embed_s"] == partial["blocks"][name]["embed_s"]
+
+
+def test_bad_input_is_counted_or_fails_fast(ray_local, tmp_path, bad_jsonl):
+    manifest = build(tiny_config(tmp_path / "lenient", bad_jsonl))
+    assert manifest.skipped == {"empty": 2, "malformed_json": 1, "missing_text_field": 1, "non_utf8": 1}
+    assert manifest.counts["docs"] == 3
+    strict = tiny_config(tmp_path / "strict", bad_jsonl, strict=True)
+    with pytest.raises(BadInputError, match=r"bad\.jsonl:2: malformed_json"):
+        build(strict)
+
+
+def test_max_docs_stops_early(ray_local, tmp_path, wiki_parquet):
+    manifest = build(tiny_config(tmp_path, wiki_parquet, corpus={"max_docs": 3}))
+    assert manifest.counts["docs"] == 3
+
+
+def test_s3_corpus_and_workdir_on_moto_server(built, s3_endpoint, wiki_parquet):
+    cfg, _, manifest = built
+    storage = Storage(StorageConfig(s3_endpoint=s3_endpoint))
+    storage.write_bytes("s3://retro/corpus/wiki.parquet", wiki_parquet.read_bytes())
+    s3_cfg = tiny_config("s3://retro/run", "s3://retro/corpus/*.parquet",
+                         storage={"s3_endpoint": s3_endpoint})
+    s3_manifest = build(s3_cfg, storage)
+    assert block_digests(s3_manifest) == block_digests(manifest)
+    assert storage.expand("s3://retro/run/db/embeddings") == [
+        f"s3://retro/run/db/embeddings/{name}.parquet" for name in sorted(manifest.blocks)
+    ]

@@ -1,0 +1,29 @@
+import numpy as np
+import pyarrow.parquet as pq
+
+from retro_ray.embed import Embedder, read_embeddings
+from retro_ray.storage import Storage
+
+from conftest import tiny_config
+
+
+def test_actor_output_equals_a_direct_call(ray_local, tmp_path, wiki_parquet):
+    from retro_ray import chunks, tokenizer
+
+    cfg = tiny_config(tmp_path, wiki_parquet, corpus={"max_docs": 2})
+    tokenizer.run(cfg, Storage())
+    manifest = chunks.run(cfg, Storage())
+    name = sorted(manifest.blocks)[-1]
+    texts = pq.read_table(tmp_path / "db" / "chunks" / f"{name}.parquet").column("text").to_pylist()
+    ids, vectors = read_embeddings(Storage(), str(tmp_path / "db" / "embeddings" / f"{name}.parquet"))
+    direct = Embedder(max_length=cfg.embed.max_length)(texts)  # one batch, not the actor's batches of 8
+    assert vectors.dtype == np.float16 and vectors.shape == direct.shape == (len(texts), 384)
+    np.testing.assert_allclose(vectors.astype(np.float32), direct.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_mean_pooling_ignores_padding():
+    emb = Embedder(max_length=64)
+    alone = emb(["retrieval augmented language models"])
+    padded = emb(["retrieval augmented language models", "a much longer text " * 10])[:1]
+    np.testing.assert_allclose(alone.astype(np.float32), padded.astype(np.float32), atol=2e-3)
