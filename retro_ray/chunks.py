@@ -18,6 +18,7 @@ midway and run again writes and embeds only the missing ones.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from typing import Iterator
@@ -28,31 +29,15 @@ import pyarrow as pa
 from retro_ray import corpus, embed, tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.corpus import BAD_INPUT, BadInputError
+from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, chunks_uri, db_dir
 from retro_ray.runtime import log
 from retro_ray.storage import Manifest, Storage, join, open_stage
 
-CHUNK_SCHEMA = pa.schema(
-    [("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("doc_pos", pa.int32()),
-     ("tokens", pa.list_(pa.int32())), ("text", pa.string())]
-)
 # What the chunking tasks emit: chunks of kept documents, and one row per skipped input row.
 _CHUNKED_SCHEMA = pa.schema(
     [("path", pa.string()), ("row", pa.int64()), ("skip", pa.string()),
      ("doc_pos", pa.int32()), ("tokens", pa.list_(pa.int32())), ("text", pa.string())]
 )
-
-
-def stage_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "db")
-
-
-def block_name(start: int, end: int) -> str:
-    return f"{start:012d}-{end:012d}"
-
-
-def block_range(name: str) -> tuple[int, int]:
-    start, end = name.split("-")
-    return int(start), int(end)
 
 
 def chunk_spans(n_tokens: int, chunk_length: int) -> list[tuple[int, int]]:
@@ -72,37 +57,35 @@ def continuation_ids(chunk_ids: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
     return nxt
 
 
-class ChunkDocuments:
+@functools.lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def chunk_documents(batch: pa.Table, tokenizer_json: str, chunk_length: int) -> pa.Table:
     """Ray Data batch function: corpus rows -> chunk rows (skipped rows pass through)."""
-
-    def __init__(self, tokenizer_json: str, chunk_length: int):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.chunk_length = chunk_length
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        kept = [r for r in rows if not r["skip"]]
-        encodings = iter(self.tok.encode_batch([r["text"] for r in kept], add_special_tokens=False))
-        out: list[dict] = []
-        for r in rows:
-            if r["skip"]:
-                out.append({"path": r["path"], "row": r["row"], "skip": r["skip"],
-                            "doc_pos": -1, "tokens": [], "text": None})
-                continue
-            enc = next(encodings)
-            spans = chunk_spans(len(enc.ids), self.chunk_length)
-            if not spans:
-                out.append({"path": r["path"], "row": r["row"], "skip": "empty",
-                            "doc_pos": -1, "tokens": [], "text": None})
-            # Character boundaries: chunk texts tile the document (a character whose bytes
-            # two chunks share goes to the later one), so they concatenate to the original.
-            bounds = [0] + [enc.offsets[s][0] for s, _ in spans[1:]] + [len(r["text"])]
-            for pos, (s, e) in enumerate(spans):
-                out.append({"path": r["path"], "row": r["row"], "skip": "", "doc_pos": pos,
-                            "tokens": enc.ids[s:e], "text": r["text"][bounds[pos]: bounds[pos + 1]]})
-        return pa.Table.from_pylist(out, schema=_CHUNKED_SCHEMA)
+    rows = batch.to_pylist()
+    kept = [r for r in rows if not r["skip"]]
+    encodings = iter(_tokenizer(tokenizer_json).encode_batch([r["text"] for r in kept],
+                                                             add_special_tokens=False))
+    out: list[dict] = []
+    for r in rows:
+        enc = None if r["skip"] else next(encodings)
+        spans = chunk_spans(len(enc.ids), chunk_length) if enc is not None else []
+        if not spans:
+            out.append({"path": r["path"], "row": r["row"], "skip": r["skip"] or "empty",
+                        "doc_pos": -1, "tokens": [], "text": None})
+            continue
+        # Character boundaries: chunk texts tile the document (a character whose bytes
+        # two chunks share goes to the later one), so they concatenate to the original.
+        ids, offsets = enc.ids, enc.offsets  # each access converts the whole list: once per doc
+        bounds = [0] + [offsets[s][0] for s, _ in spans[1:]] + [len(r["text"])]
+        for pos, (s, e) in enumerate(spans):
+            out.append({"path": r["path"], "row": r["row"], "skip": "", "doc_pos": pos,
+                        "tokens": ids[s:e], "text": r["text"][bounds[pos]: bounds[pos + 1]]})
+    return pa.Table.from_pylist(out, schema=_CHUNKED_SCHEMA)
 
 
 def _chunk_stream(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> Iterator[pa.Table]:
@@ -112,8 +95,8 @@ def _chunk_stream(cfg: Config, storage: Storage, files: dict[str, list[str]]) ->
     DataContext.get_current().execution_options.preserve_order = True
     tokenizer_json = storage.read_bytes(join(tokenizer.stage_dir(cfg), "tokenizer.json")).decode()
     ds = corpus.read_corpus(cfg, storage, files).map_batches(
-        ChunkDocuments,
-        fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "chunk_length": cfg.db.chunk_length},
+        chunk_documents,  # tasks, not actors: their CPUs are free again when the pass ends
+        fn_kwargs={"tokenizer_json": tokenizer_json, "chunk_length": cfg.db.chunk_length},
         batch_format="pyarrow",
         batch_size=256,
     )
@@ -125,7 +108,6 @@ class _BlockWriter:
 
     def __init__(self, cfg: Config, storage: Storage, manifest: Manifest):
         self.cfg, self.storage, self.manifest = cfg, storage, manifest
-        self.folder = join(stage_dir(cfg), "chunks")
         self.rows: list[pa.Table] = []
         self.n_rows = 0
         self.next_chunk = 0
@@ -134,8 +116,8 @@ class _BlockWriter:
         self.tokens = 0
         self.written = 0
 
-    def add(self, chunked: pa.Table) -> bool:
-        """Take the next rows of the stream; False once ``corpus.max_docs`` documents are in."""
+    def add(self, chunked: pa.Table) -> None:
+        """Take the next rows of the stream."""
         skip = chunked.column("skip").to_numpy(zero_copy_only=False)
         bad = skip != ""
         if bad.any():
@@ -146,14 +128,10 @@ class _BlockWriter:
                     raise BadInputError(f"{corpus.describe_skip(row)} (strict: true)")
                 self.skipped[reason] += 1
             chunked = chunked.filter(pa.array(~bad))
+        if chunked.num_rows == 0:
+            return
         doc_pos = chunked.column("doc_pos").to_numpy()
         doc_ids = self.next_doc - 1 + np.cumsum(doc_pos == 0)  # a chunk at doc_pos 0 opens a document
-        max_docs = self.cfg.corpus.max_docs
-        more = max_docs is None or not (doc_ids >= max_docs).any()
-        if not more:
-            chunked, doc_ids = chunked.filter(pa.array(doc_ids < max_docs)), doc_ids[doc_ids < max_docs]
-        if chunked.num_rows == 0:
-            return more
         self.next_doc = int(doc_ids[-1]) + 1
         chunk_ids = np.arange(self.next_chunk, self.next_chunk + chunked.num_rows, dtype=np.int64)
         self.next_chunk += chunked.num_rows
@@ -166,7 +144,6 @@ class _BlockWriter:
         self.n_rows += table.num_rows
         while self.n_rows >= self.cfg.db.block_size:
             self._flush(self.cfg.db.block_size)
-        return more
 
     def _flush(self, n: int) -> None:
         pending = pa.concat_tables(self.rows)
@@ -176,9 +153,9 @@ class _BlockWriter:
         name = block_name(start, start + block.num_rows)
         if name in self.manifest.blocks:
             return  # written by an earlier run of the same config and inputs
-        sha = self.storage.write_parquet(join(self.folder, f"{name}.parquet"), block.combine_chunks())
+        sha = self.storage.write_parquet(chunks_uri(db_dir(self.cfg), name), block.combine_chunks())
         self.manifest.blocks[name] = {"rows": block.num_rows, "chunks_sha256": sha}
-        self.manifest.save(self.storage, stage_dir(self.cfg))
+        self.manifest.save(self.storage, db_dir(self.cfg))
         self.written += 1
 
     def close(self) -> None:
@@ -191,13 +168,12 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
     start = time.time()
     writer = _BlockWriter(cfg, storage, manifest)
     for chunked in _chunk_stream(cfg, storage, files):
-        if not writer.add(chunked):
-            break
+        writer.add(chunked)
     writer.close()
     manifest.counts.update(docs=writer.next_doc, chunks=writer.next_chunk, tokens=writer.tokens)
     manifest.skipped = dict(sorted(writer.skipped.items()))
     manifest.timings["chunk_s"] = time.time() - start
-    manifest.save(storage, stage_dir(cfg))
+    manifest.save(storage, db_dir(cfg))
     bad = {k: v for k, v in manifest.skipped.items() if k in BAD_INPUT}
     log.info(
         "db: %d documents -> %d chunks (%d tokens) in %.1fs; %d blocks written, %d kept from an "
@@ -217,15 +193,15 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     inputs = {"tokenizer": tok_manifest["config_hash"]}
     inputs.update({p: storage.fingerprint(p) for paths in files.values() for p in paths})
     manifest = open_stage(
-        storage, stage_dir(cfg), "db",
+        storage, db_dir(cfg), "db",
         config_hash(cfg.corpus, cfg.db, embed.output_config(cfg.embed)), inputs, force,
     )
     if manifest.complete:
-        log.info("db: %s is up to date (%d chunks)", stage_dir(cfg), manifest.counts["chunks"])
+        log.info("db: %s is up to date (%d chunks)", db_dir(cfg), manifest.counts["chunks"])
         return manifest
     if "chunks" not in manifest.counts:  # the chunk pass did not finish last time
         build_chunks(cfg, storage, manifest, files)
-    embed.embed_blocks(cfg, storage, manifest, stage_dir(cfg))
+    embed.embed_blocks(cfg, storage, manifest, db_dir(cfg))
     manifest.complete = True
-    manifest.save(storage, stage_dir(cfg))
+    manifest.save(storage, db_dir(cfg))
     return manifest

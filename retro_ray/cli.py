@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from retro_ray import index, neighbors
 from retro_ray.config import ConfigError, load_config
 from retro_ray.corpus import BadInputError
 from retro_ray.pipeline import STAGES, run_pipeline
@@ -27,13 +29,23 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="print the resolved config")
     config.add_argument("action", choices=["show"])
     sub.add_parser("pipeline", parents=[run_opts], help="run every stage in order")
-    for name in STAGES:
-        sub.add_parser(name, parents=[run_opts], help=f"run the {name} stage")
+    stages = {name: sub.add_parser(name, parents=[run_opts], help=f"run the {name} stage") for name in STAGES}
+    stages["index"].add_argument("action", nargs="?", choices=["verify"],
+                                 help="verify: recall@k against exact search on random queries")
+    stages["index"].add_argument("--queries", type=int, default=1000)
+    stages["index"].add_argument("--k", type=int, default=10)
+    stages["neighbors"].add_argument("action", nargs="?", choices=["show"],
+                                     help="show SAMPLE_ID: a sample's chunks and their neighbours")
+    stages["neighbors"].add_argument("sample_id", nargs="?", type=int)
+    stages["neighbors"].add_argument("--split", choices=["train", "valid"], default="train")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "action", None) == "show" and args.sample_id is None:
+        parser.error("neighbors show needs a SAMPLE_ID")
     setup_logging()
     try:
         cfg = load_config(args.config, args.set)
@@ -42,12 +54,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         storage = Storage(cfg.storage)
         init_ray(cfg, args.address)
+        action = getattr(args, "action", None)
         if args.command == "pipeline":
             run_pipeline(cfg, storage, args.force)
+        elif action == "verify":
+            print(json.dumps(index.verify(cfg, storage, args.queries, args.k)))
+        elif action == "show":
+            print(neighbors.show(cfg, storage, args.sample_id, args.split))
         else:
             STAGES[args.command](cfg, storage, args.force)
-    except (ConfigError, BadInputError, StageMismatchError, FileNotFoundError) as e:
+    except (ConfigError, BadInputError, StageMismatchError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
+        log.debug("details", exc_info=True)
         return 2
     return 0
 

@@ -67,7 +67,8 @@ class CorpusSource(Section):
 class CorpusConfig(Section):
     sources: list[CorpusSource] = [CorpusSource(name="pydocs", paths=["builtin:pydocs"])]
     max_docs: int | None = Field(None, gt=0)
-    """Stop after this many documents (kept ones), for quick runs; None reads everything."""
+    """Read only the first this-many input rows (documents, bad rows included) of the blend,
+    for quick runs; None reads everything."""
 
 
 class TokenizerConfig(Section):
@@ -109,6 +110,40 @@ class EmbedConfig(Section):
     """L2-normalise vectors (inner product = cosine), as sentence-transformers does."""
 
 
+class IndexConfig(Section):
+    factory: str = "HNSW32"
+    """Faiss factory string: ``Flat``, ``HNSW32``, ``IVF{nlist},PQ{m}``, ``OPQ{m},IVF{n},PQ{m}``..."""
+    metric: Literal["ip", "l2"] = "ip"
+    """Inner product (cosine for the normalised embeddings) or Euclidean distance."""
+    train_size: int = Field(100_000, gt=0)
+    """Vectors drawn uniformly at random from the whole database to train the index (capped at
+    the database size); too few for the factory string is an error that says how many it needs."""
+    shards: int = Field(2, gt=0)
+    """Index shard actors; database blocks are assigned to shards by chunk-id range."""
+    replicas: int = Field(1, gt=0)
+    """Actors per shard serving queries (round robin), for query throughput."""
+    nprobe: int = Field(16, gt=0)
+    """IVF lists visited per query."""
+    ef_search: int = Field(64, gt=0)
+    """HNSW search breadth."""
+    num_cpus_per_shard: float = Field(1.0, gt=0)
+    seed: int = 0
+    """Seed of the training sample and of ``index verify``'s query sample."""
+
+
+class NeighborsConfig(Section):
+    seq_len: int = Field(2048, gt=0)
+    """Tokens per pretraining sample; a multiple of ``db.chunk_length``."""
+    k: int = Field(2, gt=0)
+    """Neighbours kept per chunk."""
+    k_candidates: int = Field(20, gt=0)
+    """Neighbours retrieved per chunk before those from the sample's own documents are dropped."""
+    valid_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    """Share of documents held out (by a stable hash of ``doc_id``) for the valid split."""
+    samples_per_block: int = Field(256, gt=0)
+    """Samples per output block: the unit of querying, writing and resuming."""
+
+
 class Config(Section):
     workdir: str = "runs/default"
     """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
@@ -120,6 +155,8 @@ class Config(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     db: DbConfig = DbConfig()
     embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    neighbors: NeighborsConfig = NeighborsConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

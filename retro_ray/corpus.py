@@ -127,9 +127,20 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
 
 
 def read_source_file(
-    f, path: str, fmt: str, source: CorpusSource, batch_rows: int = 1024
+    f, path: str, fmt: str, source: CorpusSource, batch_rows: int = 256, max_rows: int | None = None
 ) -> Iterator[pa.Table]:
-    """Yield tables of ``SCHEMA`` rows for one open file ``f`` (streamed, never whole)."""
+    """Yield tables of ``SCHEMA`` rows for one open file ``f`` (streamed, never whole), stopping
+    after ``max_rows`` rows."""
+    for table in _read_rows(f, path, fmt, source, batch_rows):
+        if max_rows is not None and table.num_rows >= max_rows:
+            yield table.slice(0, max_rows)
+            return
+        if max_rows is not None:
+            max_rows -= table.num_rows
+        yield table
+
+
+def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int) -> Iterator[pa.Table]:
     rows: list[dict] = []
 
     def emit(row: int, text: str | None, skip: str) -> None:
@@ -176,7 +187,7 @@ def read_source_file(
         yield _rows_to_table(rows)
 
 
-def _datasource(source: CorpusSource, paths: list[str], storage: Storage):
+def _datasource(source: CorpusSource, paths: list[str], storage: Storage, max_rows: int | None):
     from ray.data.datasource import FileBasedDatasource
 
     class CorpusDatasource(FileBasedDatasource):
@@ -189,7 +200,7 @@ def _datasource(source: CorpusSource, paths: list[str], storage: Storage):
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
             shown = f"s3://{path}" if paths[0].startswith("s3://") else path
-            yield from read_source_file(f, shown, detect_format(source, path), source)
+            yield from read_source_file(f, shown, detect_format(source, path), source, max_rows=max_rows)
 
     fs, _ = storage.resolve(paths[0])
     fs_paths = [storage.resolve(p)[1] for p in paths]
@@ -218,7 +229,8 @@ def read_corpus(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> "
     import ray.data
 
     datasets = [
-        ray.data.read_datasource(_datasource(source, files[source.name], storage))
+        ray.data.read_datasource(_datasource(source, files[source.name], storage, cfg.corpus.max_docs))
         for source in cfg.corpus.sources
     ]
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    return ds.limit(cfg.corpus.max_docs) if cfg.corpus.max_docs else ds

@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pyarrow as pa
 import torch
 from pydantic import BaseModel
 
 from retro_ray.config import Config, EmbedConfig
+from retro_ray.dbfiles import chunks_uri, embedding_table, embeddings_uri
 from retro_ray.runtime import log
-from retro_ray.storage import Manifest, Storage, join
+from retro_ray.storage import Manifest, Storage
 
 
 def default_model_path() -> str:
@@ -87,23 +87,6 @@ class Embedder:
         return vectors.cpu().numpy().astype(np.float16), truncated
 
 
-def embedding_table(chunk_ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
-    """[n] ids and [n, d] float16 vectors -> the ``db/embeddings`` schema."""
-    n, d = vectors.shape
-    values = pa.array(vectors.reshape(-1), type=pa.float16())
-    return pa.table({"chunk_id": pa.array(chunk_ids, pa.int64()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(values, d)})
-
-
-def read_embeddings(storage: Storage, uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """An embedding block -> ([n] chunk ids, [n, d] float16 vectors)."""
-    table = storage.read_parquet(uri)
-    emb = table.column("embedding").combine_chunks()
-    d = emb.type.list_size
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
-    return table.column("chunk_id").to_numpy(), vectors
-
-
 class EmbedBlocks:
     """Ray Data actor: embeds the named database blocks and writes their embedding files."""
 
@@ -118,14 +101,13 @@ class EmbedBlocks:
         out: dict[str, list] = {"block": [], "rows": [], "seconds": [], "truncated": [], "sha256": []}
         for name in batch["block"]:
             start = time.time()
-            table = self.storage.read_parquet(join(self.db_dir, "chunks", f"{name}.parquet"),
-                                              columns=["chunk_id", "text"])
+            table = self.storage.read_parquet(chunks_uri(self.db_dir, name), columns=["chunk_id", "text"])
             texts = table.column("text").to_pylist()
             bs = self.cfg.embed.batch_size
             parts = [self.embedder.embed(texts[i: i + bs]) for i in range(0, len(texts), bs)]
             vectors = np.concatenate([v for v, _ in parts])  # [rows, d]
             sha = self.storage.write_parquet(
-                join(self.db_dir, "embeddings", f"{name}.parquet"),
+                embeddings_uri(self.db_dir, name),
                 embedding_table(table.column("chunk_id").to_numpy(), vectors),
             )
             out["block"].append(name)

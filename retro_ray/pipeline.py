@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from retro_ray import chunks, tokenizer
+from retro_ray import chunks, index, neighbors, tokenizer
 from retro_ray.config import Config
 from retro_ray.storage import Storage
 
@@ -13,6 +13,8 @@ StageFn = Callable[[Config, Storage, bool], object]
 STAGES: dict[str, StageFn] = {
     "tokenizer": tokenizer.run,
     "db": chunks.run,
+    "index": index.run,
+    "neighbors": neighbors.run,
 }
 """Each stage reads the previous stages' folders under ``workdir`` and writes its own."""
 

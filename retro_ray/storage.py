@@ -162,6 +162,11 @@ class Storage:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
 
+    def delete_file(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+
     def upload_dir(self, local_dir: str | Path, uri: str) -> None:
         for file in sorted(Path(local_dir).rglob("*")):
             if file.is_file():

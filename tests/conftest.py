@@ -108,3 +108,14 @@ def tiny_config(workdir, *paths, **sections) -> Config:
     for key, value in sections.items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update({key: value})
     return Config.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def built_db(ray_local, tmp_path_factory, wiki_parquet):
+    """Tokenizer and chunk database of ``wiki_parquet``: (config, db manifest)."""
+    from retro_ray import chunks, tokenizer
+    from retro_ray.storage import Storage
+
+    cfg = tiny_config(tmp_path_factory.mktemp("built"), wiki_parquet)
+    tokenizer.run(cfg, Storage())
+    return cfg, chunks.run(cfg, Storage())

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from retro_ray import chunks, tokenizer
+from retro_ray import chunks, dbfiles, tokenizer
 from retro_ray.config import StorageConfig
 from retro_ray.corpus import BadInputError
 from retro_ray.storage import StageMismatchError, Storage
@@ -36,10 +37,9 @@ def block_digests(manifest) -> dict:
 
 
 @pytest.fixture(scope="module")
-def built(ray_local, tmp_path_factory, wiki_parquet):
-    workdir = tmp_path_factory.mktemp("built")
-    cfg = tiny_config(workdir, wiki_parquet)
-    return cfg, workdir, build(cfg)
+def built(built_db):
+    cfg, manifest = built_db
+    return cfg, Path(cfg.workdir), manifest
 
 
 def test_spans_and_continuations():
@@ -74,7 +74,7 @@ def test_blocks_are_named_by_range_and_aligned_with_embeddings(built):
     names = sorted(manifest.blocks)
     assert names[0] == "000000000000-000000000016"
     for name in names:
-        start, end = chunks.block_range(name)
+        start, end = dbfiles.block_range(name)
         ids = pq.read_table(workdir / "db" / "chunks" / f"{name}.parquet").column("chunk_id").to_pylist()
         emb = pq.read_table(workdir / "db" / "embeddings" / f"{name}.parquet")
         assert ids == list(range(start, end)) == emb.column("chunk_id").to_pylist()

@@ -1,7 +1,8 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from retro_ray.embed import Embedder, read_embeddings
+from retro_ray.dbfiles import read_embeddings
+from retro_ray.embed import Embedder
 from retro_ray.storage import Storage
 
 from conftest import tiny_config

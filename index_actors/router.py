@@ -1,0 +1,69 @@
+"""The router: N shard actors (optionally replicated), queries fanned out, top-k merged.
+
+A ``ShardedIndex`` holds only actor handles, so it can be passed to Ray tasks, Ray Data actors
+and Serve deployments. Every shard actor is created with ``max_restarts`` and
+``max_task_retries``: a killed shard restarts, reloads its saved file and answers the calls
+that were in flight, so a query never comes back short.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from index_actors.shard import IndexShard
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard ([q, k_s] distances, [q, k_s] ids) into the global top-k.
+
+    Missing results (id -1) never displace a real one and stay -1 in the output.
+    """
+    nq = results[0][0].shape[0]
+    heap = faiss.ResultHeap(nq, k, keep_max=metric == "ip")
+    for dist, ids in results:
+        dist = np.where(ids < 0, -np.inf if metric == "ip" else np.inf, dist).astype(np.float32)
+        heap.add_result(np.ascontiguousarray(dist), np.ascontiguousarray(ids, dtype=np.int64))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def shard_actor(*, name: str | None, max_restarts: int = -1, num_cpus: float = 1, num_gpus: float = 0,
+                **shard_kwargs):
+    """A restartable ``IndexShard`` actor; ``name`` makes it findable with ``ray.get_actor``."""
+    import ray
+
+    options = {"max_restarts": max_restarts, "max_task_retries": -1, "num_cpus": num_cpus,
+               "num_gpus": num_gpus}
+    if name:
+        options.update(name=name, get_if_exists=True)
+    return ray.remote(IndexShard).options(**options).remote(**shard_kwargs)
+
+
+class ShardedIndex:
+    """Queries every shard at once (one replica each, round robin) and merges the top-k."""
+
+    def __init__(self, shards: list[list], metric: str):
+        if not shards or any(not replicas for replicas in shards):
+            raise ValueError("ShardedIndex needs at least one replica for every shard")
+        self.shards, self.metric = shards, metric
+        self._turn = 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[q, d] queries -> ([q, k] distances, [q, k] chunk ids), best first, -1 padded."""
+        import ray
+
+        self._turn += 1
+        refs = [replicas[self._turn % len(replicas)].search.remote(queries, k) for replicas in self.shards]
+        return merge_topk(ray.get(refs), k, self.metric)
+
+    def ntotal(self) -> int:
+        import ray
+
+        return sum(ray.get([replicas[0].ntotal.remote() for replicas in self.shards]))
+
+    def set_search(self, nprobe: int, ef_search: int) -> None:
+        import ray
+
+        ray.get([r.set_search.remote(nprobe, ef_search) for replicas in self.shards for r in replicas])

@@ -1,0 +1,147 @@
+"""One shard of the chunk index: a Faiss index with explicit methods, persisted through storage.
+
+``IndexShard`` imports no Ray: the router wraps it in ``ray.remote(...).options(max_restarts=...)``.
+Its constructor loads the shard's saved file when there is one, so a restarted actor serves
+exactly what was saved, and a query retried on it returns the same answer.
+"""
+
+from __future__ import annotations
+
+import re
+
+import faiss
+import numpy as np
+
+from retro_ray.config import StorageConfig
+from retro_ray.dbfiles import read_embeddings
+from retro_ray.storage import Storage
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+class TrainingSampleError(ValueError):
+    """The training sample is too small for the factory string."""
+
+
+def min_training_vectors(factory: str) -> int:
+    """The fewest training vectors Faiss accepts for ``factory`` (0 when it needs no training).
+
+    IVF{n} needs n (one per list; Faiss advises 39 n); PQ{m}[x{b}] and OPQ need 2^b per
+    sub-quantizer centroid set (b = 8 by default).
+    """
+    need = 0
+    for nlist in re.findall(r"IVF(\d+)", factory):
+        need = max(need, int(nlist))
+    for _, bits in re.findall(r"(?<!O)PQ(\d+)(?:x(\d+))?", factory):
+        need = max(need, 2 ** int(bits or 8))
+    return need
+
+
+def new_index(dim: int, factory: str, metric: str) -> faiss.Index:
+    """A fresh index whose ids are ours (``add_with_ids``): IVF keeps ids, others get an IDMap."""
+    index = faiss.index_factory(dim, factory, METRICS[metric])
+    if faiss.try_extract_index_ivf(index) is None:
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def _unwrap(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
+def _on_gpu(index: faiss.Index) -> bool:
+    return "Gpu" in type(faiss.downcast_index(index)).__name__
+
+
+def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
+    """Apply ``nprobe`` to IVF indexes and ``efSearch`` to HNSW ones; others ignore both."""
+    ps = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
+    if faiss.try_extract_index_ivf(_unwrap(index)) is not None:
+        ps.set_index_parameter(index, "nprobe", nprobe)
+    if isinstance(_unwrap(index), faiss.IndexHNSW):
+        ps.set_index_parameter(index, "efSearch", ef_search)
+
+
+def save_index(storage: Storage, uri: str, index: faiss.Index) -> None:
+    if _on_gpu(index):
+        index = faiss.index_gpu_to_cpu(index)
+    storage.write_bytes(uri, faiss.serialize_index(index).tobytes())
+
+
+def load_index(storage: Storage, uri: str) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), dtype=np.uint8))
+
+
+def uses_gpu(factory: str) -> bool:
+    """Whether shards of ``factory`` run on a GPU when there is one (IVF indexes do)."""
+    return "IVF" in factory
+
+
+def to_gpu_if_present(index: faiss.Index) -> faiss.Index:
+    """A GPU copy of an IVF ``index`` when Faiss sees a GPU (HNSW and IDMap stay on the CPU)."""
+    if faiss.get_num_gpus() == 0 or faiss.try_extract_index_ivf(index) is None:
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+class IndexShard:
+    """A Faiss index over one range of chunk ids.
+
+    Args:
+        uri: where the shard is saved; loaded at construction when it exists.
+        template_uri: a trained empty index to start from when ``uri`` does not exist yet.
+    """
+
+    def __init__(self, *, dim: int, factory: str, metric: str, uri: str,
+                 template_uri: str | None = None, storage_cfg: StorageConfig | None = None,
+                 nprobe: int = 16, ef_search: int = 64):
+        self.storage = Storage(storage_cfg)
+        self.uri, self.metric = uri, metric
+        self.nprobe, self.ef_search = nprobe, ef_search
+        if self.storage.exists(uri):
+            index = load_index(self.storage, uri)
+        elif template_uri and self.storage.exists(template_uri):
+            index = load_index(self.storage, template_uri)
+        else:
+            index = new_index(dim, factory, metric)
+        self._set(index)
+
+    def _set(self, index: faiss.Index) -> None:
+        self.index = to_gpu_if_present(index)
+        set_search_params(self.index, self.nprobe, self.ef_search)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train on [n, d] vectors (a no-op for indexes that need no training)."""
+        if not self.index.is_trained:
+            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
+        """Add [n] chunk ids with their [n, d] vectors; returns the shard's size."""
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                np.ascontiguousarray(ids, dtype=np.int64))
+        return self.index.ntotal
+
+    def add_files(self, uris: list[str]) -> int:
+        """Add embedding blocks (``db/embeddings/*.parquet``) read from storage; returns the size."""
+        for uri in uris:
+            self.add(*read_embeddings(self.storage, uri))
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[q, d] queries -> ([q, k] distances, [q, k] chunk ids, -1 where fewer than k)."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def set_search(self, nprobe: int, ef_search: int) -> None:
+        self.nprobe, self.ef_search = nprobe, ef_search
+        set_search_params(self.index, nprobe, ef_search)
+
+    def save(self, uri: str | None = None) -> str:
+        """Write the index (atomically) to ``uri`` (default: the shard's own file)."""
+        save_index(self.storage, uri or self.uri, self.index)
+        return uri or self.uri
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,7 @@
+"""`ray job submit --working-dir . -- python jobs/pipeline.py --config CONFIG`: the pipeline stage(s) on the cluster."""
+
+import sys
+
+from retro_ray.cli import main
+
+sys.exit(main(["pipeline", *sys.argv[1:]]))

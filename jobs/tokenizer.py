@@ -1,0 +1,7 @@
+"""`ray job submit --working-dir . -- python jobs/tokenizer.py --config CONFIG`: the tokenizer stage(s) on the cluster."""
+
+import sys
+
+from retro_ray.cli import main
+
+sys.exit(main(["tokenizer", *sys.argv[1:]]))

@@ -1,0 +1,254 @@
+"""The ``neighbors`` stage: pretraining samples and the retrieved neighbours of their chunks.
+
+Documents are split into train and valid by a stable hash of ``doc_id`` (held-out documents),
+then packed in ``doc_id`` order into samples of ``seq_len`` tokens. Every document starts on a
+chunk boundary and is followed by the end-of-document token; the rest of its last chunk is
+padding (also the EOD token, excluded from the loss by ``chunk_lengths``). So each sample chunk
+is a database chunk (plus EOD and padding at a document's end): its query embedding is the
+database's, never computed again. A document ending exactly on a chunk boundary gets one more
+chunk holding only EOD, with no database chunk (``chunk_ids`` -1, no neighbours).
+
+Rows of ``samples/{train,valid}/{start:010d}-{end:010d}.parquet``:
+
+    sample_id      int64, dense per split
+    tokens         [seq_len] int32
+    chunk_ids      [n_chunks] int64, the database chunk of each sample chunk, or -1
+    chunk_doc_ids  [n_chunks] int64, the document of each sample chunk, or -1 (tail padding)
+    chunk_lengths  [n_chunks] int32, tokens of each chunk that are not padding (EOD counted)
+    neighbors      [n_chunks, k] int64, retrieved chunk ids, -1 = none; never a chunk of a
+                   document that occurs anywhere in the same sample
+
+Notation: b samples, l = n_chunks chunks per sample, m chunk length, k neighbours,
+c = k_candidates, r = 2 m neighbour length (chunk + continuation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from retro_ray import index as index_stage
+from retro_ray import tokenizer
+from retro_ray.config import Config, config_hash
+from retro_ray.dbfiles import ChunkStore, db_dir, finished_db, read_vectors
+from retro_ray.runtime import log
+from retro_ray.storage import Manifest, Storage, join, open_stage
+
+SPLITS = ("train", "valid")
+
+
+def stage_dir(cfg: Config) -> str:
+    return join(cfg.workdir, "samples")
+
+
+def is_valid_doc(doc_id: int, fraction: float) -> bool:
+    """Stable held-out choice of a document."""
+    digest = hashlib.blake2b(str(doc_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+@dataclass
+class Layout:
+    """Where every sample chunk of a split comes from: [n_samples, l] arrays."""
+
+    chunk_ids: np.ndarray
+    doc_ids: np.ndarray
+    lengths: np.ndarray
+
+
+def layout_split(store: ChunkStore, docs: np.ndarray, chunk_len: int, n_chunks: int) -> Layout:
+    """Pack the chunks of ``docs`` (sorted doc ids) into samples of ``n_chunks`` chunks."""
+    lengths_all = store.lengths()
+    chunk_ids, doc_ids, lengths = [], [], []
+    in_split = np.isin(store.doc_ids, docs)
+    for c in np.flatnonzero(in_split):
+        doc = int(store.doc_ids[c])
+        chunk_ids.append(c)
+        doc_ids.append(doc)
+        if not store.is_last_of_doc(c):
+            lengths.append(int(lengths_all[c]))
+        elif lengths_all[c] < chunk_len:
+            lengths.append(int(lengths_all[c]) + 1)  # room for EOD in the last chunk
+        else:  # a full last chunk: EOD opens a chunk of its own
+            lengths.append(chunk_len)
+            chunk_ids.append(-1)
+            doc_ids.append(doc)
+            lengths.append(1)
+    pad = -len(chunk_ids) % n_chunks
+    chunk_ids += [-1] * pad
+    doc_ids += [-1] * pad
+    lengths += [0] * pad
+    shape = (-1, n_chunks)
+    return Layout(np.array(chunk_ids, np.int64).reshape(shape), np.array(doc_ids, np.int64).reshape(shape),
+                  np.array(lengths, np.int32).reshape(shape))
+
+
+def sample_tokens(store: ChunkStore, chunk_ids: np.ndarray, chunk_len: int, eod: int) -> np.ndarray:
+    """[b, l] chunk ids -> [b, l * m] tokens: chunk tokens, then EOD after a document's last chunk,
+    then EOD padding to the chunk boundary."""
+    b, n_chunks = chunk_ids.shape
+    out = np.full((b, n_chunks, chunk_len), eod, dtype=np.int32)  # [b, l, m]
+    for (i, j), c in np.ndenumerate(chunk_ids):
+        if c >= 0:
+            toks = store.tokens(c)
+            out[i, j, : len(toks)] = toks
+    return out.reshape(b, n_chunks * chunk_len)
+
+
+def filter_neighbors(candidates: np.ndarray, candidate_docs: np.ndarray, sample_docs: np.ndarray,
+                     k: int) -> np.ndarray:
+    """Keep the first ``k`` candidates whose document is not in the sample.
+
+    candidates, candidate_docs: [b, l, c] (id -1 = none); sample_docs: [b, l] (-1 = padding).
+    Returns [b, l, k] chunk ids, -1 where fewer than k remain.
+    """
+    same = (candidate_docs[..., None] == sample_docs[:, None, None, :]).any(-1)  # [b, l, c]
+    ok = (candidates >= 0) & ~same  # [b, l, c]
+    order = np.argsort(~ok, axis=-1, kind="stable")[..., :k]  # kept ones first, rank preserved
+    kept = np.take_along_axis(candidates, order, axis=-1)  # [b, l, k]
+    return np.where(np.take_along_axis(ok, order, axis=-1), kept, -1)
+
+
+def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np.ndarray) -> pa.Table:
+    b, n_chunks = layout.chunk_ids[sl].shape
+    k = neighbors.shape[-1]
+    return pa.table({
+        "sample_id": pa.array(np.arange(first_id, first_id + b), pa.int64()),
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1), pa.int32()), tokens.shape[1]),
+        "chunk_ids": pa.FixedSizeListArray.from_arrays(pa.array(layout.chunk_ids[sl].reshape(-1)), n_chunks),
+        "chunk_doc_ids": pa.FixedSizeListArray.from_arrays(pa.array(layout.doc_ids[sl].reshape(-1)), n_chunks),
+        "chunk_lengths": pa.FixedSizeListArray.from_arrays(pa.array(layout.lengths[sl].reshape(-1)), n_chunks),
+        "neighbors": pa.FixedSizeListArray.from_arrays(
+            pa.FixedSizeListArray.from_arrays(pa.array(neighbors.reshape(-1), pa.int64()), k), n_chunks),
+    })
+
+
+def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
+    nc, m = cfg.neighbors, cfg.db.chunk_length
+    if nc.seq_len % m:
+        raise ValueError(f"neighbors.seq_len={nc.seq_len} must be a multiple of db.chunk_length={m}")
+    if nc.k > nc.k_candidates:
+        raise ValueError(f"neighbors.k={nc.k} exceeds neighbors.k_candidates={nc.k_candidates}")
+    db_manifest = finished_db(cfg, storage)
+    index_manifest = storage.read_json(join(index_stage.stage_dir(cfg), "_manifest.json"))
+    inputs = {"db": db_manifest.config_hash, "index": index_manifest["config_hash"]}
+    out = stage_dir(cfg)
+    manifest = open_stage(storage, out, "neighbors", config_hash(cfg.neighbors, cfg.tokenizer), inputs, force)
+    if manifest.complete:
+        log.info("neighbors: %s is up to date", out)
+        return manifest
+    blocks = sorted(db_manifest.blocks)
+    store = ChunkStore.load(storage, db_dir(cfg), blocks)
+    eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
+    all_docs = np.unique(store.doc_ids)
+    valid = np.array([is_valid_doc(int(d), nc.valid_fraction) for d in all_docs], dtype=bool)
+    router = index_stage.open_router(cfg, storage)
+    n_chunks = nc.seq_len // m
+    for split, docs in (("train", all_docs[~valid]), ("valid", all_docs[valid])):
+        layout = layout_split(store, docs, m, n_chunks)
+        n_samples = len(layout.chunk_ids)
+        manifest.counts[f"{split}_samples"] = n_samples
+        manifest.counts[f"{split}_docs"] = len(docs)
+        start, queried = time.time(), 0
+        for first in range(0, n_samples, nc.samples_per_block):
+            sl = slice(first, min(first + nc.samples_per_block, n_samples))
+            name = f"{split}/{sl.start:010d}-{sl.stop:010d}"
+            if name in manifest.blocks:
+                continue
+            chunk_ids = layout.chunk_ids[sl]  # [b, l]
+            real = chunk_ids >= 0
+            queries = read_vectors(storage, db_dir(cfg), blocks, chunk_ids[real])  # [q, d]; ids ascend
+            candidates = np.full((*chunk_ids.shape, nc.k_candidates), -1, dtype=np.int64)  # [b, l, c]
+            if len(queries):
+                candidates[real] = router.search(queries, nc.k_candidates)[1]
+            candidate_docs = np.where(candidates >= 0, store.doc_ids[np.maximum(candidates, 0)], -1)
+            neighbors = filter_neighbors(candidates, candidate_docs, layout.doc_ids[sl], nc.k)
+            tokens = sample_tokens(store, chunk_ids, m, eod)
+            sha = storage.write_parquet(join(out, f"{name}.parquet"),
+                                        _block_table(sl.start, tokens, layout, sl, neighbors))
+            manifest.blocks[name] = {"rows": sl.stop - sl.start, "sha256": sha,
+                                     "no_neighbor": int((neighbors[real] < 0).sum())}
+            manifest.save(storage, out)
+            queried += int(real.sum())
+            log.info("neighbors: %s %s: %d samples, %d queries, %.0f queries/s", split, name,
+                     sl.stop - sl.start, int(real.sum()), queried / max(time.time() - start, 1e-9))
+    manifest.counts["no_neighbor"] = sum(b["no_neighbor"] for b in manifest.blocks.values())
+    manifest.complete = True
+    manifest.save(storage, out)
+    log.info("neighbors: %d train and %d valid samples of %d tokens -> %s", manifest.counts["train_samples"],
+             manifest.counts["valid_samples"], nc.seq_len, out)
+    return manifest
+
+
+def read_split(storage: Storage, cfg: Config, split: str) -> pa.Table:
+    """All samples of a split, in sample order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    files = storage.expand(join(stage_dir(cfg), split))
+    if not files:
+        raise FileNotFoundError(f"no samples under {join(stage_dir(cfg), split)}: run `retro-ray neighbors`")
+    return pa.concat_tables([storage.read_parquet(f) for f in files])
+
+
+class RetroSamples:
+    """Map-style dataset (works with ``torch.utils.data.DataLoader``) of one split.
+
+    Item ``i``: ``tokens`` [seq_len] int64; ``neighbors`` [l, k, r] int64, each neighbour's chunk
+    and continuation, EOD-padded; ``neighbor_mask`` [l, k, r] bool, False on padding and on
+    absent (-1) neighbours; ``chunk_lengths`` [l] int64, the non-padding tokens per chunk.
+    """
+
+    def __init__(self, cfg: Config, storage: Storage, split: str, store: ChunkStore | None = None):
+        table = read_split(storage, cfg, split)
+        self.tokens = _fixed_list_numpy(table.column("tokens"), 1)  # [n, seq_len]
+        self.neighbor_ids = _fixed_list_numpy(table.column("neighbors"), 2)  # [n, l, k]
+        self.chunk_lengths = _fixed_list_numpy(table.column("chunk_lengths"), 1)  # [n, l]
+        db_manifest = finished_db(cfg, storage)
+        self.store = store or ChunkStore.load(storage, db_dir(cfg), sorted(db_manifest.blocks))
+        self.r = 2 * cfg.db.chunk_length
+        self.eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        neighbors, mask = self.store.neighbor_tokens(self.neighbor_ids[i], self.r, self.eod)  # [l, k, r]
+        return {"tokens": self.tokens[i].astype(np.int64), "neighbors": neighbors,
+                "neighbor_mask": mask, "chunk_lengths": self.chunk_lengths[i].astype(np.int64)}
+
+
+def _fixed_list_numpy(column: pa.ChunkedArray, depth: int) -> np.ndarray:
+    """A (nested) fixed-size-list column -> a numpy array [rows, *sizes]."""
+    arr = column.combine_chunks()
+    shape = [len(arr)]
+    for _ in range(depth):
+        shape.append(arr.type.list_size)
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def show(cfg: Config, storage: Storage, sample_id: int, split: str = "train", width: int = 160) -> str:
+    """A sample's chunks, each with the text of its neighbours (``retro-ray neighbors show``)."""
+    data = RetroSamples(cfg, storage, split)
+    if not 0 <= sample_id < len(data):
+        raise ValueError(f"sample {sample_id} not in the {split} split (0..{len(data) - 1})")
+    tok = tokenizer.load_run_tokenizer(cfg, storage)
+    m = cfg.db.chunk_length
+    item = data[sample_id]
+
+    def text(ids) -> str:
+        return " ".join(tok.decode(ids).split())[:width]
+
+    lines = [f"{split} sample {sample_id}: {len(item['tokens'])} tokens"]
+    for j, length in enumerate(item["chunk_lengths"]):
+        if length == 0:
+            continue
+        lines.append(f"chunk {j}: {text(item['tokens'][j * m: j * m + length])}")
+        for n, (ids, mask) in enumerate(zip(item["neighbors"][j], item["neighbor_mask"][j])):
+            cid = int(data.neighbor_ids[sample_id, j, n])
+            lines.append(f"  neighbour {n} (chunk {cid}): {text(ids[mask]) if cid >= 0 else '(none)'}")
+    return "\n".join(lines)
