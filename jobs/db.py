@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/db.py --config CONFIG`: the db stage(s) on the cluster."""
+"""`ray job submit --working-dir . -- python jobs/db.py --config CONFIG`: the db stage on the cluster."""
 
 import sys
 

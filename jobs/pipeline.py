@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py --config CONFIG`: the pipeline stage(s) on the cluster."""
+"""`ray job submit --working-dir . -- python jobs/pipeline.py --config CONFIG`: every stage on the cluster."""
 
 import sys
 

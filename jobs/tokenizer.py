@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/tokenizer.py --config CONFIG`: the tokenizer stage(s) on the cluster."""
+"""`ray job submit --working-dir . -- python jobs/tokenizer.py --config CONFIG`: the tokenizer stage on the cluster."""
 
 import sys
 

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from retro_ray import corpus, embed, tokenizer
+from retro_ray import corpus, tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.corpus import BAD_INPUT, BadInputError
 from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, chunks_uri, db_dir
@@ -188,6 +188,8 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
 
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     """The ``db`` stage: chunk blocks, then their embeddings; resumes from the manifest."""
+    from retro_ray import embed  # torch: imported here, not in the Ray tasks that only chunk
+
     files = corpus.source_files(cfg, storage)
     tok_manifest = storage.read_json(join(tokenizer.stage_dir(cfg), "_manifest.json"))
     inputs = {"tokenizer": tok_manifest["config_hash"]}

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if getattr(args, "action", None) == "show" and args.sample_id is None:
+    if args.command == "neighbors" and args.action == "show" and args.sample_id is None:
         parser.error("neighbors show needs a SAMPLE_ID")
     setup_logging()
     try:
@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         action = getattr(args, "action", None)
         if args.command == "pipeline":
             run_pipeline(cfg, storage, args.force)
-        elif action == "verify":
+        elif args.command == "index" and action == "verify":
             print(json.dumps(index.verify(cfg, storage, args.queries, args.k)))
-        elif action == "show":
+        elif args.command == "neighbors" and action == "show":
             print(neighbors.show(cfg, storage, args.sample_id, args.split))
         else:
             STAGES[args.command](cfg, storage, args.force)

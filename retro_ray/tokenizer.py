@@ -9,21 +9,26 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from retro_ray.config import Config, config_hash
 from retro_ray.runtime import log
 from retro_ray.storage import Storage, join, open_stage
+
+if TYPE_CHECKING:  # transformers is imported where used: Ray tasks that only chunk never pay for it
+    from transformers import PreTrainedTokenizerFast
 
 
 def stage_dir(cfg: Config) -> str:
     return join(cfg.workdir, "tokenizer")
 
 
-def load_pretrained(path: str) -> PreTrainedTokenizerFast:
+def load_pretrained(path: str) -> "PreTrainedTokenizerFast":
     """A fast tokenizer from a folder, a ``tokenizer.json`` file, or a locally cached hub name."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if path.endswith(".json") and Path(path).is_file():
         return PreTrainedTokenizerFast(tokenizer_file=path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -32,8 +37,10 @@ def load_pretrained(path: str) -> PreTrainedTokenizerFast:
     return tok
 
 
-def train_bpe(texts, vocab_size: int, eod_token: str) -> PreTrainedTokenizerFast:
+def train_bpe(texts, vocab_size: int, eod_token: str) -> "PreTrainedTokenizerFast":
     """A GPT-2 style byte-level BPE trained on ``texts`` (an iterable of documents)."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -97,7 +104,7 @@ def _training_sample(cfg: Config, storage: Storage) -> list[str]:
     return sample[: cfg.tokenizer.train_docs]
 
 
-def load_run_tokenizer(cfg: Config, storage: Storage) -> PreTrainedTokenizerFast:
+def load_run_tokenizer(cfg: Config, storage: Storage) -> "PreTrainedTokenizerFast":
     """The tokenizer the run's ``tokenizer`` stage saved."""
     with tempfile.TemporaryDirectory() as tmp:
         return load_pretrained(str(storage.download_dir(stage_dir(cfg), tmp)))
