@@ -1,0 +1,282 @@
+"""Retro: a GPT decoder with chunked cross-attention (CCA) to encoded retrieved neighbours.
+
+RETRO: Borgeaud et al. 2022, https://arxiv.org/abs/2112.04426
+Megatron Retro (Shall we pretrain with retrieval?): Wang et al. 2023, https://arxiv.org/abs/2304.06762
+InstructRetro: Wang et al. 2024, https://arxiv.org/abs/2310.07713
+
+Notation (as in Megatron): b batch, n tokens, m chunk length, l chunks (n // m), k neighbours per
+chunk, r neighbour length (chunk + continuation = 2 m), d width, h heads, e = d / h head width.
+
+Every attention (causal self-attention, CCA, the encoder's self- and cross-attention) goes
+through ``torch.nn.functional.scaled_dot_product_attention``, so GPUs get fused kernels. With
+``retrieval=False`` the same code is the GPT baseline. Imports no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RetroConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 12
+    n_heads: int = 8
+    max_seq_len: int = 2048
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    retrieval: bool = True
+    """False: the GPT baseline (no encoder, no CCA), otherwise the same model."""
+    chunk_length: int = 64
+    k: int = 2
+    encoder_layers: int = 2
+    cca_layers: list[int] | None = None
+    """1-based decoder layers with CCA; None is Megatron's default: 6, 9, 12, ... for up to 15
+    layers, 9, 12, ... above (the first is also where the encoder reads the decoder)."""
+    extra: dict = field(default_factory=dict)
+    """Free-form provenance (base model, tokenizer) saved with the config."""
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+        if self.retrieval and not self.resolved_cca_layers():
+            raise ValueError(f"no CCA layer fits in {self.n_layers} layers; set cca_layers")
+        bad = [i for i in self.resolved_cca_layers() if not 1 <= i <= self.n_layers]
+        if bad:
+            raise ValueError(f"cca_layers {bad} outside 1..{self.n_layers}")
+
+    @property
+    def neighbor_len(self) -> int:
+        """r: a neighbour chunk and its continuation."""
+        return 2 * self.chunk_length
+
+    def resolved_cca_layers(self) -> list[int]:
+        if not self.retrieval:
+            return []
+        if self.cca_layers is not None:
+            return sorted(self.cca_layers)
+        return list(range(6 if self.n_layers <= 15 else 9, self.n_layers + 1, 3))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- building blocks, smallest first ----------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (itself for self-attention), via SDPA."""
+
+    def __init__(self, d: int, h: int, dropout: float):
+        super().__init__()
+        self.h, self.dropout = h, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """x [B, T, d], context [B, S, d], key_mask [B, S] (True = attend) -> [B, T, d]."""
+        context = x if context is None else context
+        B, T, d = x.shape
+        S = context.shape[1]
+        q = self.q(x).view(B, T, self.h, d // self.h).transpose(1, 2)  # [B, h, T, e]
+        k, v = self.kv(context).view(B, S, 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # [B, h, S, e] each
+        mask = None
+        if key_mask is not None:
+            # A query whose keys are all masked would give NaN: let it see key 0, zero it below.
+            empty = ~key_mask.any(-1)  # [B]
+            key_mask = key_mask.clone()
+            key_mask[empty, 0] = True
+            mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, d)  # [B, T, d]
+        if key_mask is not None:
+            y = y.masked_fill(empty[:, None, None], 0.0)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ratio: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d, ratio * d)
+        self.proj = nn.Linear(ratio * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional self-attention over a neighbour, cross-attention to its chunk, MLP."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, cfg.n_heads, cfg.dropout)
+        self.ln2, self.cross = nn.LayerNorm(d), Attention(d, cfg.n_heads, cfg.dropout)
+        self.ln3, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        """x [B, r, d] neighbour states, mask [B, r], chunk [B, m, d] -> [B, r, d]; B = b l k."""
+        x = x + self.attn(self.ln1(x), key_mask=mask)
+        x = x + self.cross(self.ln2(x), chunk)
+        return x + self.mlp(self.ln3(x))
+
+
+class RetroEncoder(nn.Module):
+    """Encodes each neighbour conditioned on the decoder states of the chunk it was retrieved for."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.pos = nn.Embedding(cfg.neighbor_len, cfg.d_model)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        """emb [b, l, k, r, d] embedded neighbour tokens, mask [b, l, k, r], chunks [b, l, m, d]
+        -> [b, l, k, r, d]."""
+        b, l, k, r, d = emb.shape
+        x = (emb + self.pos.weight[:r]).reshape(b * l * k, r, d)  # [b l k, r, d]
+        ctx = chunks[:, :, None].expand(b, l, k, *chunks.shape[2:]).reshape(b * l * k, -1, d)  # [b l k, m, d]
+        flat_mask = mask.reshape(b * l * k, r)
+        for layer in self.layers:
+            x = layer(x, flat_mask, ctx)
+        return self.ln(x).view(b, l, k, r, d)
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA with RETRO's causal shift: token i of chunk u attends to the neighbours of chunk u only
+    from the chunk's last token on (i >= u m + m - 1), so no token sees neighbours retrieved with
+    tokens it has not seen. The output projection starts at zero: a new CCA changes nothing."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.m = cfg.chunk_length
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        nn.init.zeros_(self.attn.out.weight)
+        nn.init.zeros_(self.attn.out.bias)
+
+    def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [b, n, d], enc [b, l, k, r, d], mask [b, l, k, r] -> [b, n, d] (zero where no
+        neighbours are visible yet)."""
+        b, n, d = x.shape
+        m, l = self.m, enc.shape[1]
+        shifted = x[:, m - 1: m - 1 + l * m]  # [b, <= l m, d]: position u m + m - 1 starts chunk u
+        pad = l * m - shifted.shape[1]
+        shifted = F.pad(shifted, (0, 0, 0, pad))  # [b, l m, d]
+        q = shifted.reshape(b * l, m, d)  # [b l, m, d]
+        kv = enc.reshape(b * l, -1, d)  # [b l, k r, d]
+        y = self.attn(q, kv, key_mask=mask.reshape(b * l, -1))  # [b l, m, d]
+        y = y.reshape(b, l * m, d)[:, : l * m - pad]  # [b, <= l m, d]
+        return F.pad(y, (0, 0, m - 1, n - (m - 1) - y.shape[1]))  # [b, n, d]: shift back
+
+
+class Block(nn.Module):
+    """Decoder layer: causal self-attention, CCA (on retrieval layers), MLP; pre-LayerNorm."""
+
+    def __init__(self, cfg: RetroConfig, cca: bool):
+        super().__init__()
+        d = cfg.d_model
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, cfg.n_heads, cfg.dropout)
+        self.ln_cca = nn.LayerNorm(d) if cca else None
+        self.cca = ChunkedCrossAttention(cfg) if cca else None
+        self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, retrieved=None) -> torch.Tensor:
+        """x [b, n, d]; ``retrieved(states)`` -> (enc [b, l, k, r, d], mask) on CCA layers."""
+        x = x + self.attn(self.ln1(x), causal=True)
+        if self.cca is not None and retrieved is not None:
+            h = self.ln_cca(x)
+            x = x + self.cca(h, *retrieved(h))
+        return x + self.mlp(self.ln2(x))
+
+
+# -- the model -----------------------------------------------------------------------------
+
+
+class Retro(nn.Module):
+    """Decoder-only LM with retrieval; ``forward`` returns ``(logits, loss)``."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.cfg = cfg
+        cca = set(cfg.resolved_cca_layers())
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i + 1 in cca) for i in range(cfg.n_layers))
+        self.encoder = RetroEncoder(cfg) if cfg.retrieval else None
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
+            if name.endswith(("attn.out.weight", "mlp.proj.weight")) and ".cca." not in name:
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, ChunkedCrossAttention):  # applied after its children: stays zero
+            nn.init.zeros_(module.attn.out.weight)
+            nn.init.zeros_(module.attn.out.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, neighbors: torch.Tensor | None = None,
+                neighbor_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shapes: tokens [b, n]; neighbors [b, L, k, r] token ids with L >= n // m (only the
+        first n // m chunks, those complete in ``tokens``, are used); neighbor_mask [b, L, k, r]
+        (True = real token; default: all real); targets [b, n] (-100 = ignore);
+        loss_mask [b, n] (0 = ignore). Returns logits [b, n, vocab] and the mean loss or None.
+        """
+        b, n = tokens.shape
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.drop(self.wte(tokens) + self.wpe.weight[:n])  # [b, n, d]
+        retrieved = self._retriever(neighbors, neighbor_mask, n)
+        for block in self.blocks:
+            x = block(x, retrieved)
+        logits = self.lm_head(self.ln_f(x))  # [b, n, vocab]
+        loss = None
+        if targets is not None:
+            if loss_mask is not None:
+                targets = targets.masked_fill(loss_mask == 0, -100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def _retriever(self, neighbors, neighbor_mask, n: int):
+        """A function the CCA layers call with their input states; the encoder runs once, at the
+        first CCA layer, on that layer's states (as in Megatron), and is reused after."""
+        m = self.cfg.chunk_length
+        l = n // m
+        if self.encoder is None or neighbors is None or l == 0:
+            return None
+        neighbors = neighbors[:, :l]  # [b, l, k, r]
+        mask = torch.ones_like(neighbors, dtype=torch.bool) if neighbor_mask is None else neighbor_mask[:, :l]
+        cache: list = []
+
+        def retrieved(states: torch.Tensor):
+            if not cache:
+                b, _, d = states.shape
+                chunks = states[:, : l * m].reshape(b, l, m, d)  # [b, l, m, d]
+                enc = self.encoder(self.wte(neighbors), mask, chunks)  # [b, l, k, r, d]
+                cache.append((enc, mask))
+            return cache[0]
+
+        return retrieved
