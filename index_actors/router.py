@@ -67,3 +67,11 @@ class ShardedIndex:
         import ray
 
         ray.get([r.set_search.remote(nprobe, ef_search) for replicas in self.shards for r in replicas])
+
+    def close(self) -> None:
+        """Stop every shard actor (they hold CPUs or GPUs until then)."""
+        import ray
+
+        for replicas in self.shards:
+            for actor in replicas:
+                ray.kill(actor)

@@ -144,6 +144,46 @@ class NeighborsConfig(Section):
     """Samples per output block: the unit of querying, writing and resuming."""
 
 
+class ModelConfig(Section):
+    base: str | None = None
+    """A Hugging Face causal LM to retro-fit (folder, cached hub name or ``.gguf`` file); None
+    trains a Retro of the size below from scratch."""
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(12, gt=0)
+    n_heads: int = Field(8, gt=0)
+    encoder_layers: int = Field(2, gt=0)
+    cca_layers: list[int] | None = None
+    """1-based decoder layers with chunked cross-attention; None: Megatron's 6, 9, 12, ..."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(Section):
+    run_name: str = "pretrain"
+    """Checkpoints go to ``{workdir}/checkpoints/{run_name}``; the same name again resumes."""
+    retrieval: bool = True
+    """False trains the GPT baseline: the same model and data without neighbours."""
+    num_workers: int | tuple[int, int] = 1
+    """Ray Train workers, or a (min, max) range for an elastic run."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(200, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(50, gt=0)
+    """Validation perplexity every this many steps (and at the end)."""
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    max_failures: int = Field(1, ge=0)
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    seed: int = 0
+
+
 class Config(Section):
     workdir: str = "runs/default"
     """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
@@ -157,6 +197,8 @@ class Config(Section):
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
     neighbors: NeighborsConfig = NeighborsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -178,6 +178,7 @@ def verify(cfg: Config, storage: Storage, queries: int = 1000, k: int = 10) -> d
     start = time.time()
     _, found = router.search(all_vectors[query_ids], k)
     elapsed = time.time() - start
+    router.close()
     result = {"queries": len(query_ids), "k": k, f"recall_at_{k}": round(recall_at_k(found, exact), 4),
               "qps": round(len(query_ids) / elapsed, 1), "vectors": total, "factory": cfg.index.factory}
     log.info("index verify: %s", result)

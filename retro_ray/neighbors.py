@@ -176,6 +176,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
             queried += int(real.sum())
             log.info("neighbors: %s %s: %d samples, %d queries, %.0f queries/s", split, name,
                      sl.stop - sl.start, int(real.sum()), queried / max(time.time() - start, 1e-9))
+    router.close()
     manifest.counts["no_neighbor"] = sum(b["no_neighbor"] for b in manifest.blocks.values())
     manifest.complete = True
     manifest.save(storage, out)

@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from retro_ray.model.retro import Retro, RetroConfig
 from retro_ray.model.retrofit import RetroFit, load_causal_lm
 
 CONFIG = "config.json"
+TIED = "lm_head.weight"  # the same tensor as wte.weight
 
 
 def save_pretrained(model: Retro | RetroFit, folder: str | Path) -> Path:
@@ -29,8 +30,9 @@ def save_pretrained(model: Retro | RetroFit, folder: str | Path) -> Path:
         model.base.save_pretrained(folder / "base", safe_serialization=True)
         save_file({k: v.contiguous() for k, v in model.new_state_dict().items()}, folder / "retro.safetensors")
         config["architecture"] = "RetroFit"
-    else:
-        save_model(model, str(folder / "model.safetensors"))
+    else:  # lm_head is tied to wte: stored once (also when DeepSpeed flattened the parameters)
+        weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k != TIED}
+        save_file(weights, folder / "model.safetensors")
         config["architecture"] = "Retro"
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
@@ -50,5 +52,7 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> Ret
             raise ValueError(f"{folder / 'retro.safetensors'} does not match the config: {unexpected or missing}")
         return model
     model = Retro(cfg)
-    load_model(model, str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    if unexpected or missing != [TIED]:
+        raise ValueError(f"{folder / 'model.safetensors'} does not match the config: {unexpected or missing}")
     return model.to(dtype) if dtype is not None else model

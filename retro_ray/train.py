@@ -1,0 +1,301 @@
+"""Ray Train + DeepSpeed training loop (``retro-ray pretrain``), and GPT vs Retro (``compare``).
+
+One ``train_loop_per_worker(config)`` in the style of Ray's DeepSpeed example: each worker reads
+its share of the neighbour stage's samples, DeepSpeed owns the optimizer, ZeRO stage, gradient
+accumulation and bf16 (on GPU; fp32 on CPU), and every ``checkpoint_every`` steps each rank saves
+its DeepSpeed shard, rank 0 adds the consolidated weights (a Hugging Face style folder) and the
+run state, and the checkpoint goes to ``ray.train.report``. A run started again with the same
+``run_name`` resumes from ``ray.train.get_checkpoint()``: the DeepSpeed state when the world size
+is unchanged, the consolidated weights (fresh optimizer state) when it changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retro_ray.config import Config
+from retro_ray.runtime import log
+from retro_ray.storage import Storage, join
+
+STATE = "state.json"
+MODEL_DIR = "model"
+
+
+def lr_at(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` at ``max_steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: Config, vocab_size: int, seq_len: int):
+    """A fresh Retro (or GPT with ``train.retrieval: false``), or a retro-fitted base model."""
+    from retro_ray.model import Retro, RetroConfig
+    from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
+
+    mc = cfg.model
+    common = dict(retrieval=cfg.train.retrieval, chunk_length=cfg.db.chunk_length, k=cfg.neighbors.k,
+                  encoder_layers=mc.encoder_layers, cca_layers=mc.cca_layers, dropout=mc.dropout)
+    if mc.base:
+        base = load_causal_lm(mc.base)
+        return RetroFit(base, retrofit_config(base, **common))
+    return Retro(RetroConfig(vocab_size=vocab_size, d_model=mc.d_model, n_layers=mc.n_layers,
+                             n_heads=mc.n_heads, max_seq_len=seq_len, **common))
+
+
+def make_batch(items: list[dict], chunk_len: int, retrieval: bool, device) -> dict[str, torch.Tensor]:
+    """Samples -> model inputs: predict tokens[1:] from tokens[:-1]; padding is not a target."""
+    tokens = torch.as_tensor(np.stack([it["tokens"] for it in items]))  # [b, n]
+    lengths = torch.as_tensor(np.stack([it["chunk_lengths"] for it in items]))  # [b, l]
+    real = torch.arange(chunk_len)[None, None, :] < lengths[..., None]  # [b, l, m]
+    real = real.reshape(tokens.shape)  # [b, n]
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": real[:, 1:]}
+    if retrieval:
+        batch["neighbors"] = torch.as_tensor(np.stack([it["neighbors"] for it in items]))  # [b, l, k, r]
+        batch["neighbor_mask"] = torch.as_tensor(np.stack([it["neighbor_mask"] for it in items]))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def deepspeed_config(cfg: Config, world: int, gpu: bool) -> dict:
+    tc = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "train_batch_size": tc.micro_batch_size * tc.grad_accum * world,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "bf16": {"enabled": gpu and torch.cuda.is_bf16_supported()},
+        "steps_per_print": 10**9,  # we log ourselves
+    }
+
+
+def save_weights(engine, zero_stage: int, rank: int, folder: Path) -> None:
+    """Rank 0 writes the full model as a Hugging Face style folder (every rank must call this:
+    under ZeRO-3 the parameters are gathered first)."""
+    import deepspeed
+
+    from retro_ray.model.io import save_pretrained
+
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if rank == 0:
+                save_pretrained(engine.module, folder)
+    elif rank == 0:
+        save_pretrained(engine.module, folder)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; everything it needs is in ``config``."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from retro_ray import tokenizer
+    from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
+    from retro_ray.model.io import load_pretrained
+    from retro_ray.neighbors import RetroSamples
+
+    cfg = Config.model_validate(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    gpu = device.type == "cuda"
+    torch.manual_seed(tc.seed)
+    storage = Storage(cfg.storage)
+    store = ChunkStore.load(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
+    train_data = RetroSamples(cfg, storage, "train", store)
+    valid_data = RetroSamples(cfg, storage, "valid", store)
+    vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
+    model = build_model(cfg, vocab, cfg.neighbors.seq_len)
+
+    start_step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    saved_world = None
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / STATE).read_text())
+            start_step, history, saved_world = state["step"], state["history"], state["world_size"]
+            if saved_world != world:  # another world size: consolidated weights, fresh optimizer
+                model.load_state_dict(load_pretrained(Path(d) / MODEL_DIR).state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr) / tc.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world, gpu))
+    if checkpoint and saved_world == world:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="deepspeed")
+    elif checkpoint:
+        for _ in range(start_step):
+            scheduler.step()  # keep the schedule where the run was
+        log.warning("resumed at step %d with %d workers from a %d-worker checkpoint: weights restored, "
+                    "optimizer state restarted", start_step, world, saved_world)
+
+    per_step = tc.micro_batch_size * tc.grad_accum * world
+    order = np.random.default_rng(tc.seed).permutation(len(train_data))
+    n_tokens = cfg.neighbors.seq_len - 1
+    m = cfg.db.chunk_length
+
+    def micro_batch(step: int, a: int) -> dict:
+        first = (step * tc.grad_accum + a) * tc.micro_batch_size * world + rank * tc.micro_batch_size
+        idx = [order[(first + i) % len(order)] for i in range(tc.micro_batch_size)]
+        return make_batch([train_data[int(i)] for i in idx], m, tc.retrieval, device)
+
+    def validate() -> float:
+        engine.eval()
+        total = torch.zeros(2, device=device)
+        with torch.no_grad():
+            for j in range(tc.eval_batches):
+                first = (j * world + rank) * tc.micro_batch_size
+                idx = [i % len(valid_data) for i in range(first, first + tc.micro_batch_size)]
+                batch = make_batch([valid_data[i] for i in idx], m, tc.retrieval, device)
+                _, loss = engine(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"),
+                                 batch["targets"], batch["loss_mask"])
+                count = batch["loss_mask"].sum()
+                total += torch.stack([loss.float() * count, count.float()])
+        torch.distributed.all_reduce(total)
+        engine.train()
+        return math.exp(min(20.0, (total[0] / total[1]).item()))
+
+    engine.train()
+    tick, tokens_seen = time.time(), 0
+    for step in range(start_step, tc.max_steps):
+        losses = []
+        for a in range(tc.grad_accum):
+            batch = micro_batch(step, a)
+            _, loss = engine(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"),
+                             batch["targets"], batch["loss_mask"])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        tokens_seen += per_step * n_tokens
+        done = step + 1
+        record = {"step": done, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            record["val_ppl"] = validate()
+        history.append(record)
+        if done % tc.log_every == 0 or "val_ppl" in record:
+            elapsed = time.time() - tick
+            memory = (torch.cuda.max_memory_allocated() if gpu else _rss()) / 2**20
+            if rank == 0:
+                log.info("train %s step %d/%d: loss %.4f%s, lr %.2e, %.0f tokens/s, %.0f MB", tc.run_name, done,
+                         tc.max_steps, record["loss"],
+                         f", val ppl {record['val_ppl']:.2f}" if "val_ppl" in record else "", record["lr"],
+                         tokens_seen / max(elapsed, 1e-9), memory)
+            tick, tokens_seen = time.time(), 0
+        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag="deepspeed")
+                save_weights(engine, tc.zero_stage, rank, Path(tmp) / MODEL_DIR)
+                if rank == 0:
+                    (Path(tmp) / STATE).write_text(json.dumps(
+                        {"step": done, "world_size": world, "history": history, "config": config["cfg"]}))
+                ray.train.report({k: v for k, v in record.items()}, checkpoint=Checkpoint.from_directory(tmp))
+        if config.get("crash_at_step") == done and not os.path.exists(config["crash_marker"]):
+            Path(config["crash_marker"]).write_text(str(done))  # once: the restarted run goes on
+            os.kill(os.getpid(), 9)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int | None = None) -> dict:
+    """The ``pretrain`` stage: fit (or resume) ``train.run_name``; export the model and curves."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from retro_ray import neighbors
+
+    samples = storage.read_json(join(neighbors.stage_dir(cfg), "_manifest.json"))
+    if not samples.get("complete"):
+        raise FileNotFoundError(f"{neighbors.stage_dir(cfg)} is not finished: run `retro-ray neighbors` first")
+    tc = cfg.train
+    runs = join(cfg.workdir, "checkpoints")
+    out = join(runs, tc.run_name)
+    if force:
+        storage.delete_dir(out)
+    fs, path = storage.resolve(runs)
+    loop_config = {"cfg": cfg.model_dump(mode="json")}
+    if crash_at_step is not None:  # a real worker kill, for the resume test
+        loop_config.update(crash_at_step=crash_at_step, crash_marker=str(Path(tempfile.gettempdir()) / f"crash-{tc.run_name}"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=_cluster_has_gpus(),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=tc.run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE).read_text())
+        storage.upload_dir(Path(d) / MODEL_DIR, join(out, "model"))
+    history = state["history"]
+    storage.write_json(join(out, "history.json"), history)
+    storage.write_bytes(join(out, "loss.png"), plot_curves({tc.run_name: history}))
+    log.info("pretrain %s: %d steps, final loss %.4f -> %s", tc.run_name, state["step"], history[-1]["loss"], out)
+    return {"step": state["step"], "history": history, "model": join(out, "model")}
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def plot_curves(histories: dict[str, list[dict]]) -> bytes:
+    """Training loss and validation perplexity of one or more runs, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, history in histories.items():
+        ax_loss.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
+        val = [h for h in history if "val_ppl" in h]
+        ax_ppl.plot([h["step"] for h in val], [h["val_ppl"] for h in val], marker="o", label=name)
+    ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
+    ax_ppl.set(xlabel="step", ylabel="validation perplexity", title="validation perplexity", yscale="log")
+    for ax in (ax_loss, ax_ppl):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def compare(cfg: Config, storage: Storage, force: bool = False) -> dict:
+    """GPT vs Retro on the same samples, steps and tokens: ``eval/gpt_vs_retro.{json,png}``."""
+    results = {}
+    for name, retrieval in (("gpt", False), ("retro", True)):
+        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"retrieval": retrieval, "run_name": f"{cfg.train.run_name}-{name}"})})
+        results[name] = run(run_cfg, storage, force)
+    table = {name: {"val_ppl": r["history"][-1].get("val_ppl"), "final_loss": r["history"][-1]["loss"],
+                    "steps": r["step"]} for name, r in results.items()}
+    table["ppl_ratio"] = table["retro"]["val_ppl"] / table["gpt"]["val_ppl"]
+    storage.write_json(join(cfg.workdir, "eval", "gpt_vs_retro.json"), table)
+    storage.write_bytes(join(cfg.workdir, "eval", "gpt_vs_retro.png"),
+                        plot_curves({n: r["history"] for n, r in results.items()}))
+    log.info("GPT vs Retro: val ppl %.2f vs %.2f (ratio %.3f)", table["gpt"]["val_ppl"],
+             table["retro"]["val_ppl"], table["ppl_ratio"])
+    return table
