@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from retro_ray import index, neighbors
+from retro_ray import index, neighbors, train
 from retro_ray.config import ConfigError, load_config
 from retro_ray.corpus import BadInputError
 from retro_ray.pipeline import STAGES, run_pipeline
@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="print the resolved config")
     config.add_argument("action", choices=["show"])
     sub.add_parser("pipeline", parents=[run_opts], help="run every stage in order")
+    sub.add_parser("compare", parents=[run_opts],
+                   help="train the GPT baseline and Retro on the same samples; write the perplexity table")
     stages = {name: sub.add_parser(name, parents=[run_opts], help=f"run the {name} stage") for name in STAGES}
     stages["index"].add_argument("action", nargs="?", choices=["verify"],
                                  help="verify: recall@k against exact search on random queries")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         action = getattr(args, "action", None)
         if args.command == "pipeline":
             run_pipeline(cfg, storage, args.force)
+        elif args.command == "compare":
+            print(json.dumps(train.compare(cfg, storage, args.force)))
         elif args.command == "index" and action == "verify":
             print(json.dumps(index.verify(cfg, storage, args.queries, args.k)))
         elif args.command == "neighbors" and action == "show":

@@ -149,7 +149,7 @@ class ModelConfig(Section):
     """A Hugging Face causal LM to retro-fit (folder, cached hub name or ``.gguf`` file); None
     trains a Retro of the size below from scratch."""
     d_model: int = Field(256, gt=0)
-    n_layers: int = Field(12, gt=0)
+    n_layers: int = Field(6, gt=0)
     n_heads: int = Field(8, gt=0)
     encoder_layers: int = Field(2, gt=0)
     cca_layers: list[int] | None = None
@@ -171,14 +171,14 @@ class TrainConfig(Section):
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    max_steps: int = Field(200, gt=0)
+    max_steps: int = Field(100, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
-    eval_every: int = Field(50, gt=0)
+    eval_every: int = Field(25, gt=0)
     """Validation perplexity every this many steps (and at the end)."""
     eval_batches: int = Field(8, gt=0)
-    checkpoint_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(25, gt=0)
     max_failures: int = Field(1, ge=0)
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     seed: int = 0

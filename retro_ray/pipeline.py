@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from retro_ray import chunks, index, neighbors, tokenizer
+from retro_ray import chunks, index, neighbors, tokenizer, train
 from retro_ray.config import Config
 from retro_ray.storage import Storage
 
@@ -15,6 +15,7 @@ STAGES: dict[str, StageFn] = {
     "db": chunks.run,
     "index": index.run,
     "neighbors": neighbors.run,
+    "pretrain": train.run,
 }
 """Each stage reads the previous stages' folders under ``workdir`` and writes its own."""
 

@@ -170,6 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     tick, tokens_seen = time.time(), 0
     for step in range(start_step, tc.max_steps):
+        step_start = time.time()
         losses = []
         for a in range(tc.grad_accum):
             batch = micro_batch(step, a)
@@ -180,7 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(loss.item())
         tokens_seen += per_step * n_tokens
         done = step + 1
-        record = {"step": done, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+        record = {"step": done, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+                  "step_s": round(time.time() - step_start, 4)}
         if done % tc.eval_every == 0 or done == tc.max_steps:
             record["val_ppl"] = validate()
         history.append(record)

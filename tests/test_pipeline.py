@@ -18,6 +18,7 @@ def test_pipeline_command_runs_every_stage_and_reruns_as_a_no_op(ray_local, tmp_
     for stage in ("tokenizer", "db", "index", "samples"):
         manifest = json.loads((tmp_path / "run" / stage / "_manifest.json").read_text())
         assert manifest["complete"], stage
+    assert (tmp_path / "run" / "checkpoints" / "pretrain" / "model" / "model.safetensors").exists()
     first = (tmp_path / "run" / "samples" / "_manifest.json").read_text()
     assert main(["pipeline", "--config", str(config_file)]) == 0
     assert json.loads((tmp_path / "run" / "samples" / "_manifest.json").read_text())["blocks"] == \

@@ -38,7 +38,8 @@ def test_short_run_lowers_the_loss_exports_and_resumes(samples):
     first = train.run(cfg, Storage(), force=True)
     history = first["history"]
     assert steps(history) == list(range(1, 13))
-    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_ppl"] < history[5]["val_ppl"] * 1.5
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert [h["step"] for h in history if "val_ppl" in h] == [6, 12]
     out = Path(samples.workdir) / "checkpoints" / "short"
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "model" / "config.json").read_text())["architecture"] == "Retro"

@@ -1,0 +1,89 @@
+"""Benchmark: Retro against the GPT baseline of the same decoder, same samples, steps and tokens.
+
+Reuses the Wikipedia chunk database that ``bench/index.py`` built (``bench/out/index/run``),
+indexes it, retrieves neighbours for ``--seq-len``-token samples (same-document neighbours
+excluded), then ``retro_ray.train.compare`` trains both models with Ray Train + DeepSpeed.
+Reports step time (median after warm-up), tokens/s, peak memory of the process tree and the
+validation perplexity of each. Last line: one JSON object.
+
+    python bench/train.py [--steps 100] [--seq-len 512] [--d-model 256] [--layers 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, PeakRss  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", default=str(ROOT / "bench" / "out" / "index" / "run"))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    args = parser.parse_args()
+
+    import ray
+
+    from retro_ray import index, neighbors, tokenizer, train
+    from retro_ray.config import Config
+    from retro_ray.runtime import setup_logging
+    from retro_ray.storage import Storage
+
+    setup_logging()
+    rss = PeakRss()
+    built = json.loads((Path(args.run) / "db" / "_manifest.json").read_text())
+    if not built.get("complete"):
+        raise SystemExit(f"{args.run}/db is not built: run bench/index.py first")
+    cfg = Config.model_validate({
+        "workdir": args.run,
+        "index": {"factory": "HNSW32", "shards": 2, "ef_search": 128},
+        "neighbors": {"seq_len": args.seq_len, "k": 2, "k_candidates": 20, "valid_fraction": 0.05},
+        "model": {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 8, "encoder_layers": 2},
+        "train": {"run_name": "bench", "max_steps": args.steps, "micro_batch_size": args.micro_batch,
+                  "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "eval_every": args.steps,
+                  "checkpoint_every": args.steps, "eval_batches": 16, "log_every": 10, "cpus_per_worker": 2},
+    })
+    # The benchmark's own run directory shares the database of bench/index.py.
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    storage = Storage()
+    index.run(cfg, storage)
+    neighbors.run(cfg, storage)
+    table = train.compare(cfg, storage, force=True)
+
+    def step_s(name: str) -> float:
+        history = json.loads((Path(args.run) / "checkpoints" / f"bench-{name}" / "history.json").read_text())
+        return float(np.median([h["step_s"] for h in history[5:]]))
+
+    vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
+    params = {}
+    for name, retrieval in (("gpt", False), ("retro", True)):
+        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrieval": retrieval})})
+        params[name] = train.build_model(run_cfg, vocab, args.seq_len).num_params()
+    gpt_s, retro_s = step_s("gpt"), step_s("retro")
+    tokens_per_step = args.micro_batch * (args.seq_len - 1)
+    peak = rss.stop()
+    print(f"GPT {params['gpt'] / 1e6:.2f} M params, {gpt_s:.3f} s/step; Retro {params['retro'] / 1e6:.2f} M, "
+          f"{retro_s:.3f} s/step (ratio {retro_s / gpt_s:.2f}); val ppl {table['gpt']['val_ppl']:.2f} vs "
+          f"{table['retro']['val_ppl']:.2f} (ratio {table['ppl_ratio']:.3f})")
+    print(json.dumps({
+        "params_gpt": params["gpt"], "params_retro": params["retro"],
+        "gpt_step_s": round(gpt_s, 4), "retro_step_s": round(retro_s, 4), "step_ratio": round(retro_s / gpt_s, 3),
+        "tokens": tokens_per_step * args.steps, "gpt_tokens_per_s": round(tokens_per_step / gpt_s),
+        "retro_tokens_per_s": round(tokens_per_step / retro_s),
+        "gpt_val_ppl": round(table["gpt"]["val_ppl"], 3), "retro_val_ppl": round(table["retro"]["val_ppl"], 3),
+        "ppl_ratio": round(table["ppl_ratio"], 4), "peak_rss_mb": round(peak),
+    }))
+
+
+if __name__ == "__main__":
+    main()
