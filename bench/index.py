@@ -70,7 +70,7 @@ def main() -> None:
     import ray
 
     from index_actors.router import ShardedIndex, shard_actor
-    from index_actors.shard import IndexShard
+    from index_actors.shard import IndexShard, coarse_quantizer, new_index, save_index
     from retro_ray.dbfiles import db_dir, finished_db, read_vectors
     from retro_ray.index import recall_at_k, uniform_sample
     from retro_ray.runtime import setup_logging
@@ -111,21 +111,25 @@ def main() -> None:
     best = max(good, key=lambda r: r["qps"])
     params = {k: best[k] for k in ("nprobe", "ef_search") if k in best}
 
+    # The index stage's way: one trained (empty) index, every shard started from it, and for IVF
+    # the router assigning queries to lists once with the shared coarse quantizer.
+    template = new_index(dim, best["factory"], "ip")
+    template.train(xb[uniform_sample(total, min(total, 40 * 1024), seed=0)])
+    save_index(Storage(), str(out / "trained.faiss"), template)
     sharded = {}
     for n_shards in (2, 4):
         actors = []
         for s, part in enumerate(np.array_split(ids, n_shards)):
             actor = shard_actor(name=None, num_cpus=2 / n_shards, dim=dim, factory=best["factory"], metric="ip",
-                                uri=str(out / f"shard-{n_shards}-{s}.faiss"), **params)
-            ray.get(actor.train.remote(xb[uniform_sample(total, min(total, 40 * 1024), seed=0)]))
+                                uri=str(out / f"shard-{n_shards}-{s}.faiss"), template_uri=str(out / "trained.faiss"),
+                                **params)
             ray.get(actor.add.remote(part, xb[part]))
             actors.append([actor])
-        router = ShardedIndex(actors, "ip")
+        router = ShardedIndex(actors, "ip", quantizer=coarse_quantizer(template), nprobe=params.get("nprobe", 16))
         found, qps = timed_search(router.search, xq, 10)
         sharded[n_shards] = (qps, recall_at_k(found, exact))
         print(f"router over {n_shards} shards: {qps:.0f} queries/s, recall@10 {sharded[n_shards][1]:.3f}", flush=True)
-        for replicas in actors:
-            ray.kill(replicas[0])
+        router.close()
     peak = rss.stop()
     print(f"chosen {best['factory']} {params}: {best['qps'] / flat_qps:.1f}x flat; "
           f"router/one process: {sharded[2][0] / best['qps']:.2f} (2 shards), {sharded[4][0] / best['qps']:.2f} (4)")

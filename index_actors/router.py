@@ -42,20 +42,40 @@ def shard_actor(*, name: str | None, max_restarts: int = -1, num_cpus: float = 1
 
 
 class ShardedIndex:
-    """Queries every shard at once (one replica each, round robin) and merges the top-k."""
+    """Queries every shard at once (one replica each, round robin) and merges the top-k.
 
-    def __init__(self, shards: list[list], metric: str):
+    With ``quantizer`` (the serialised coarse quantizer that IVF shards trained from one index
+    share) and ``nprobe``, the router assigns queries to inverted lists once and the shards only
+    scan those lists, instead of every shard repeating the coarse search.
+    """
+
+    def __init__(self, shards: list[list], metric: str, quantizer: bytes | None = None, nprobe: int = 16):
         if not shards or any(not replicas for replicas in shards):
             raise ValueError("ShardedIndex needs at least one replica for every shard")
         self.shards, self.metric = shards, metric
+        self.quantizer_bytes, self.nprobe = quantizer, nprobe
+        self._quantizer = None
         self._turn = 0
+
+    def __getstate__(self) -> dict:  # Faiss objects do not pickle: ship the bytes
+        return {**self.__dict__, "_quantizer": None}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[q, d] queries -> ([q, k] distances, [q, k] chunk ids), best first, -1 padded."""
         import ray
 
         self._turn += 1
-        refs = [replicas[self._turn % len(replicas)].search.remote(queries, k) for replicas in self.shards]
+        replicas = [r[self._turn % len(r)] for r in self.shards]
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # [q, d]
+        shared = ray.put(queries)  # sent once, read by every shard
+        if self.quantizer_bytes is None:
+            refs = [shard.search.remote(shared, k) for shard in replicas]
+        else:
+            if self._quantizer is None:
+                self._quantizer = faiss.deserialize_index(np.frombuffer(self.quantizer_bytes, dtype=np.uint8))
+            list_dist, lists = self._quantizer.search(queries, self.nprobe)  # [q, nprobe] each
+            lists_ref, dist_ref = ray.put(lists), ray.put(list_dist)
+            refs = [shard.search_preassigned.remote(shared, k, lists_ref, dist_ref) for shard in replicas]
         return merge_topk(ray.get(refs), k, self.metric)
 
     def ntotal(self) -> int:

@@ -72,6 +72,13 @@ def load_index(storage: Storage, uri: str) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), dtype=np.uint8))
 
 
+def coarse_quantizer(index: faiss.Index) -> bytes | None:
+    """The serialised coarse quantizer of a trained IVF index (None for other types). Shards
+    started from one trained index share it, so a router can assign queries to lists once."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else faiss.serialize_index(ivf.quantizer).tobytes()
+
+
 def uses_gpu(factory: str) -> bool:
     """Whether shards of ``factory`` run on a GPU when there is one (IVF indexes do)."""
     return "IVF" in factory
@@ -130,6 +137,15 @@ class IndexShard:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[q, d] queries -> ([q, k] distances, [q, k] chunk ids, -1 where fewer than k)."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def search_preassigned(self, queries: np.ndarray, k: int, lists: np.ndarray, list_dist: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF only: search the inverted lists ``lists`` [q, nprobe] (with their coarse distances)
+        that the router chose once for all shards -> ([q, k] distances, [q, k] chunk ids)."""
+        ivf = faiss.extract_index_ivf(self.index)
+        return ivf.search_preassigned(np.ascontiguousarray(queries, dtype=np.float32), k,
+                                      np.ascontiguousarray(lists, dtype=np.int64),
+                                      np.ascontiguousarray(list_dist, dtype=np.float32))
 
     def ntotal(self) -> int:
         return self.index.ntotal

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from index_actors.router import ShardedIndex, shard_actor
-from index_actors.shard import TrainingSampleError, min_training_vectors, uses_gpu
+from index_actors.shard import TrainingSampleError, coarse_quantizer, load_index, min_training_vectors, uses_gpu
 from retro_ray.config import Config, config_hash
 from retro_ray.dbfiles import block_range, db_dir, embeddings_uri, finished_db, read_vectors
 from retro_ray.runtime import log
@@ -151,7 +151,9 @@ def open_router(cfg: Config, storage: Storage, name: str | None = None) -> Shard
          for r in range(ic.replicas)]
         for s in range(len(layout["shards"]))
     ]
-    return ShardedIndex(shards, layout["metric"])
+    template = join(stage_dir(cfg), "trained.faiss")
+    quantizer = coarse_quantizer(load_index(storage, template)) if storage.exists(template) else None
+    return ShardedIndex(shards, layout["metric"], quantizer=quantizer, nprobe=ic.nprobe)
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:

@@ -154,3 +154,28 @@ def test_index_stage_resumes_only_unfinished_shards(built_db, tmp_path):
     assert resumed.complete and resumed.counts["vectors"] == first.counts["vectors"]
     assert (tmp_path / "index" / "shard-0000.faiss").stat().st_mtime_ns == kept
     assert resumed.blocks["shard-0001"] == first.blocks["shard-0001"]
+
+
+def test_ivf_router_assigns_lists_once_and_equals_one_index(ray_local, tmp_path):
+    from index_actors.shard import coarse_quantizer, new_index, save_index
+
+    xb, xq = _data(n=4000)
+    template = new_index(D, "IVF32,Flat", "ip")
+    template.train(xb)
+    save_index(Storage(), str(tmp_path / "trained.faiss"), template)
+    whole = IndexShard(dim=D, factory="IVF32,Flat", metric="ip", uri=str(tmp_path / "whole.faiss"),
+                       template_uri=str(tmp_path / "trained.faiss"), nprobe=4)
+    whole.add(np.arange(len(xb)), xb)
+    shards = []
+    for s, part in enumerate(np.array_split(np.arange(len(xb)), 2)):
+        actor = shard_actor(name=None, num_cpus=0.5, dim=D, factory="IVF32,Flat", metric="ip",
+                            uri=str(tmp_path / f"s{s}.faiss"), template_uri=str(tmp_path / "trained.faiss"), nprobe=4)
+        ray.get(actor.add.remote(part, xb[part]))
+        shards.append([actor])
+    router = ShardedIndex(shards, "ip", quantizer=coarse_quantizer(template), nprobe=4)
+    dist, ids = router.search(xq, 10)
+    exp_dist, exp_ids = whole.search(xq, 10)
+    np.testing.assert_allclose(dist, exp_dist, rtol=1e-5)
+    assert (ids == exp_ids).mean() > 0.99  # equal up to ties
+    assert index.recall_at_k(ids, _exact(xb, xq, 10)[1]) < 1.0  # nprobe 4 of 32: approximate, as one index
+    router.close()
