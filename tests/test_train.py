@@ -67,3 +67,27 @@ def test_gpt_baseline_trains_on_the_same_samples(samples):
                           Storage(), force=True)
     assert set(table) == {"gpt", "retro", "ppl_ratio"} and table["gpt"]["steps"] == table["retro"]["steps"] == 4
     assert (Path(samples.workdir) / "eval" / "gpt_vs_retro.png").exists()
+
+
+def test_elastic_worker_range_trains(samples):
+    result = train.run(with_train(samples, run_name="elastic", max_steps=3, checkpoint_every=3, eval_every=3,
+                                  num_workers=(1, 2)), Storage(), force=True)
+    assert steps(result["history"]) == [1, 2, 3]
+
+
+def test_whole_run_on_s3(samples, s3_endpoint):
+    """Index, neighbours and training with the run directory on the moto S3 server."""
+    from retro_ray import chunks, tokenizer
+    from retro_ray.config import StorageConfig
+
+    storage = Storage(StorageConfig(s3_endpoint=s3_endpoint))
+    cfg = samples.model_copy(update={"workdir": "s3://retro/train-run",
+                                     "storage": StorageConfig(s3_endpoint=s3_endpoint)})
+    cfg = with_train(cfg, run_name="s3", max_steps=2, checkpoint_every=2, eval_every=2)
+    tokenizer.run(cfg, storage)
+    for stage in (chunks, index, neighbors):
+        assert stage.run(cfg, storage).complete
+    result = train.run(cfg, storage)
+    assert steps(result["history"]) == [1, 2]
+    assert storage.exists("s3://retro/train-run/checkpoints/s3/model/model.safetensors")
+    assert storage.exists("s3://retro/train-run/checkpoints/s3/loss.png")
