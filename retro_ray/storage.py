@@ -174,8 +174,9 @@ class Storage:
 
     def download_dir(self, uri: str, local_dir: str | Path) -> Path:
         local_dir = Path(local_dir)
+        root = ("s3://" if is_s3(uri) else "") + self.resolve(uri)[1].rstrip("/")  # as expand() names files
         for src in self.expand(uri):
-            rel = src[len(uri.rstrip("/")) + 1:]
+            rel = src[len(root) + 1:]
             (local_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             (local_dir / rel).write_bytes(self.read_bytes(src))
         return local_dir

@@ -54,3 +54,14 @@ def test_manifest_resumes_same_config_and_refuses_another(tmp_path):
     fresh = open_stage(storage, folder, "db", "hash-b", {"in": 1}, force=True)
     assert fresh.blocks == {} and not os.path.exists(join(folder, "chunks"))
     assert isinstance(fresh, Manifest)
+
+
+def test_upload_and_download_dir_with_a_relative_workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "a.json").write_text("{}")
+    (tmp_path / "src" / "sub" / "b.txt").write_text("b")
+    storage = Storage()
+    storage.upload_dir(tmp_path / "src", "runs/x/tokenizer")  # relative, as in the default config
+    out = storage.download_dir("runs/x/tokenizer", tmp_path / "back")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["a.json", "sub/b.txt"]
