@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -156,6 +157,12 @@ class ModelConfig(Section):
     """1-based decoder layers with chunked cross-attention; None: Megatron's 6, 9, 12, ..."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @field_validator("base")
+    @classmethod
+    def _absolute_base(cls, base: str | None) -> str | None:
+        """A local base model path is made absolute: training workers run in other folders."""
+        return os.path.abspath(base) if base and os.path.exists(base) else base
+
 
 class TrainConfig(Section):
     run_name: str = "pretrain"
@@ -191,6 +198,12 @@ class Config(Section):
     """Fail at the first bad input row (naming file and line) instead of skipping and counting."""
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, workdir: str) -> str:
+        """A local run directory is made absolute: Ray workers do not share the driver's folder."""
+        return workdir if "://" in workdir else os.path.abspath(workdir)
     corpus: CorpusConfig = CorpusConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     db: DbConfig = DbConfig()

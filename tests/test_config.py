@@ -12,6 +12,14 @@ def test_defaults_run_the_embedded_setting():
     assert cfg.db.chunk_length == 64
 
 
+def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    cfg = load_config(None, ["workdir=runs/x", "model.base=base"])
+    assert cfg.workdir == str(tmp_path / "runs" / "x") and cfg.model.base == str(tmp_path / "base")
+    assert load_config(None, ["workdir=s3://bucket/run", "model.base=org/name"]).workdir == "s3://bucket/run"
+
+
 def test_unknown_key_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"embed": {"batchsize": 8}}))
