@@ -18,6 +18,7 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     cfg = load_config(None, ["workdir=runs/x", "model.base=base"])
     assert cfg.workdir == str(tmp_path / "runs" / "x") and cfg.model.base == str(tmp_path / "base")
     assert load_config(None, ["workdir=s3://bucket/run", "model.base=org/name"]).workdir == "s3://bucket/run"
+    assert load_config().workdir == str(tmp_path / "runs" / "default")  # the default too
 
 
 def test_unknown_key_is_named(tmp_path):
