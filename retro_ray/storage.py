@@ -222,10 +222,13 @@ def open_stage(
         if old.config_hash == config_hash and old.inputs == inputs:
             return old
         if not force:
-            what = "config" if old.config_hash != config_hash else "inputs"
+            if old.config_hash != config_hash:
+                what = f"config (hash {old.config_hash} -> {config_hash})"
+            else:
+                changed = sorted(k for k in set(old.inputs) | set(inputs) if old.inputs.get(k) != inputs.get(k))
+                what = f"inputs ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed)"
             raise StageMismatchError(
-                f"{folder} was built by stage '{stage}' from different {what} "
-                f"(config hash {old.config_hash} -> {config_hash}); rerun with --force to rebuild it"
+                f"{folder} was built by stage '{stage}' from a different {what}; rerun with --force to rebuild it"
             )
         storage.delete_dir(folder)
     elif force:

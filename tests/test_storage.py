@@ -49,7 +49,7 @@ def test_manifest_resumes_same_config_and_refuses_another(tmp_path):
     assert open_stage(storage, folder, "db", "hash-a", {"in": 1}).blocks == {"000-010": {"rows": 10}}
     with pytest.raises(StageMismatchError, match="different config.*--force"):
         open_stage(storage, folder, "db", "hash-b", {"in": 1})
-    with pytest.raises(StageMismatchError, match="different inputs"):
+    with pytest.raises(StageMismatchError, match=r"different inputs \(in changed\)"):
         open_stage(storage, folder, "db", "hash-a", {"in": 2})
     fresh = open_stage(storage, folder, "db", "hash-b", {"in": 1}, force=True)
     assert fresh.blocks == {} and not os.path.exists(join(folder, "chunks"))
