@@ -67,7 +67,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     db_manifest = finished_db(cfg, storage)
     blocks = sorted(db_manifest.blocks)
     total = db_manifest.counts["chunks"]
-    inputs = {"db": db_manifest.config_hash, "chunks": total}
+    inputs = {"db": db_manifest.content_hash(), "chunks": total}
     out = stage_dir(cfg)
     manifest = open_stage(storage, out, "index", _index_config_hash(cfg), inputs, force)
     if manifest.complete:

@@ -134,8 +134,8 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     if nc.k > nc.k_candidates:
         raise ValueError(f"neighbors.k={nc.k} exceeds neighbors.k_candidates={nc.k_candidates}")
     db_manifest = finished_db(cfg, storage)
-    index_manifest = storage.read_json(join(index_stage.stage_dir(cfg), "_manifest.json"))
-    inputs = {"db": db_manifest.config_hash, "index": index_manifest["config_hash"]}
+    index_manifest = Manifest.model_validate(storage.read_json(join(index_stage.stage_dir(cfg), "_manifest.json")))
+    inputs = {"db": db_manifest.content_hash(), "index": index_manifest.content_hash()}
     out = stage_dir(cfg)
     manifest = open_stage(storage, out, "neighbors", config_hash(cfg.neighbors, cfg.tokenizer), inputs, force)
     if manifest.complete:

@@ -198,6 +198,13 @@ class Manifest(BaseModel):
     complete: bool = False
     updated: float = 0.0
 
+    def content_hash(self) -> str:
+        """Fingerprint of what the stage wrote (its blocks and their checksums), for the next stage."""
+        content = {name: {k: v for k, v in block.items() if not k.endswith("_s")}  # not timings
+                   for name, block in self.blocks.items()}
+        blob = json.dumps(content, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def save(self, storage: Storage, folder: str) -> None:
         self.updated = time.time()
         storage.write_json(join(folder, MANIFEST), self.model_dump(mode="json"))
