@@ -171,21 +171,22 @@ class TrainConfig(Section):
     """False trains the GPT baseline: the same model and data without neighbours."""
     num_workers: int | tuple[int, int] = 1
     """Ray Train workers, or a (min, max) range for an elastic run."""
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(2.0, gt=0)
+    """CPUs per worker; on CPU, torch uses this many threads."""
     zero_stage: Literal[0, 1, 2, 3] = 1
-    micro_batch_size: int = Field(4, gt=0)
+    micro_batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    max_steps: int = Field(100, gt=0)
+    max_steps: int = Field(30, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
-    eval_every: int = Field(25, gt=0)
+    eval_every: int = Field(15, gt=0)
     """Validation perplexity every this many steps (and at the end)."""
-    eval_batches: int = Field(8, gt=0)
-    checkpoint_every: int = Field(25, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    checkpoint_every: int = Field(15, gt=0)
     max_failures: int = Field(1, ge=0)
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     seed: int = 0

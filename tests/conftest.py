@@ -105,7 +105,8 @@ def tiny_config(workdir, *paths, **sections) -> Config:
         "db": {"block_size": 16},
         "embed": {"batch_size": 8, "max_actors": 1, "max_length": 128},
         "model": {"d_model": 32, "n_layers": 4, "n_heads": 4, "encoder_layers": 1, "cca_layers": [2, 4]},
-        "train": {"micro_batch_size": 2, "max_steps": 4, "checkpoint_every": 4, "eval_every": 4, "eval_batches": 2},
+        "train": {"micro_batch_size": 2, "max_steps": 4, "checkpoint_every": 4, "eval_every": 4, "eval_batches": 2,
+                  "cpus_per_worker": 1},
     }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update({key: value})
