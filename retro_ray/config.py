@@ -153,6 +153,8 @@ class ModelConfig(Section):
     n_layers: int = Field(6, gt=0)
     n_heads: int = Field(8, gt=0)
     encoder_layers: int = Field(2, gt=0)
+    encoder_d_model: int | None = Field(None, gt=0)
+    """The retrieval encoder's width; None: ``d_model`` (Megatron). A multiple of the head width."""
     cca_layers: list[int] | None = None
     """1-based decoder layers with chunked cross-attention; None: Megatron's 6, 9, 12, ..."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -41,9 +41,17 @@ def test_default_cca_layers_follow_megatron():
         RetroConfig(n_layers=4)
 
 
+def test_encoder_width_keeps_the_head_width():
+    assert RetroConfig(d_model=256, n_heads=8, encoder_d_model=64).encoder_heads == 2
+    assert RetroConfig(d_model=256, n_heads=8).encoder_width == 256
+    with pytest.raises(ValueError, match="encoder_d_model=48 is not a multiple of the head width 32"):
+        RetroConfig(d_model=256, n_heads=8, encoder_d_model=48)
+
+
+@pytest.mark.parametrize("encoder_d_model", [None, 16])
 @pytest.mark.parametrize("u", [0, 1, 2])
-def test_later_tokens_and_neighbours_never_reach_earlier_positions(u):
-    model = tiny()
+def test_later_tokens_and_neighbours_never_reach_earlier_positions(u, encoder_d_model):
+    model = tiny(encoder_d_model=encoder_d_model)
     tokens, neighbors, mask = inputs()
     base = logits(model, tokens, neighbors, mask)
     changed = tokens.clone()

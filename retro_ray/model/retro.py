@@ -5,7 +5,8 @@ Megatron Retro (Shall we pretrain with retrieval?): Wang et al. 2023, https://ar
 InstructRetro: Wang et al. 2024, https://arxiv.org/abs/2310.07713
 
 Notation (as in Megatron): b batch, n tokens, m chunk length, l chunks (n // m), k neighbours per
-chunk, r neighbour length (chunk + continuation = 2 m), d width, h heads, e = d / h head width.
+chunk, r neighbour length (chunk + continuation = 2 m), d width, h heads, e = d / h head width,
+d' encoder width (RETRO's d'; Megatron uses d' = d), h' = d' / e encoder heads.
 
 Every attention (causal self-attention, CCA, the encoder's self- and cross-attention) goes
 through ``torch.nn.functional.scaled_dot_product_attention``, so GPUs get fused kernels. With
@@ -36,6 +37,10 @@ class RetroConfig:
     chunk_length: int = 64
     k: int = 2
     encoder_layers: int = 2
+    encoder_d_model: int | None = None
+    """d': the encoder's width (None: d_model, as Megatron; RETRO gives the encoder its own
+    width). The encoder reads k r = 4 m tokens per decoder chunk, so at full width its two
+    layers cost about as much as eight decoder layers: a narrow encoder keeps small models cheap."""
     cca_layers: list[int] | None = None
     """1-based decoder layers with CCA; None is Megatron's default: 6, 9, 12, ... for up to 15
     layers, 9, 12, ... above (the first is also where the encoder reads the decoder)."""
@@ -45,6 +50,9 @@ class RetroConfig:
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+        if self.encoder_width % (self.d_model // self.n_heads):
+            raise ValueError(f"encoder_d_model={self.encoder_width} is not a multiple of the head width "
+                             f"{self.d_model // self.n_heads} (d_model / n_heads)")
         if self.retrieval and not self.resolved_cca_layers():
             raise ValueError(f"no CCA layer fits in {self.n_layers} layers; set cca_layers")
         bad = [i for i in self.resolved_cca_layers() if not 1 <= i <= self.n_layers]
@@ -55,6 +63,16 @@ class RetroConfig:
     def neighbor_len(self) -> int:
         """r: a neighbour chunk and its continuation."""
         return 2 * self.chunk_length
+
+    @property
+    def encoder_width(self) -> int:
+        """d'."""
+        return self.encoder_d_model or self.d_model
+
+    @property
+    def encoder_heads(self) -> int:
+        """h': the encoder keeps the decoder's head width e."""
+        return self.encoder_width // (self.d_model // self.n_heads)
 
     def resolved_cca_layers(self) -> list[int]:
         if not self.retrieval:
@@ -71,18 +89,19 @@ class RetroConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention of ``x`` over ``context`` (itself for self-attention), via SDPA."""
+    """Multi-head attention of ``x`` over ``context`` (itself for self-attention), via SDPA. The
+    context may have another width ``d_context`` (the encoder's d' in CCA, d in the encoder)."""
 
-    def __init__(self, d: int, h: int, dropout: float):
+    def __init__(self, d: int, h: int, dropout: float, d_context: int | None = None):
         super().__init__()
         self.h, self.dropout = h, dropout
         self.q = nn.Linear(d, d)
-        self.kv = nn.Linear(d, 2 * d)
+        self.kv = nn.Linear(d_context or d, 2 * d)
         self.out = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """x [B, T, d], context [B, S, d], key_mask [B, S] (True = attend) -> [B, T, d]."""
+        """x [B, T, d], context [B, S, d_context], key_mask [B, S] (True = attend) -> [B, T, d]."""
         context = x if context is None else context
         B, T, d = x.shape
         S = context.shape[1]
@@ -119,15 +138,18 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
-        d = cfg.d_model
-        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, cfg.n_heads, cfg.dropout)
-        self.ln2, self.cross = nn.LayerNorm(d), Attention(d, cfg.n_heads, cfg.dropout)
+        d, h = cfg.encoder_width, cfg.encoder_heads
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, h, cfg.dropout)
+        self.ln2, self.cross = nn.LayerNorm(d), Attention(d, h, cfg.dropout, d_context=cfg.d_model)
         self.ln3, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio, cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-        """x [B, r, d] neighbour states, mask [B, r], chunk [B, m, d] -> [B, r, d]; B = b l k."""
-        x = x + self.attn(self.ln1(x), key_mask=mask)
-        x = x + self.cross(self.ln2(x), chunk)
+        """x [b l, k, r, d'] neighbour states, mask [b l, k, r], chunk [b l, m, d] -> [b l, k, r, d']."""
+        B, k, r, d = x.shape
+        x = x + self.attn(self.ln1(x).view(B * k, r, d), key_mask=mask.reshape(B * k, r)).view(B, k, r, d)
+        # All k neighbours of a chunk attend to the same chunk states: one query sequence of k r
+        # tokens per chunk projects the chunk's keys and values once, not k times.
+        x = x + self.cross(self.ln2(x).view(B, k * r, d), chunk).view(B, k, r, d)
         return x + self.mlp(self.ln3(x))
 
 
@@ -136,20 +158,22 @@ class RetroEncoder(nn.Module):
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
-        self.pos = nn.Embedding(cfg.neighbor_len, cfg.d_model)
+        d, d_enc = cfg.d_model, cfg.encoder_width
+        self.proj = nn.Linear(d, d_enc, bias=False) if d_enc != d else nn.Identity()
+        self.pos = nn.Embedding(cfg.neighbor_len, d_enc)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.ln = nn.LayerNorm(cfg.d_model)
+        self.ln = nn.LayerNorm(d_enc)
 
     def forward(self, emb: torch.Tensor, mask: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
         """emb [b, l, k, r, d] embedded neighbour tokens, mask [b, l, k, r], chunks [b, l, m, d]
-        -> [b, l, k, r, d]."""
+        -> [b, l, k, r, d']."""
         b, l, k, r, d = emb.shape
-        x = (emb + self.pos.weight[:r]).reshape(b * l * k, r, d)  # [b l k, r, d]
-        ctx = chunks[:, :, None].expand(b, l, k, *chunks.shape[2:]).reshape(b * l * k, -1, d)  # [b l k, m, d]
-        flat_mask = mask.reshape(b * l * k, r)
+        x = (self.proj(emb) + self.pos.weight[:r]).reshape(b * l, k, r, -1)  # [b l, k, r, d']
+        ctx = chunks.reshape(b * l, -1, d)  # [b l, m, d]
+        flat_mask = mask.reshape(b * l, k, r)
         for layer in self.layers:
             x = layer(x, flat_mask, ctx)
-        return self.ln(x).view(b, l, k, r, d)
+        return self.ln(x).view(b, l, k, r, -1)
 
 
 class ChunkedCrossAttention(nn.Module):
@@ -160,12 +184,12 @@ class ChunkedCrossAttention(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         self.m = cfg.chunk_length
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, d_context=cfg.encoder_width)
         nn.init.zeros_(self.attn.out.weight)
         nn.init.zeros_(self.attn.out.bias)
 
     def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [b, n, d], enc [b, l, k, r, d], mask [b, l, k, r] -> [b, n, d] (zero where no
+        """x [b, n, d], enc [b, l, k, r, d'], mask [b, l, k, r] -> [b, n, d] (zero where no
         neighbours are visible yet)."""
         b, n, d = x.shape
         m, l = self.m, enc.shape[1]
@@ -173,7 +197,7 @@ class ChunkedCrossAttention(nn.Module):
         pad = l * m - shifted.shape[1]
         shifted = F.pad(shifted, (0, 0, 0, pad))  # [b, l m, d]
         q = shifted.reshape(b * l, m, d)  # [b l, m, d]
-        kv = enc.reshape(b * l, -1, d)  # [b l, k r, d]
+        kv = enc.reshape(b * l, -1, enc.shape[-1])  # [b l, k r, d']
         y = self.attn(q, kv, key_mask=mask.reshape(b * l, -1))  # [b l, m, d]
         y = y.reshape(b, l * m, d)[:, : l * m - pad]  # [b, <= l m, d]
         return F.pad(y, (0, 0, m - 1, n - (m - 1) - y.shape[1]))  # [b, n, d]: shift back
@@ -191,7 +215,7 @@ class Block(nn.Module):
         self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio, cfg.dropout)
 
     def forward(self, x: torch.Tensor, retrieved=None) -> torch.Tensor:
-        """x [b, n, d]; ``retrieved(states)`` -> (enc [b, l, k, r, d], mask) on CCA layers."""
+        """x [b, n, d]; ``retrieved(states)`` -> (enc [b, l, k, r, d'], mask) on CCA layers."""
         x = x + self.attn(self.ln1(x), causal=True)
         if self.cca is not None and retrieved is not None:
             h = self.ln_cca(x)
@@ -266,7 +290,7 @@ class Retro(nn.Module):
 
 def make_retriever(encoder: RetroEncoder | None, embed: nn.Embedding, m: int, neighbors, neighbor_mask, n: int):
     """The function CCA layers call with their input states [b, n, d] to get (encoded neighbours
-    [b, l, k, r, d], mask [b, l, k, r]); None without retrieval. The encoder runs once, at the
+    [b, l, k, r, d'], mask [b, l, k, r]); None without retrieval. The encoder runs once, at the
     first CCA layer, on that layer's states (as in Megatron), and is reused by later layers.
     Only the l = n // m chunks complete in the input have their neighbours used."""
     l = n // m
@@ -280,7 +304,7 @@ def make_retriever(encoder: RetroEncoder | None, embed: nn.Embedding, m: int, ne
         if not cache:
             b, _, d = states.shape
             chunks = states[:, : l * m].reshape(b, l, m, d)  # [b, l, m, d]
-            cache.append((encoder(embed(neighbors).to(states.dtype), mask, chunks), mask))  # [b, l, k, r, d]
+            cache.append((encoder(embed(neighbors).to(states.dtype), mask, chunks), mask))  # [b, l, k, r, d']
         return cache[0]
 
     return retrieved
