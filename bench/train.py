@@ -6,7 +6,11 @@ excluded), then ``retro_ray.train.compare`` trains both models with Ray Train + 
 Reports step time (median after warm-up), tokens/s, peak memory of the process tree and the
 validation perplexity of each. Last line: one JSON object.
 
-    python bench/train.py [--steps 100] [--seq-len 512] [--d-model 256] [--layers 6]
+    python bench/train.py [--steps 100] [--seq-len 512] [--d-model 256] [--layers 6] [--encoder-d-model 64]
+
+The encoder is d' = 64 wide by default: at full width (Megatron's choice, ``--encoder-d-model
+256``) its two layers over k r = 4 m tokens per chunk cost as much as the 6-layer decoder.
+``bench/model_step.py`` measures the model's step alone, without Ray (and on a GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--encoder-d-model", type=int, default=64)
     args = parser.parse_args()
 
     import ray
@@ -48,7 +53,8 @@ def main() -> None:
         "workdir": args.run,
         "index": {"factory": "HNSW32", "shards": 2, "ef_search": 128},
         "neighbors": {"seq_len": args.seq_len, "k": 2, "k_candidates": 20, "valid_fraction": 0.05},
-        "model": {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 8, "encoder_layers": 2},
+        "model": {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 8, "encoder_layers": 2,
+                  "encoder_d_model": args.encoder_d_model},
         "train": {"run_name": "bench", "max_steps": args.steps, "micro_batch_size": args.micro_batch,
                   "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "eval_every": args.steps,
                   "checkpoint_every": args.steps, "eval_batches": 16, "log_every": 10, "cpus_per_worker": 2},
@@ -76,7 +82,7 @@ def main() -> None:
           f"{retro_s:.3f} s/step (ratio {retro_s / gpt_s:.2f}); val ppl {table['gpt']['val_ppl']:.2f} vs "
           f"{table['retro']['val_ppl']:.2f} (ratio {table['ppl_ratio']:.3f})")
     print(json.dumps({
-        "params_gpt": params["gpt"], "params_retro": params["retro"],
+        "params_gpt": params["gpt"], "params_retro": params["retro"], "encoder_d_model": args.encoder_d_model,
         "gpt_step_s": round(gpt_s, 4), "retro_step_s": round(retro_s, 4), "step_ratio": round(retro_s / gpt_s, 3),
         "tokens": tokens_per_step * args.steps, "gpt_tokens_per_s": round(tokens_per_step / gpt_s),
         "retro_tokens_per_s": round(tokens_per_step / retro_s),

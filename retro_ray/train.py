@@ -11,6 +11,7 @@ is unchanged, the consolidated weights (fresh optimizer state) when it changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ def build_model(cfg: Config, vocab_size: int, seq_len: int):
 
     mc = cfg.model
     common = dict(retrieval=cfg.train.retrieval, chunk_length=cfg.db.chunk_length, k=cfg.neighbors.k,
-                  encoder_layers=mc.encoder_layers, cca_layers=mc.cca_layers, dropout=mc.dropout)
+                  encoder_layers=mc.encoder_layers, encoder_d_model=mc.encoder_d_model, cca_layers=mc.cca_layers, dropout=mc.dropout)
     if mc.base:
         base = load_causal_lm(mc.base)
         return RetroFit(base, retrofit_config(base, **common))
@@ -101,7 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from retro_ray import tokenizer
     from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
-    from retro_ray.model.io import load_pretrained
+    from retro_ray.model.io import load_weights
     from retro_ray.neighbors import RetroSamples
 
     cfg = Config.model_validate(config["cfg"])
@@ -120,26 +121,25 @@ def train_loop_per_worker(config: dict) -> None:
 
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    saved_world = None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / STATE).read_text())
-            start_step, history, saved_world = state["step"], state["history"], state["world_size"]
-            if saved_world != world:  # another world size: consolidated weights, fresh optimizer
-                model.load_state_dict(load_pretrained(Path(d) / MODEL_DIR).state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr) / tc.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world, gpu))
-    if checkpoint and saved_world == world:
-        with checkpoint.as_directory() as d:
+    # One download of the checkpoint (from S3 too) serves both the weights and the engine state.
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        state = json.loads((Path(d) / STATE).read_text()) if d else None
+        if state:
+            start_step, history = state["step"], state["history"]
+            if state["world_size"] != world:  # another world size: consolidated weights, fresh optimizer
+                load_weights(model, Path(d) / MODEL_DIR)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr) / tc.lr)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(cfg, world, gpu))
+        if state and state["world_size"] == world:
             engine.load_checkpoint(d, tag="deepspeed")
-    elif checkpoint:
-        for _ in range(start_step):
-            scheduler.step()  # keep the schedule where the run was
-        log.warning("resumed at step %d with %d workers from a %d-worker checkpoint: weights restored, "
-                    "optimizer state restarted", start_step, world, saved_world)
+        elif state:
+            for _ in range(start_step):
+                scheduler.step()  # keep the schedule where the run was
+            log.warning("resumed at step %d with %d workers from a %d-worker checkpoint: weights restored, "
+                        "optimizer state restarted", start_step, world, state["world_size"])
 
     per_step = tc.micro_batch_size * tc.grad_accum * world
     order = np.random.default_rng(tc.seed).permutation(len(train_data))

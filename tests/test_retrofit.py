@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from retro_ray.model import Retro, RetroConfig
-from retro_ray.model.io import load_pretrained, save_pretrained
+from retro_ray.model.io import load_pretrained, load_weights, save_pretrained
 from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
 
 M = 4
@@ -34,10 +34,11 @@ def _inputs(vocab, b=2, n=16):
     return torch.randint(0, vocab, (b, n), generator=g), torch.randint(0, vocab, (b, n // M, 2, 2 * M), generator=g)
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2])
-def test_retrofit_equals_base_then_retrieval_takes_effect_causally(tmp_path, make):
+@pytest.mark.parametrize("make, encoder_d_model", [(_llama, None), (_gpt2, None), (_llama, 16)])
+def test_retrofit_equals_base_then_retrieval_takes_effect_causally(tmp_path, make, encoder_d_model):
     base = load_causal_lm(make(tmp_path / "base")).eval()
-    model = RetroFit(base, retrofit_config(base, chunk_length=M, cca_layers=[2, 4], encoder_layers=1)).eval()
+    model = RetroFit(base, retrofit_config(base, chunk_length=M, cca_layers=[2, 4], encoder_layers=1,
+                                           encoder_d_model=encoder_d_model)).eval()
     tokens, neighbors = _inputs(101)
     with torch.no_grad():
         expected = base(input_ids=tokens).logits
@@ -74,6 +75,17 @@ def test_export_and_load_round_trip(tmp_path):
         torch.nn.init.normal_(fit.cca["3"].attn.out.weight, std=0.2)
         back = load_pretrained(save_pretrained(fit, tmp_path / "fit")).eval()
         assert torch.equal(back(tokens % 101, neighbors)[0], fit(tokens % 101, neighbors)[0])
+
+        # In place, into models of the same config whose every weight was scrambled (tied ones too).
+        for model, folder, vocab in ((Retro(retro.cfg), "retro", 61), (RetroFit(load_causal_lm(str(tmp_path / "llama")), fit.cfg), "fit", 101)):
+            for p in model.parameters():
+                p.normal_()
+            load_weights(model, tmp_path / folder)
+            reference = retro if folder == "retro" else fit
+            assert torch.equal(model.eval()(tokens % vocab, neighbors)[0], reference(tokens % vocab, neighbors)[0])
+    other = Retro(RetroConfig(**{**retro.cfg.to_dict(), "cca_layers": [4]}))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match the model: .*blocks.1.cca"):
+        load_weights(other, tmp_path / "retro")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="not a retro-ray model"):

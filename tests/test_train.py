@@ -54,9 +54,10 @@ def test_killed_worker_resumes_from_the_last_checkpoint(samples):
     assert steps(result["history"]) == list(range(1, 11))  # steps 6-8 redone once, none lost
 
 
-def test_checkpoint_from_two_workers_loads_with_one(samples):
-    cfg = with_train(samples, run_name="world", max_steps=4, checkpoint_every=4, eval_every=4,
-                     num_workers=2, zero_stage=2)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_checkpoint_from_two_workers_loads_with_one(samples, zero_stage):
+    cfg = with_train(samples, run_name=f"world-zero{zero_stage}", max_steps=4, checkpoint_every=4, eval_every=4,
+                     num_workers=2, zero_stage=zero_stage)
     two = train.run(cfg, Storage(), force=True)
     one = train.run(with_train(cfg, num_workers=1, max_steps=6), Storage())
     assert steps(one["history"]) == list(range(1, 7)) and one["history"][:4] == two["history"]

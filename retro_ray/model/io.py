@@ -47,12 +47,34 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> Ret
     cfg = RetroConfig(**config["retro"])
     if config["architecture"] == "RetroFit":
         model = RetroFit(load_causal_lm(str(folder / "base"), dtype=dtype), cfg)
-        missing, unexpected = model.load_state_dict(load_file(folder / "retro.safetensors"), strict=False)
-        if unexpected or any(not k.startswith("base.") for k in missing):
-            raise ValueError(f"{folder / 'retro.safetensors'} does not match the config: {unexpected or missing}")
+        _load_into(model, [folder / "retro.safetensors"], skip="base.")
         return model
     model = Retro(cfg)
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-    if unexpected or missing != [TIED]:
-        raise ValueError(f"{folder / 'model.safetensors'} does not match the config: {unexpected or missing}")
+    load_weights(model, folder)
     return model.to(dtype) if dtype is not None else model
+
+
+def load_weights(model: Retro | RetroFit, folder: str | Path) -> None:
+    """Reads the weights ``save_pretrained`` wrote into ``model``, built with the same config, in
+    place: no second model (a resumed run at another world size starts this way)."""
+    folder = Path(folder)
+    if isinstance(model, RetroFit):
+        _load_into(model.base, sorted((folder / "base").glob("*.safetensors")))
+        _load_into(model, [folder / "retro.safetensors"], skip="base.")
+    else:
+        _load_into(model, [folder / "model.safetensors"])
+
+
+def _load_into(module: torch.nn.Module, files: list[Path], skip: str | None = None) -> None:
+    """Loads safetensors ``files`` into ``module``; every tensor must be there except tied ones
+    (stored once) and names starting with ``skip``."""
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    current = module.state_dict()
+    loaded = {current[k].data_ptr() for k in state if k in current}
+    missing = [k for k in missing if not (skip and k.startswith(skip)) and current[k].data_ptr() not in loaded]
+    if not files or unexpected or missing:
+        names = ", ".join(str(f) for f in files) or "no .safetensors file"
+        raise ValueError(f"{names} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
