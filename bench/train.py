@@ -62,8 +62,8 @@ def main() -> None:
     # The benchmark's own run directory shares the database of bench/index.py.
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     storage = Storage()
-    index.run(cfg, storage)
-    neighbors.run(cfg, storage)
+    index.run(cfg, storage, force=True)  # the index and samples are the benchmark's own: always fresh
+    neighbors.run(cfg, storage, force=True)
     table = train.compare(cfg, storage, force=True)
 
     def step_s(name: str) -> float:
