@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from retro_ray import index, neighbors, train
@@ -19,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set embed.batch_size=32")
+    common.add_argument("--verbose", "-v", action="store_true", help="debug logging; tracebacks with errors")
     run_opts = argparse.ArgumentParser(add_help=False, parents=[common])
     run_opts.add_argument("--force", action="store_true",
                           help="rebuild even if the stage folder was built from another config")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "neighbors" and args.action == "show" and args.sample_id is None:
         parser.error("neighbors show needs a SAMPLE_ID")
-    setup_logging()
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         cfg = load_config(args.config, args.set)
         if args.command == "config":
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             STAGES[args.command](cfg, storage, args.force)
     except (ConfigError, BadInputError, StageMismatchError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
+        log.error("%s: %s", type(e).__name__, e)
         log.debug("details", exc_info=True)
         return 2
     return 0
