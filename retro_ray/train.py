@@ -45,7 +45,8 @@ def build_model(cfg: Config, vocab_size: int, seq_len: int):
 
     mc = cfg.model
     common = dict(retrieval=cfg.train.retrieval, chunk_length=cfg.db.chunk_length, k=cfg.neighbors.k,
-                  encoder_layers=mc.encoder_layers, encoder_d_model=mc.encoder_d_model, cca_layers=mc.cca_layers, dropout=mc.dropout)
+                  encoder_layers=mc.encoder_layers, encoder_d_model=mc.encoder_d_model,
+                  cca_layers=mc.cca_layers, dropout=mc.dropout)
     if mc.base:
         base = load_causal_lm(mc.base)
         return RetroFit(base, retrofit_config(base, **common))
