@@ -28,7 +28,7 @@ def fake_cluster(tmp_path):
     the processes it started."""
     import ray
 
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent, client = (_free_port() for _ in range(4))
     config = yaml.safe_load((ROOT / "cluster" / "local-fake.yaml").read_text())
     config["provider"]["gcs_address"] = f"{ray.util.get_node_ip_address()}:{port}"  # not the default 6379
     config_file = tmp_path / "cluster.yaml"
@@ -38,8 +38,10 @@ def fake_cluster(tmp_path):
     # RAY_AUTH_MODE=token: `ray job submit` sends the token (~/.ray/auth_token) only when it is set.
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     head = subprocess.Popen(
+        # Free ports for every port with a fixed default: another Ray instance (the tests' own)
+        # holds the dashboard agent's 52365, and the head's job agent would never come up.
         [f"{bin_dir}/ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=0", "--object-store-memory=300000000",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=0", "--object-store-memory=300000000",
          f"--autoscaling-config={config_file}", "--block"],
         env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT)
     try:
