@@ -41,8 +41,9 @@ def fake_cluster(tmp_path):
         # Free ports for every port with a fixed default: another Ray instance (the tests' own)
         # holds the dashboard agent's 52365, and the head's job agent would never come up.
         [f"{bin_dir}/ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=0", "--object-store-memory=300000000",
-         f"--autoscaling-config={config_file}", "--block"],
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=0",
+         "--object-store-memory=300000000", f"--autoscaling-config={config_file}", "--block"],
         env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
@@ -76,7 +77,8 @@ def test_job_submit_runs_the_pipeline_on_autoscaled_workers(fake_cluster, tmp_pa
         job = ray_cli(env, "job", "submit", f"--address={address}", "--", "python",
                       str(ROOT / "jobs" / "pipeline.py"), "--config", str(config_file), "-v", timeout=900)
         output = job.stdout + job.stderr
-        not_up = "Failed to connect to Ray" in output or "No available agent to submit job" in output  # nothing submitted
+        # Neither answer submitted anything: try again.
+        not_up = "Failed to connect to Ray" in output or "No available agent to submit job" in output
         if not not_up or time.time() > deadline:
             break
         time.sleep(3)
