@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from retro_ray.config import Config
-from retro_ray.storage import Manifest, Storage, join
+from retro_ray.storage import Manifest, Storage, finished_stage, join
 
 CHUNK_SCHEMA = pa.schema(
     [("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("doc_pos", pa.int32()),
@@ -60,13 +60,7 @@ def read_embeddings(storage: Storage, uri: str) -> tuple[np.ndarray, np.ndarray]
 
 def finished_db(cfg: Config, storage: Storage) -> Manifest:
     """The database manifest, which must be complete (the ``db`` stage has run)."""
-    uri = join(db_dir(cfg), "_manifest.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: run `retro-ray db` first")
-    manifest = Manifest.model_validate(storage.read_json(uri))
-    if not manifest.complete:
-        raise FileNotFoundError(f"{db_dir(cfg)} is not finished: run `retro-ray db` again to complete it")
-    return manifest
+    return finished_stage(storage, db_dir(cfg), "db")
 
 
 def read_vectors(storage: Storage, db: str, blocks: list[str], ids: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from retro_ray import tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.dbfiles import ChunkStore, db_dir, finished_db, read_vectors
 from retro_ray.runtime import log
-from retro_ray.storage import Manifest, Storage, join, open_stage
+from retro_ray.storage import Manifest, Storage, finished_stage, join, open_stage
 
 SPLITS = ("train", "valid")
 
@@ -134,7 +134,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     if nc.k > nc.k_candidates:
         raise ValueError(f"neighbors.k={nc.k} exceeds neighbors.k_candidates={nc.k_candidates}")
     db_manifest = finished_db(cfg, storage)
-    index_manifest = Manifest.model_validate(storage.read_json(join(index_stage.stage_dir(cfg), "_manifest.json")))
+    index_manifest = finished_stage(storage, index_stage.stage_dir(cfg), "index")
     inputs = {"db": db_manifest.content_hash(), "index": index_manifest.content_hash()}
     out = stage_dir(cfg)
     manifest = open_stage(storage, out, "neighbors", config_hash(cfg.neighbors, cfg.tokenizer), inputs, force)

@@ -210,6 +210,17 @@ class Manifest(BaseModel):
         storage.write_json(join(folder, MANIFEST), self.model_dump(mode="json"))
 
 
+def finished_stage(storage: Storage, folder: str, stage: str) -> Manifest:
+    """The manifest of the ``stage`` in ``folder``, which must be complete (it has run)."""
+    path = join(folder, MANIFEST)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `retro-ray {stage}` first")
+    manifest = Manifest.model_validate(storage.read_json(path))
+    if not manifest.complete:
+        raise FileNotFoundError(f"{folder} is not finished: run `retro-ray {stage}` again to complete it")
+    return manifest
+
+
 def open_stage(
     storage: Storage,
     folder: str,

@@ -24,7 +24,7 @@ import torch
 
 from retro_ray.config import Config
 from retro_ray.runtime import log
-from retro_ray.storage import Storage, join
+from retro_ray.storage import Storage, finished_stage, join
 
 STATE = "state.json"
 MODEL_DIR = "model"
@@ -222,9 +222,7 @@ def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int |
 
     from retro_ray import neighbors
 
-    samples = storage.read_json(join(neighbors.stage_dir(cfg), "_manifest.json"))
-    if not samples.get("complete"):
-        raise FileNotFoundError(f"{neighbors.stage_dir(cfg)} is not finished: run `retro-ray neighbors` first")
+    finished_stage(storage, neighbors.stage_dir(cfg), "neighbors")
     tc = cfg.train
     runs = join(cfg.workdir, "checkpoints")
     out = join(runs, tc.run_name)
