@@ -201,12 +201,6 @@ class Config(Section):
     """Fail at the first bad input row (naming file and line) instead of skipping and counting."""
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
-
-    @field_validator("workdir")
-    @classmethod
-    def _absolute_workdir(cls, workdir: str) -> str:
-        """A local run directory is made absolute: Ray workers do not share the driver's folder."""
-        return workdir if "://" in workdir else os.path.abspath(workdir)
     corpus: CorpusConfig = CorpusConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     db: DbConfig = DbConfig()
@@ -215,6 +209,12 @@ class Config(Section):
     neighbors: NeighborsConfig = NeighborsConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, workdir: str) -> str:
+        """A local run directory is made absolute: Ray workers do not share the driver's folder."""
+        return workdir if "://" in workdir else os.path.abspath(workdir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
