@@ -14,12 +14,13 @@ import numpy as np
 
 from retro_ray.config import StorageConfig
 from retro_ray.dbfiles import read_embeddings
+from retro_ray.errors import UserError
 from retro_ray.storage import Storage
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
-class TrainingSampleError(ValueError):
+class TrainingSampleError(UserError, ValueError):
     """The training sample is too small for the factory string."""
 
 

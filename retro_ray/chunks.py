@@ -30,8 +30,9 @@ from retro_ray import corpus, tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.corpus import BAD_INPUT, BadInputError
 from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, chunks_uri, db_dir
+from retro_ray.locks import locked
 from retro_ray.runtime import log
-from retro_ray.storage import Manifest, Storage, join, open_stage
+from retro_ray.storage import EmptyStageError, Manifest, Storage, join, open_stage
 
 # What the chunking tasks emit: chunks of kept documents, and one row per skipped input row.
 _CHUNKED_SCHEMA = pa.schema(
@@ -170,8 +171,11 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
     for chunked in _chunk_stream(cfg, storage, files):
         writer.add(chunked)
     writer.close()
-    manifest.counts.update(docs=writer.next_doc, chunks=writer.next_chunk, tokens=writer.tokens)
     manifest.skipped = dict(sorted(writer.skipped.items()))
+    if writer.next_chunk == 0:  # raised before the manifest is saved: a fixed corpus starts afresh
+        raise EmptyStageError(f"db: the corpus gave no chunks: every input row was skipped "
+                              f"({_skips(manifest.skipped)})")
+    manifest.counts.update(docs=writer.next_doc, chunks=writer.next_chunk, tokens=writer.tokens)
     manifest.timings["chunk_s"] = time.time() - start
     manifest.save(storage, db_dir(cfg))
     bad = {k: v for k, v in manifest.skipped.items() if k in BAD_INPUT}
@@ -179,27 +183,37 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
         "db: %d documents -> %d chunks (%d tokens) in %.1fs; %d blocks written, %d kept from an "
         "earlier run; skipped: %s", writer.next_doc, writer.next_chunk, writer.tokens,
         manifest.timings["chunk_s"], writer.written, len(manifest.blocks) - writer.written,
-        ", ".join(f"{k}={v}" for k, v in manifest.skipped.items()) or "none",
+        _skips(manifest.skipped),
     )
     if bad:
         log.warning("db: %d bad input rows skipped (%s); strict: true stops at the first",
                     sum(bad.values()), ", ".join(f"{k}={v}" for k, v in bad.items()))
 
 
+def _skips(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in skipped.items()) or "none"
+
+
+@locked("tokenizer", "db")
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     """The ``db`` stage: chunk blocks, then their embeddings; resumes from the manifest."""
     from retro_ray import embed  # torch: imported here, not in the Ray tasks that only chunk
 
+    tok_manifest = tokenizer.finished_tokenizer(cfg, storage)
     files = corpus.source_files(cfg, storage)
-    tok_manifest = storage.read_json(join(tokenizer.stage_dir(cfg), "_manifest.json"))
-    inputs = {"tokenizer": tok_manifest["config_hash"]}
+    inputs = {"tokenizer": tok_manifest.content_hash()}
     inputs.update({p: storage.fingerprint(p) for paths in files.values() for p in paths})
     manifest = open_stage(
         storage, db_dir(cfg), "db",
         config_hash(cfg.corpus, cfg.db, embed.output_config(cfg.embed)), inputs, force,
     )
     if manifest.complete:
-        log.info("db: %s is up to date (%d chunks)", db_dir(cfg), manifest.counts["chunks"])
+        bad = {k: v for k, v in manifest.skipped.items() if k in BAD_INPUT}
+        if cfg.strict and bad:
+            raise BadInputError(f"{db_dir(cfg)} was built with {sum(bad.values())} bad input rows skipped "
+                                f"({_skips(bad)}), and strict is on: rerun with --force to stop at the first")
+        log.info("db: %s is up to date (%d chunks; skipped: %s)", db_dir(cfg), manifest.counts["chunks"],
+                 _skips(manifest.skipped))
         return manifest
     if "chunks" not in manifest.counts:  # the chunk pass did not finish last time
         build_chunks(cfg, storage, manifest, files)

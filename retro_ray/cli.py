@@ -1,4 +1,9 @@
-"""``retro-ray STAGE --config FILE``: a thin layer over the stage functions."""
+"""``retro-ray STAGE --config FILE``: a thin layer over the stage functions.
+
+Exit codes: 0 done; 2 the user's mistake (config, input file, stage order, a folder held by
+another run), reported as one line naming the file, row or field; 1 anything else (a bug), with
+its traceback under ``-v``; 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ import logging
 import sys
 
 from retro_ray import index, neighbors, train
-from retro_ray.config import ConfigError, load_config
-from retro_ray.corpus import BadInputError
+from retro_ray.config import load_config
+from retro_ray.errors import find_user_error
 from retro_ray.pipeline import STAGES, run_pipeline
+from retro_ray.preflight import check_config
 from retro_ray.runtime import init_ray, log, setup_logging
-from retro_ray.storage import StageMismatchError, Storage
+from retro_ray.storage import Storage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             sys.stdout.write(cfg.to_yaml())
             return 0
+        check_config(cfg)
         storage = Storage(cfg.storage)
         init_ray(cfg, args.address)
         action = getattr(args, "action", None)
@@ -69,10 +76,19 @@ def main(argv: list[str] | None = None) -> int:
             print(neighbors.show(cfg, storage, args.sample_id, args.split))
         else:
             STAGES[args.command](cfg, storage, args.force)
-    except (ConfigError, BadInputError, StageMismatchError, FileNotFoundError, ValueError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        log.debug("details", exc_info=True)
-        return 2
+    except KeyboardInterrupt:
+        print("retro-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001: every failure ends in one line and an exit code
+        log.debug("traceback", exc_info=True)
+        found = find_user_error(e)
+        if found:
+            print(f"retro-ray: error: {found[1]}", file=sys.stderr)
+            return 2
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"retro-ray: internal error: {type(e).__name__}: {first}"
+              f"{'' if args.verbose else ' (rerun with -v for the traceback)'}", file=sys.stderr)
+        return 1
     return 0
 
 

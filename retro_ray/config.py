@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from retro_ray.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be read or does not validate; the message names the key."""
 
 
@@ -199,6 +201,9 @@ class Config(Section):
     """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
     strict: bool = False
     """Fail at the first bad input row (naming file and line) instead of skipping and counting."""
+    allow_downloads: bool = False
+    """Let Hugging Face fetch tokenizers and models named by hub name. Off: names must be in the
+    local cache (``HF_HUB_OFFLINE=1``), checked when the config loads."""
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     corpus: CorpusConfig = CorpusConfig()
@@ -216,6 +221,21 @@ class Config(Section):
         """A local run directory is made absolute: Ray workers do not share the driver's folder."""
         return workdir if "://" in workdir else os.path.abspath(workdir)
 
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        """Constraints between fields and stages, so no stage finds them after hours of work."""
+        m, nc, e = self.db.chunk_length, self.neighbors, self.embed
+        if nc.seq_len % m:
+            raise ValueError(f"neighbors.seq_len={nc.seq_len} must be a multiple of db.chunk_length={m}")
+        if nc.k > nc.k_candidates:
+            raise ValueError(f"neighbors.k_candidates={nc.k_candidates} must be at least neighbors.k={nc.k}")
+        if e.min_actors > e.max_actors:
+            raise ValueError(f"embed.min_actors={e.min_actors} exceeds embed.max_actors={e.max_actors}")
+        workers = self.train.num_workers
+        if isinstance(workers, tuple) and not 0 < workers[0] <= workers[1]:
+            raise ValueError(f"train.num_workers={list(workers)} must be a range [min, max] with 0 < min <= max")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -227,11 +247,13 @@ def config_hash(*sections: BaseModel) -> str:
 
 
 def _format_errors(err: ValidationError) -> str:
-    lines = []
+    """Every problem on one line: ``key: message; key: message``."""
+    parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{key}: {msg}" if key else msg)
+    return "; ".join(parts)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -260,4 +282,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: invalid config\n{_format_errors(e)}") from None
+        raise ConfigError(f"{source}: invalid config: {_format_errors(e)}") from None

@@ -24,14 +24,15 @@ from typing import TYPE_CHECKING, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retro_ray.config import Config, CorpusSource
+from retro_ray.config import Config, ConfigError, CorpusSource
+from retro_ray.errors import UserError
 from retro_ray.storage import Storage, join
 
 if TYPE_CHECKING:
     import ray.data
 
 BUILTIN_PYDOCS = "builtin:pydocs"
-BAD_INPUT = ("malformed_json", "missing_text_field", "non_utf8", "empty")
+BAD_INPUT = ("malformed_json", "missing_text_field", "non_utf8", "invalid_unicode", "empty")
 """Skip reasons that are bad input: counted, or an error at the first one under ``strict``."""
 
 SCHEMA = pa.schema(
@@ -40,7 +41,7 @@ SCHEMA = pa.schema(
 )
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
     """A bad input row under ``strict: true``; the message names the file and the row."""
 
 
@@ -108,6 +109,10 @@ def _parse_line(line: bytes, text_field: str) -> tuple[str | None, str]:
         return None, "malformed_json"
     if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
         return None, "missing_text_field"
+    try:  # valid JSON may still hold lone surrogates ("\ud800"), which no UTF-8 column can store
+        obj[text_field].encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "invalid_unicode"
     return obj[text_field], ""
 
 
@@ -153,11 +158,8 @@ def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int) ->
 
     if fmt == "parquet":
         pf = pq.ParquetFile(f)
-        if source.text_field not in pf.schema_arrow.names:
-            raise BadInputError(
-                f"{path}: no column {source.text_field!r} (columns: {pf.schema_arrow.names}); "
-                f"set text_field for corpus {source.name!r}"
-            )
+        if source.text_field not in pf.schema_arrow.names:  # checked up front; the file changed since
+            raise _missing_column(source, path, pf.schema_arrow.names)
         row = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=[source.text_field]):
             for text in batch.column(0).to_pylist():
@@ -218,10 +220,34 @@ def source_files(cfg: Config, storage: Storage) -> dict[str, list[str]]:
                 continue
             matched = storage.expand(pattern)
             if not matched:
-                raise FileNotFoundError(f"corpus {source.name!r}: no files match {pattern!r}")
+                raise ConfigError(f"corpus {source.name!r}: no files match {pattern!r}")
             found.extend(matched)
         files[source.name] = found
+        _check_parquet_columns(source, found, storage)
     return files
+
+
+def _check_parquet_columns(source: CorpusSource, paths: list[str], storage: Storage) -> None:
+    """A Parquet file without the text column is a config mistake (``text_field``), not a bad
+    row: found from the file footers before any work, not halfway through a build."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parquet = [p for p in paths if detect_format(source, p) == "parquet"]
+
+    def columns(path: str) -> list[str]:
+        fs, fs_path = storage.resolve(path)
+        with fs.open_input_file(fs_path) as f:
+            return pq.ParquetFile(f).schema_arrow.names
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for path, names in zip(parquet, pool.map(columns, parquet)):
+            if source.text_field not in names:
+                raise _missing_column(source, path, names)
+
+
+def _missing_column(source: CorpusSource, path: str, names: list[str]) -> BadInputError:
+    return BadInputError(f"{path}: no column {source.text_field!r} (columns: {', '.join(names)}); "
+                         f"set text_field of corpus {source.name!r}")
 
 
 def read_corpus(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> "ray.data.Dataset":

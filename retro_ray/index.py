@@ -18,6 +18,7 @@ from index_actors.router import ShardedIndex, shard_actor
 from index_actors.shard import TrainingSampleError, coarse_quantizer, load_index, min_training_vectors, uses_gpu
 from retro_ray.config import Config, config_hash
 from retro_ray.dbfiles import block_range, db_dir, embeddings_uri, finished_db, read_vectors
+from retro_ray.locks import locked
 from retro_ray.runtime import log
 from retro_ray.storage import Manifest, Storage, join, open_stage
 
@@ -61,6 +62,7 @@ def _index_config_hash(cfg: Config) -> str:
     return config_hash(built)
 
 
+@locked("db", "index")
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     import ray
 

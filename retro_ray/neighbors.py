@@ -35,8 +35,10 @@ from retro_ray import index as index_stage
 from retro_ray import tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.dbfiles import ChunkStore, db_dir, finished_db, read_vectors
+from retro_ray.errors import UserError
+from retro_ray.locks import locked
 from retro_ray.runtime import log
-from retro_ray.storage import Manifest, Storage, finished_stage, join, open_stage
+from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
 
 SPLITS = ("train", "valid")
 
@@ -127,12 +129,9 @@ def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np
     })
 
 
+@locked("tokenizer", "db", "index", "samples")
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     nc, m = cfg.neighbors, cfg.db.chunk_length
-    if nc.seq_len % m:
-        raise ValueError(f"neighbors.seq_len={nc.seq_len} must be a multiple of db.chunk_length={m}")
-    if nc.k > nc.k_candidates:
-        raise ValueError(f"neighbors.k={nc.k} exceeds neighbors.k_candidates={nc.k_candidates}")
     db_manifest = finished_db(cfg, storage)
     index_manifest = finished_stage(storage, index_stage.stage_dir(cfg), "index")
     inputs = {"db": db_manifest.content_hash(), "index": index_manifest.content_hash()}
@@ -146,13 +145,19 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
     all_docs = np.unique(store.doc_ids)
     valid = np.array([is_valid_doc(int(d), nc.valid_fraction) for d in all_docs], dtype=bool)
-    router = index_stage.open_router(cfg, storage)
     n_chunks = nc.seq_len // m
-    for split, docs in (("train", all_docs[~valid]), ("valid", all_docs[valid])):
-        layout = layout_split(store, docs, m, n_chunks)
+    splits = {"train": all_docs[~valid], "valid": all_docs[valid]}
+    layouts = {split: layout_split(store, docs, m, n_chunks) for split, docs in splits.items()}
+    for split, layout in layouts.items():
+        if len(layout.chunk_ids) == 0:
+            raise EmptyStageError(
+                f"neighbors: the {split} split is empty ({len(all_docs)} documents, neighbors.valid_fraction="
+                f"{nc.valid_fraction}): add documents or change valid_fraction")
+    router = index_stage.open_router(cfg, storage)
+    for split, layout in layouts.items():
         n_samples = len(layout.chunk_ids)
         manifest.counts[f"{split}_samples"] = n_samples
-        manifest.counts[f"{split}_docs"] = len(docs)
+        manifest.counts[f"{split}_docs"] = len(splits[split])
         start, queried = time.time(), 0
         for first in range(0, n_samples, nc.samples_per_block):
             sl = slice(first, min(first + nc.samples_per_block, n_samples))
@@ -186,13 +191,12 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
 
 
 def read_split(storage: Storage, cfg: Config, split: str) -> pa.Table:
-    """All samples of a split, in sample order."""
+    """All samples of a split, in sample order: the blocks the manifest lists, never a glob."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    files = storage.expand(join(stage_dir(cfg), split))
-    if not files:
-        raise FileNotFoundError(f"no samples under {join(stage_dir(cfg), split)}: run `retro-ray neighbors`")
-    return pa.concat_tables([storage.read_parquet(f) for f in files])
+    manifest = finished_stage(storage, stage_dir(cfg), "neighbors")
+    names = sorted(n for n in manifest.blocks if n.startswith(f"{split}/"))
+    return pa.concat_tables([storage.read_parquet(join(stage_dir(cfg), f"{n}.parquet")) for n in names])
 
 
 class RetroSamples:
@@ -236,7 +240,7 @@ def show(cfg: Config, storage: Storage, sample_id: int, split: str = "train", wi
     """A sample's chunks, each with the text of its neighbours (``retro-ray neighbors show``)."""
     data = RetroSamples(cfg, storage, split)
     if not 0 <= sample_id < len(data):
-        raise ValueError(f"sample {sample_id} not in the {split} split (0..{len(data) - 1})")
+        raise UserError(f"sample {sample_id} not in the {split} split (0..{len(data) - 1})")
     tok = tokenizer.load_run_tokenizer(cfg, storage)
     m = cfg.db.chunk_length
     item = data[sample_id]

@@ -25,12 +25,21 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from retro_ray.config import StorageConfig
+from retro_ray.errors import UserError
 
 MANIFEST = "_manifest.json"
 
 
-class StageMismatchError(RuntimeError):
+class StageMismatchError(UserError, RuntimeError):
     """A stage folder was built from another config or other inputs; ``--force`` rebuilds."""
+
+
+class MissingStageError(UserError, FileNotFoundError):
+    """A stage needs one before it that has not run (or not finished)."""
+
+
+class EmptyStageError(UserError, RuntimeError):
+    """A stage has nothing to work on; the message says what was skipped on the way."""
 
 
 def is_s3(uri: str) -> bool:
@@ -140,6 +149,38 @@ class Storage:
             with fs.open_output_stream(path) as f:
                 f.write(data)
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create ``uri`` holding ``data`` only if it does not exist yet, atomically; False if it
+        exists. Local: a complete temp file hard-linked into place (``link`` fails on an existing
+        name). S3: a conditional put (``If-None-Match: *``), which AWS S3, MinIO and moto honour."""
+        fs, path = self.resolve(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            Path(tmp).write_bytes(data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = path.partition("/")
+        try:
+            self._boto3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def _boto3(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.cfg.s3_endpoint, region_name=self.cfg.s3_region)
+
     def read_json(self, uri: str) -> Any:
         return json.loads(self.read_bytes(uri))
 
@@ -199,10 +240,12 @@ class Manifest(BaseModel):
     updated: float = 0.0
 
     def content_hash(self) -> str:
-        """Fingerprint of what the stage wrote (its blocks and their checksums), for the next stage."""
+        """Fingerprint of what the stage wrote, for the next stage: its blocks (with their
+        checksums where it has them) and the config it was built from, so a block list that
+        looks the same (an index rebuilt with another factory string) still counts as changed."""
         content = {name: {k: v for k, v in block.items() if not k.endswith("_s")}  # not timings
                    for name, block in self.blocks.items()}
-        blob = json.dumps(content, sort_keys=True).encode()
+        blob = json.dumps([self.config_hash, content], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def save(self, storage: Storage, folder: str) -> None:
@@ -214,10 +257,10 @@ def finished_stage(storage: Storage, folder: str, stage: str) -> Manifest:
     """The manifest of the ``stage`` in ``folder``, which must be complete (it has run)."""
     path = join(folder, MANIFEST)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `retro-ray {stage}` first")
+        raise MissingStageError(f"{folder} has not been built: run `retro-ray {stage}` first")
     manifest = Manifest.model_validate(storage.read_json(path))
     if not manifest.complete:
-        raise FileNotFoundError(f"{folder} is not finished: run `retro-ray {stage}` again to complete it")
+        raise MissingStageError(f"{folder} is not finished: run `retro-ray {stage}` again to complete it")
     return manifest
 
 
@@ -241,12 +284,12 @@ def open_stage(
             return old
         if not force:
             if old.config_hash != config_hash:
-                what = f"config (hash {old.config_hash} -> {config_hash})"
+                what = f"a different config (hash {old.config_hash} -> {config_hash})"
             else:
                 changed = sorted(k for k in set(old.inputs) | set(inputs) if old.inputs.get(k) != inputs.get(k))
-                what = f"inputs ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed)"
+                what = f"different inputs ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed)"
             raise StageMismatchError(
-                f"{folder} was built by stage '{stage}' from a different {what}; rerun with --force to rebuild it"
+                f"{folder} was built by stage '{stage}' from {what}; rerun with --force to rebuild it"
             )
         storage.delete_dir(folder)
     elif force:

@@ -6,16 +6,19 @@ tokenizer travels to Ray tasks as text and no stage re-declares it.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from retro_ray.config import Config, config_hash
+from retro_ray.config import Config, ConfigError, config_hash
+from retro_ray.locks import locked
 from retro_ray.runtime import log
-from retro_ray.storage import Storage, join, open_stage
+from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
 
 if TYPE_CHECKING:  # transformers is imported where used: Ray tasks that only chunk never pay for it
     from transformers import PreTrainedTokenizerFast
@@ -26,14 +29,18 @@ def stage_dir(cfg: Config) -> str:
 
 
 def load_pretrained(path: str) -> "PreTrainedTokenizerFast":
-    """A fast tokenizer from a folder, a ``tokenizer.json`` file, or a locally cached hub name."""
+    """A fast tokenizer from a folder, a ``tokenizer.json`` file, a ``.gguf`` model file, or a
+    locally cached hub name."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if path.endswith(".json") and Path(path).is_file():
         return PreTrainedTokenizerFast(tokenizer_file=path)
-    tok = AutoTokenizer.from_pretrained(path)
+    if path.endswith(".gguf"):  # the tokenizer inside a GGUF model file (SmolLM2, Llama.cpp models)
+        tok = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
     if not tok.is_fast:
-        raise ValueError(f"tokenizer {path!r} has no fast (Rust) version; convert it to tokenizer.json")
+        raise ConfigError(f"tokenizer {path!r} has no fast (Rust) version; convert it to tokenizer.json")
     return tok
 
 
@@ -54,6 +61,7 @@ def train_bpe(texts, vocab_size: int, eod_token: str) -> "PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod_token)
 
 
+@locked("tokenizer")
 def run(cfg: Config, storage: Storage, force: bool = False) -> str:
     """Tokenizer stage: write ``tokenizer/`` (Hugging Face layout) and its manifest."""
     from retro_ray import corpus
@@ -72,15 +80,25 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> str:
         tok = load_pretrained(cfg.tokenizer.path)
         manifest.counts["docs"] = 0
     else:
-        sample = _training_sample(cfg, storage)
+        sample, skipped = _training_sample(cfg, storage)
+        manifest.skipped = dict(sorted(skipped.items()))
+        if not sample:
+            raise EmptyStageError(
+                f"tokenizer: no document to train on: every input row was skipped "
+                f"({', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'no rows at all'})")
         log.info("tokenizer: training byte-level BPE (vocab %d) on %d documents",
                  cfg.tokenizer.vocab_size, len(sample))
         tok = train_bpe(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.eod_token)
         manifest.counts["docs"] = len(sample)
+        if len(tok) < cfg.tokenizer.vocab_size:
+            log.warning("tokenizer: the trained vocabulary has %d tokens, not the %d asked: %d documents "
+                        "hold too little text for more merges", len(tok), cfg.tokenizer.vocab_size, len(sample))
     manifest.counts["vocab_size"] = len(tok)
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         storage.upload_dir(tmp, out)
+        digest = hashlib.sha256(Path(tmp, "tokenizer.json").read_bytes()).hexdigest()
+    manifest.blocks = {"tokenizer.json": {"sha256": digest}}  # what later stages fingerprint
     manifest.timings["total_s"] = time.time() - start
     manifest.complete = True
     manifest.save(storage, out)
@@ -88,20 +106,27 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> str:
     return out
 
 
-def _training_sample(cfg: Config, storage: Storage) -> list[str]:
-    from ray.data.expressions import col
-
+def _training_sample(cfg: Config, storage: Storage) -> tuple[list[str], Counter[str]]:
+    """The first ``train_docs`` documents, and the skip reasons of the rows read to find them."""
     from retro_ray import corpus
 
     ds = corpus.read_corpus(cfg, storage, corpus.source_files(cfg, storage))
     sample: list[str] = []
-    for batch in ds.filter(expr=col("skip") == "").select_columns(["text"]).iter_batches(
-        batch_format="pyarrow"
-    ):
-        sample.extend(batch.column("text").to_pylist())
+    skipped: Counter[str] = Counter()
+    for batch in ds.select_columns(["text", "skip"]).iter_batches(batch_format="pyarrow"):
+        for text, skip in zip(batch.column("text").to_pylist(), batch.column("skip").to_pylist()):
+            if skip:
+                skipped[skip] += 1
+            elif len(sample) < cfg.tokenizer.train_docs:
+                sample.append(text)
         if len(sample) >= cfg.tokenizer.train_docs:
             break
-    return sample[: cfg.tokenizer.train_docs]
+    return sample, skipped
+
+
+def finished_tokenizer(cfg: Config, storage: Storage) -> Manifest:
+    """The tokenizer stage's manifest, which must be complete."""
+    return finished_stage(storage, stage_dir(cfg), "tokenizer")
 
 
 def load_run_tokenizer(cfg: Config, storage: Storage) -> "PreTrainedTokenizerFast":

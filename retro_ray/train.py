@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retro_ray.config import Config
+from retro_ray.config import Config, TrainConfig, config_hash
+from retro_ray.locks import locked
 from retro_ray.runtime import log
-from retro_ray.storage import Storage, finished_stage, join
+from retro_ray.storage import Manifest, Storage, finished_stage, join, open_stage
 
 STATE = "state.json"
 MODEL_DIR = "model"
@@ -215,20 +216,50 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+RESUMABLE = ("max_steps", "num_workers", "cpus_per_worker", "log_every", "eval_every", "eval_batches",
+             "checkpoint_every", "max_failures")
+"""Train settings a run may change and still resume: a longer ``max_steps`` trains on, another
+worker count resumes from the consolidated weights."""
+
+
+def run_dir(cfg: Config) -> str:
+    return join(cfg.workdir, "checkpoints", cfg.train.run_name)
+
+
+def open_training(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool) -> Manifest:
+    """The manifest of the training run ``train.run_name``: its config hash leaves out the
+    ``RESUMABLE`` settings, and ``inputs`` are the content hashes of the stages it reads."""
+    defaults = TrainConfig()
+    weights_config = cfg.train.model_copy(update={k: getattr(defaults, k) for k in RESUMABLE})
+    return open_stage(storage, run_dir(cfg), stage, config_hash(cfg.model, weights_config, cfg.db), inputs, force)
+
+
+@locked("tokenizer", "db", "samples", lambda cfg: f"checkpoints/{cfg.train.run_name}")
 def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int | None = None) -> dict:
-    """The ``pretrain`` stage: fit (or resume) ``train.run_name``; export the model and curves."""
+    """The ``pretrain`` stage: fit (or resume) ``train.run_name``; export the model and curves.
+
+    A run already trained for ``max_steps`` on the same inputs is recognised from its manifest
+    without starting Ray Train; changed inputs (samples, database, tokenizer) are an error."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from retro_ray import neighbors
+    from retro_ray import neighbors, tokenizer
+    from retro_ray.dbfiles import finished_db
 
-    finished_stage(storage, neighbors.stage_dir(cfg), "neighbors")
+    inputs = {"tokenizer": tokenizer.finished_tokenizer(cfg, storage).content_hash(),
+              "db": finished_db(cfg, storage).content_hash(),
+              "samples": finished_stage(storage, neighbors.stage_dir(cfg), "neighbors").content_hash()}
     tc = cfg.train
-    runs = join(cfg.workdir, "checkpoints")
-    out = join(runs, tc.run_name)
-    if force:
-        storage.delete_dir(out)
-    fs, path = storage.resolve(runs)
+    out = run_dir(cfg)
+    manifest = open_training(cfg, storage, "pretrain", inputs, force)
+    if manifest.complete and manifest.counts["steps"] >= tc.max_steps:
+        log.info("pretrain %s: %s is up to date (%d steps)", tc.run_name, out, manifest.counts["steps"])
+        return {"step": manifest.counts["steps"], "history": storage.read_json(join(out, "history.json")),
+                "model": join(out, MODEL_DIR)}
+    manifest.complete = False
+    manifest.save(storage, out)
+    start = time.time()
+    fs, path = storage.resolve(join(cfg.workdir, "checkpoints"))
     loop_config = {"cfg": cfg.model_dump(mode="json")}
     if crash_at_step is not None:  # a real worker kill, for the resume test
         loop_config.update(crash_at_step=crash_at_step, crash_marker=str(Path(tempfile.gettempdir()) / f"crash-{tc.run_name}"))
@@ -244,12 +275,16 @@ def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int |
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
-        storage.upload_dir(Path(d) / MODEL_DIR, join(out, "model"))
+        storage.upload_dir(Path(d) / MODEL_DIR, join(out, MODEL_DIR))
     history = state["history"]
     storage.write_json(join(out, "history.json"), history)
     storage.write_bytes(join(out, "loss.png"), plot_curves({tc.run_name: history}))
+    manifest.counts["steps"] = state["step"]
+    manifest.timings["train_s"] = manifest.timings.get("train_s", 0.0) + time.time() - start
+    manifest.complete = True
+    manifest.save(storage, out)
     log.info("pretrain %s: %d steps, final loss %.4f -> %s", tc.run_name, state["step"], history[-1]["loss"], out)
-    return {"step": state["step"], "history": history, "model": join(out, "model")}
+    return {"step": state["step"], "history": history, "model": join(out, MODEL_DIR)}
 
 
 def _cluster_has_gpus() -> bool:

@@ -23,6 +23,12 @@ def test_every_bad_jsonl_row_is_kept_with_its_line_and_reason(bad_jsonl):
     assert rows[0]["text"].startswith(rows[0]["text"][:20]) and rows[0]["path"] == "f"
 
 
+def test_lone_surrogate_is_a_counted_bad_row_not_a_crash():
+    """Valid JSON ("\\ud800") whose text no UTF-8 column can store."""
+    rows = _rows(b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', "jsonl")
+    assert [(r["row"], r["skip"]) for r in rows] == [(1, ""), (2, "invalid_unicode")]
+
+
 def test_jsonl_text_field_is_configurable():
     rows = _rows(b'{"body": "hello"}\n{"text": "x"}\n', "jsonl", text_field="body")
     assert [(r["text"], r["skip"]) for r in rows] == [("hello", ""), (None, "missing_text_field")]

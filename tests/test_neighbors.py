@@ -7,6 +7,7 @@ import pytest
 
 from retro_ray import index, neighbors, tokenizer
 from retro_ray.dbfiles import ChunkStore, db_dir, read_vectors
+from retro_ray.errors import UserError
 from retro_ray.storage import Storage
 
 SEQ = 256  # 4 chunks of 64
@@ -119,5 +120,5 @@ def test_show_prints_chunks_with_neighbour_text(retrieved):
     cfg, *_ = retrieved
     text = neighbors.show(cfg, Storage(), 0)
     assert text.startswith("train sample 0: 256 tokens") and "neighbour 1 (chunk" in text
-    with pytest.raises(ValueError, match="not in the train split"):
+    with pytest.raises(UserError, match="not in the train split"):
         neighbors.show(cfg, Storage(), 10_000)
