@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 
 from index_actors.shard import IndexShard
+from retro_ray.storage import join
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str
@@ -95,3 +96,28 @@ class ShardedIndex:
         for replicas in self.shards:
             for actor in replicas:
                 ray.kill(actor)
+
+
+class LocalIndex:
+    """The saved shards loaded into this process, searched one after another and merged like the
+    router: for a laptop, a notebook or a Serve replica without a cluster-wide index."""
+
+    def __init__(self, shards: list[IndexShard], metric: str):
+        self.shards, self.metric = shards, metric
+
+    @classmethod
+    def load(cls, storage, index_dir: str, nprobe: int = 16, ef_search: int = 64) -> "LocalIndex":
+        """The shards an ``index`` stage saved under ``index_dir`` (its ``layout.json``)."""
+        layout = storage.read_json(join(index_dir, "layout.json"))
+        shards = [IndexShard(dim=layout["dim"], factory=layout["factory"], metric=layout["metric"],
+                             uri=join(index_dir, s["file"]), storage_cfg=storage.cfg,
+                             nprobe=nprobe, ef_search=ef_search)
+                  for s in layout["shards"]]
+        return cls(shards, layout["metric"])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[q, d] queries -> ([q, k] distances, [q, k] chunk ids), best first, -1 padded."""
+        return merge_topk([shard.search(queries, k) for shard in self.shards], k, self.metric)
+
+    def close(self) -> None:
+        self.shards = []

@@ -48,7 +48,39 @@ def _parser() -> argparse.ArgumentParser:
                                      help="show SAMPLE_ID: a sample's chunks and their neighbours")
     stages["neighbors"].add_argument("sample_id", nargs="?", type=int)
     stages["neighbors"].add_argument("--split", choices=["train", "valid"], default="train")
+    gen = sub.add_parser("generate", parents=[common],
+                         help="continue prompts with the run's model, retrieving for every completed chunk")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--file", help="a text file, one prompt per line")
+    gen.add_argument("--model", help="an exported model folder (default: the run's pretrained model)")
+    gen.add_argument("--no-retrieval", action="store_true", help="decoder only: no index, no neighbours")
+    gen.add_argument("--passages", type=int, default=0, help="also put this many retrieved passages in the prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="end the output before this string")
     return parser
+
+
+def _generate(cfg, storage: Storage, args) -> None:
+    from pathlib import Path
+
+    from retro_ray.errors import UserError
+    from retro_ray.generate import SamplingParams, describe, run_generator
+
+    if args.file and not Path(args.file).is_file():
+        raise UserError(f"--file {args.file}: no such file")
+    prompts = [args.prompt] if args.prompt else [
+        line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    mode = "off" if args.no_retrieval else ("both" if args.passages else "encoder")
+    generator = run_generator(cfg, storage, args.model, retrieval=not args.no_retrieval)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop=args.stop, seed=args.seed)
+    for out in generator.generate(prompts, params, mode=mode, passages=args.passages):
+        print(describe(out) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_config(cfg)
         storage = Storage(cfg.storage)
+        if args.command == "generate":  # no Ray: the model and the saved index run in this process
+            _generate(cfg, storage, args)
+            return 0
         init_ray(cfg, args.address)
         action = getattr(args, "action", None)
         if args.command == "pipeline":

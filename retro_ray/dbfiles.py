@@ -126,3 +126,30 @@ class ChunkStore:
             out[index][: len(piece)] = piece
             mask[index][: len(piece)] = True
         return out, mask
+
+
+class ChunkTexts:
+    """Chunk texts read on demand, a few blocks cached: what a retriever shows of a neighbour."""
+
+    def __init__(self, storage: Storage, db: str, blocks: list[str], cache_blocks: int = 8):
+        self.storage, self.db = storage, db
+        self.blocks = sorted(blocks)
+        self.starts = np.array([block_range(b)[0] for b in self.blocks])
+        self._cache: dict[str, list[str]] = {}
+        self.cache_blocks = cache_blocks
+
+    def _block(self, name: str) -> list[str]:
+        if name not in self._cache:
+            if len(self._cache) >= self.cache_blocks:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[name] = self.storage.read_parquet(chunks_uri(self.db, name), columns=["text"]).column(
+                "text").to_pylist()
+        return self._cache[name]
+
+    def get(self, ids: np.ndarray) -> dict[int, str]:
+        """The texts of chunk ``ids`` (any order), by id."""
+        out = {}
+        for c in np.unique(ids):
+            name = self.blocks[int(np.searchsorted(self.starts, c, side="right")) - 1]
+            out[int(c)] = self._block(name)[int(c) - block_range(name)[0]]
+        return out

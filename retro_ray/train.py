@@ -39,8 +39,10 @@ def lr_at(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> f
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_model(cfg: Config, vocab_size: int, seq_len: int):
-    """A fresh Retro (or GPT with ``train.retrieval: false``), or a retro-fitted base model."""
+def build_model(cfg: Config, vocab_size: int, seq_len: int, tokenizer_id: str | None = None):
+    """A fresh Retro (or GPT with ``train.retrieval: false``), or a retro-fitted base model.
+    ``tokenizer_id`` (the tokenizer stage's fingerprint) is saved with the model, so generation
+    can tell an index built with another tokenizer."""
     from retro_ray.model import Retro, RetroConfig
     from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
 
@@ -50,9 +52,13 @@ def build_model(cfg: Config, vocab_size: int, seq_len: int):
                   cca_layers=mc.cca_layers, dropout=mc.dropout)
     if mc.base:
         base = load_causal_lm(mc.base)
-        return RetroFit(base, retrofit_config(base, **common))
-    return Retro(RetroConfig(vocab_size=vocab_size, d_model=mc.d_model, n_layers=mc.n_layers,
-                             n_heads=mc.n_heads, max_seq_len=seq_len, **common))
+        model = RetroFit(base, retrofit_config(base, **common))
+    else:
+        model = Retro(RetroConfig(vocab_size=vocab_size, d_model=mc.d_model, n_layers=mc.n_layers,
+                                  n_heads=mc.n_heads, max_seq_len=seq_len, **common))
+    if tokenizer_id:
+        model.cfg.extra["tokenizer"] = tokenizer_id
+    return model
 
 
 def make_batch(items: list[dict], chunk_len: int, retrieval: bool, device) -> dict[str, torch.Tensor]:
@@ -119,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_data = RetroSamples(cfg, storage, "train", store)
     valid_data = RetroSamples(cfg, storage, "valid", store)
     vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
-    model = build_model(cfg, vocab, cfg.neighbors.seq_len)
+    model = build_model(cfg, vocab, cfg.neighbors.seq_len, tokenizer.finished_tokenizer(cfg, storage).content_hash())
 
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()

@@ -140,3 +140,28 @@ def test_fresh_cca_changes_nothing_and_training_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_all_masked_neighbours_equal_no_neighbours_with_a_trained_cca_bias():
+    """Once CCA's output bias is trained, "every neighbour masked" must still mean "none"."""
+    model = tiny()
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.cca is not None:
+                torch.nn.init.normal_(block.cca.attn.out.bias, std=0.5)
+    tokens, neighbors, mask = inputs()
+    assert torch.equal(logits(model, tokens, neighbors, torch.zeros_like(mask)), logits(model, tokens))
+
+
+def test_neighbour_token_minus_one_is_masked_padding():
+    model = tiny()
+    tokens, neighbors, mask = inputs()
+    padded = neighbors.clone()
+    padded[:, 0, 1, 3:] = -1  # the rest of a neighbour is padding
+    padded[:, 2] = -1  # chunk 2 has no neighbours
+    expected_mask = mask.clone()
+    expected_mask[:, 0, 1, 3:] = False
+    expected_mask[:, 2] = False
+    expected = logits(model, tokens, neighbors, expected_mask)
+    assert torch.equal(logits(model, tokens, padded, mask), expected)
+    assert torch.equal(logits(model, tokens, padded), expected)  # no mask given: -1 alone masks

@@ -102,12 +102,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """x [B, T, d], context [B, S, d_context], key_mask [B, S] (True = attend) -> [B, T, d]."""
-        context = x if context is None else context
+        k, v = self.keys_values(x if context is None else context)
+        return self.attend(x, k, v, key_mask=key_mask, causal=causal)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [B, S, d_context] -> keys, values [B, h, S, e] (what a KV cache keeps)."""
+        B, S, _ = context.shape
+        e = self.q.out_features // self.h
+        k, v = self.kv(context).view(B, S, 2, self.h, e).permute(2, 0, 3, 1, 4)  # [B, h, S, e] each
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+               causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d] attends to k, v [B, h, S, e]; key_mask [B, S] or attn_mask [B, 1, T, S]
+        (True = attend) -> [B, T, d]. A query with no key to see outputs exactly 0 (not the output
+        projection's bias): all neighbours masked is the same as no neighbours."""
         B, T, d = x.shape
-        S = context.shape[1]
         q = self.q(x).view(B, T, self.h, d // self.h).transpose(1, 2)  # [B, h, T, e]
-        k, v = self.kv(context).view(B, S, 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # [B, h, S, e] each
-        mask = None
+        mask = attn_mask
         if key_mask is not None:
             # A query whose keys are all masked would give NaN: let it see key 0, zero it below.
             empty = ~key_mask.any(-1)  # [B]
@@ -116,10 +128,8 @@ class Attention(nn.Module):
             mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, d)  # [B, T, d]
-        if key_mask is not None:
-            y = y.masked_fill(empty[:, None, None], 0.0)
-        return self.out(y)
+        y = self.out(y.transpose(1, 2).reshape(B, T, d))  # [B, T, d]
+        return y.masked_fill(empty[:, None, None], 0.0) if key_mask is not None else y
 
 
 class MLP(nn.Module):
@@ -214,12 +224,17 @@ class Block(nn.Module):
         self.cca = ChunkedCrossAttention(cfg) if cca else None
         self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, retrieved=None) -> torch.Tensor:
-        """x [b, n, d]; ``retrieved(states)`` -> (enc [b, l, k, r, d'], mask) on CCA layers."""
-        x = x + self.attn(self.ln1(x), causal=True)
+    def forward(self, x: torch.Tensor, retrieved=None, cache=None) -> torch.Tensor:
+        """x [b, T, d]; ``retrieved(cca, states)`` -> the CCA output [b, T, d] on CCA layers;
+        ``cache`` (generation): ``update(k, v)`` -> (all keys, all values, attention mask)."""
+        h = self.ln1(x)
+        if cache is None:
+            x = x + self.attn(h, causal=True)
+        else:
+            k, v, mask = cache.update(*self.attn.keys_values(h))
+            x = x + self.attn.attend(h, k, v, attn_mask=mask)
         if self.cca is not None and retrieved is not None:
-            h = self.ln_cca(x)
-            x = x + self.cca(h, *retrieved(h))
+            x = x + retrieved(self.cca, self.ln_cca(x))
         return x + self.mlp(self.ln2(x))
 
 
@@ -272,11 +287,8 @@ class Retro(nn.Module):
         b, n = tokens.shape
         if n > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {n} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = self.drop(self.wte(tokens) + self.wpe.weight[:n])  # [b, n, d]
-        retrieved = self._retriever(neighbors, neighbor_mask, n)
-        for block in self.blocks:
-            x = block(x, retrieved)
-        logits = self.lm_head(self.ln_f(x))  # [b, n, vocab]
+        positions = torch.arange(n, device=tokens.device)  # [n]
+        logits = self.decode(tokens, positions, self._retriever(neighbors, neighbor_mask, n))  # [b, n, vocab]
         loss = None
         if targets is not None:
             if loss_mask is not None:
@@ -284,27 +296,38 @@ class Retro(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, retrieved=None, caches=None) -> torch.Tensor:
+        """The decoder on tokens [b, T] at positions [b, T] (or [T]) -> logits [b, T, vocab].
+        ``retrieved`` feeds the CCA layers; ``caches`` (one per layer) make it incremental."""
+        x = self.drop(self.wte(tokens) + self.wpe(positions))  # [b, T, d]
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x = block(x, retrieved, cache)
+        return self.lm_head(self.ln_f(x))
+
     def _retriever(self, neighbors, neighbor_mask, n: int):
         return make_retriever(self.encoder, self.wte, self.cfg.chunk_length, neighbors, neighbor_mask, n)
 
 
 def make_retriever(encoder: RetroEncoder | None, embed: nn.Embedding, m: int, neighbors, neighbor_mask, n: int):
-    """The function CCA layers call with their input states [b, n, d] to get (encoded neighbours
-    [b, l, k, r, d'], mask [b, l, k, r]); None without retrieval. The encoder runs once, at the
+    """The function CCA layers call as ``retrieved(cca, states)`` with their input states
+    [b, n, d] to get their output [b, n, d]; None without retrieval. The encoder runs once, at the
     first CCA layer, on that layer's states (as in Megatron), and is reused by later layers.
-    Only the l = n // m chunks complete in the input have their neighbours used."""
+    Only the l = n // m chunks complete in the input have their neighbours used. A neighbour token
+    id of -1 is padding, the same as a masked one."""
     l = n // m
     if encoder is None or neighbors is None or l == 0:
         return None
     neighbors = neighbors[:, :l]  # [b, l, k, r]
     mask = torch.ones_like(neighbors, dtype=torch.bool) if neighbor_mask is None else neighbor_mask[:, :l]
-    cache: list = []
+    mask = mask & (neighbors >= 0)
+    neighbors = neighbors.clamp(min=0)
+    encoded: list = []
 
-    def retrieved(states: torch.Tensor):
-        if not cache:
+    def retrieved(cca: "ChunkedCrossAttention", states: torch.Tensor) -> torch.Tensor:
+        if not encoded:
             b, _, d = states.shape
             chunks = states[:, : l * m].reshape(b, l, m, d)  # [b, l, m, d]
-            cache.append((encoder(embed(neighbors).to(states.dtype), mask, chunks), mask))  # [b, l, k, r, d']
-        return cache[0]
+            encoded.append(encoder(embed(neighbors).to(states.dtype), mask, chunks))  # [b, l, k, r, d']
+        return cca(states, encoded[0], mask)
 
     return retrieved

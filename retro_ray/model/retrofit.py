@@ -78,8 +78,7 @@ class RetroFit(nn.Module):
             if self._retrieved is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output  # [b, n, d]
-            h = self.ln_cca[name](hidden)
-            hidden = hidden + self.cca[name](h, *self._retrieved(h))
+            hidden = hidden + self._retrieved(self.cca[name], self.ln_cca[name](hidden))
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
@@ -88,12 +87,9 @@ class RetroFit(nn.Module):
                 loss_mask: torch.Tensor | None = None):
         """Shapes as ``Retro.forward``: tokens [b, n], neighbors [b, L, k, r] -> logits [b, n, V]."""
         embed = self.base.get_input_embeddings()
-        self._retrieved = make_retriever(self.encoder, embed, self.cfg.chunk_length, neighbors,
-                                         neighbor_mask, tokens.shape[1])
-        try:
-            logits = self.base(input_ids=tokens, use_cache=False).logits  # [b, n, V]
-        finally:
-            self._retrieved = None
+        retrieved = make_retriever(self.encoder, embed, self.cfg.chunk_length, neighbors, neighbor_mask,
+                                   tokens.shape[1])
+        logits, _ = self.decode(tokens, None, retrieved, use_cache=False)  # [b, n, V]
         loss = None
         if targets is not None:
             if loss_mask is not None:
@@ -101,6 +97,18 @@ class RetroFit(nn.Module):
             loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                                targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor | None, retrieved=None, attention_mask=None,
+               past_key_values=None, use_cache: bool = True):
+        """The base model on tokens [b, T] at positions [b, T] with its own KV cache
+        (``past_key_values``) and ``retrieved`` feeding the CCA hooks -> (logits [b, T, V], cache)."""
+        self._retrieved = retrieved
+        try:
+            out = self.base(input_ids=tokens, position_ids=positions, attention_mask=attention_mask,
+                            past_key_values=past_key_values, use_cache=use_cache)
+        finally:
+            self._retrieved = None
+        return out.logits, out.past_key_values
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

