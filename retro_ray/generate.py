@@ -120,8 +120,10 @@ class ChunkNeighbors:
 
     CCA layers call it as ``retrieved(cca, states)``. At the first CCA layer of a pass it keeps
     that layer's states (the encoder reads a chunk's states there) and encodes the neighbours of
-    the chunks completed in this pass; every CCA layer then attends, per token, to the neighbours
-    of the chunk the causal shift gives it: position p sees chunk (p - m + 1) // m from p = m - 1.
+    the chunks completed in this pass; every CCA layer projects their keys and values once (a KV
+    cache for CCA: k r keys per chunk would otherwise be projected again for every token) and
+    then attends, per token, to the neighbours of the chunk the causal shift gives it: position p
+    sees chunk (p - m + 1) // m from p = m - 1.
     """
 
     def __init__(self, model: Retro | RetroFit, b: int, slots: int):
@@ -132,6 +134,7 @@ class ChunkNeighbors:
         self.mask: torch.Tensor | None = None  # [b, L, k, r]
         self.states: torch.Tensor | None = None  # [b, S, d] at the first CCA layer
         self.encode_s = 0.0
+        self.keys: dict = {}  # CCA module -> (keys, values) [b, L, h, k r, e] of its attention
         self._pass: dict = {}
 
     def prefill(self, neighbors: torch.Tensor, mask: torch.Tensor) -> None:
@@ -169,7 +172,11 @@ class ChunkNeighbors:
                     self.encode_s += _elapsed(start, h)
                 else:
                     p["enc"] = None
-            return cca(h, p["enc"], mask) if p["enc"] is not None else torch.zeros_like(h)
+            if p["enc"] is None:
+                return torch.zeros_like(h)
+            l = p["enc"].shape[1]
+            self._project(cca, slice(None), slice(0, l), p["enc"].flatten(0, 1))  # [b l, k, r, d']
+            return cca(h, p["enc"], mask)
         pos = p["positions"]  # [b]
         rows = torch.arange(self.b, device=h.device)
         if not p.get("seen"):  # first CCA layer of the pass
@@ -185,11 +192,30 @@ class ChunkNeighbors:
                 enc = self.encoder(self.embed(tokens).to(h.dtype), masks, chunks[:, None])  # [n_new, 1, k, r, d']
                 for j, (i, u) in enumerate(zip(seqs, us)):
                     self.enc[i, u], self.mask[i, u] = enc[j, 0], masks[j, 0]
+                p["new_enc"] = (seqs, us, enc[:, 0])  # [n_new, k, r, d']
                 self.encode_s += _elapsed(start, h)
+        if p["new"]:
+            seqs, us, enc = p["new_enc"]
+            self._project(cca, seqs, us, enc)
+        if cca not in self.keys:  # no chunk of any sequence encoded yet: nothing to see
+            return torch.zeros_like(h)
         u = torch.div(pos - self.m + 1, self.m, rounding_mode="floor").clamp(min=0)  # [b]
-        context = self.enc[rows, u].flatten(1, 2)  # [b, k r, d']
+        keys, values = self.keys[cca]
         visible = self.mask[rows, u].flatten(1) & (pos >= self.m - 1)[:, None]  # [b, k r]
-        return cca.attn(h, context, key_mask=visible)  # [b, 1, d]; 0 where nothing is visible
+        return cca.attn.attend(h, keys[rows, u], values[rows, u], key_mask=visible)  # [b, 1, d]; 0 if none visible
+
+    def _project(self, cca, seqs, us, enc: torch.Tensor) -> None:
+        """Keys and values of ``cca`` for encoded chunks ``enc`` [n, k, r, d'] of (seqs, us)."""
+        k, v = cca.attn.keys_values(enc.flatten(1, 2))  # [n, h, k r, e] each
+        if cca not in self.keys:
+            L = self.enc.shape[1]
+            self.keys[cca] = (k.new_zeros(self.b, L, *k.shape[1:]), v.new_zeros(self.b, L, *v.shape[1:]))
+        keys, values = self.keys[cca]
+        if isinstance(seqs, slice):  # prefill: every sequence, chunks us
+            b = keys.shape[0]
+            keys[:, us], values[:, us] = k.view(b, -1, *k.shape[1:]), v.view(b, -1, *v.shape[1:])
+        else:
+            keys[seqs, us], values[seqs, us] = k, v
 
 
 def _elapsed(start: float, like: torch.Tensor) -> float:
