@@ -11,6 +11,10 @@ and start time, instead of deleting files under the first run's feet. Locks live
 - a lock is stale, and is taken over, when its owner is on this host and its process is gone
   (PID not running, or running with another start time), or when it is on another host and its
   heartbeat is older than ``STALE_AFTER_S``.
+
+Taking over a stale lock deletes it and creates it anew; two runs taking over the same stale lock
+at the same moment can race there (S3 has no conditional delete), which a re-read of the owner in
+the heartbeat reports. A live lock is never taken over.
 """
 
 from __future__ import annotations
