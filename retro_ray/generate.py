@@ -430,7 +430,7 @@ class _Batch:
             tokens = torch.as_tensor([s[-1] for s in self.seqs], device=gen.device)[:, None]  # [b, 1]
             if retrieved is not None:
                 retrieved.step(positions, {i: (u, *self.neighbors[(i, u)]) for i, u in completed})
-            if cache is not None and isinstance(cache, KVCache):
+            if isinstance(cache, KVCache):
                 cache.positions = positions[:, None]
             attention = None if attention is None else torch.cat(
                 [attention, torch.ones_like(attention[:, :1])], dim=1)
