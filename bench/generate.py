@@ -35,6 +35,7 @@ from common import ROOT  # noqa: E402
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
+from retro_ray.train import MODEL_DIR, run_dir  # noqa: E402
 
 
 def cli(*args: str) -> None:
@@ -119,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(None, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
-    if not storage.exists(join(cfg.workdir, "checkpoints", cfg.train.run_name, "model", "config.json")):
+    if not storage.exists(join(run_dir(cfg), MODEL_DIR, "config.json")):
         cli("pipeline", "--set", f"workdir={args.workdir}")
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch_threads": torch.get_num_threads()}

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from retro_ray import corpus, tokenizer
 from retro_ray.config import Config, config_hash
-from retro_ray.corpus import BAD_INPUT, BadInputError
+from retro_ray.corpus import BAD_INPUT, BadInputError, bad_rows, describe_skips
 from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, chunks_uri, db_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log
@@ -174,24 +174,20 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
     manifest.skipped = dict(sorted(writer.skipped.items()))
     if writer.next_chunk == 0:  # raised before the manifest is saved: a fixed corpus starts afresh
         raise EmptyStageError(f"db: the corpus gave no chunks: every input row was skipped "
-                              f"({_skips(manifest.skipped)})")
+                              f"({describe_skips(manifest.skipped)})")
     manifest.counts.update(docs=writer.next_doc, chunks=writer.next_chunk, tokens=writer.tokens)
     manifest.timings["chunk_s"] = time.time() - start
     manifest.save(storage, db_dir(cfg))
-    bad = {k: v for k, v in manifest.skipped.items() if k in BAD_INPUT}
+    bad = bad_rows(manifest.skipped)
     log.info(
         "db: %d documents -> %d chunks (%d tokens) in %.1fs; %d blocks written, %d kept from an "
         "earlier run; skipped: %s", writer.next_doc, writer.next_chunk, writer.tokens,
         manifest.timings["chunk_s"], writer.written, len(manifest.blocks) - writer.written,
-        _skips(manifest.skipped),
+        describe_skips(manifest.skipped),
     )
     if bad:
         log.warning("db: %d bad input rows skipped (%s); strict: true stops at the first",
-                    sum(bad.values()), ", ".join(f"{k}={v}" for k, v in bad.items()))
-
-
-def _skips(skipped: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in skipped.items()) or "none"
+                    sum(bad.values()), describe_skips(bad))
 
 
 @locked("tokenizer", "db")
@@ -208,12 +204,12 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         config_hash(cfg.corpus, cfg.db, embed.output_config(cfg.embed)), inputs, force,
     )
     if manifest.complete:
-        bad = {k: v for k, v in manifest.skipped.items() if k in BAD_INPUT}
+        bad = bad_rows(manifest.skipped)
         if cfg.strict and bad:
             raise BadInputError(f"{db_dir(cfg)} was built with {sum(bad.values())} bad input rows skipped "
-                                f"({_skips(bad)}), and strict is on: rerun with --force to stop at the first")
+                                f"({describe_skips(bad)}), and strict is on: rerun with --force to stop at the first")
         log.info("db: %s is up to date (%d chunks; skipped: %s)", db_dir(cfg), manifest.counts["chunks"],
-                 _skips(manifest.skipped))
+                 describe_skips(manifest.skipped))
         return manifest
     if "chunks" not in manifest.counts:  # the chunk pass did not finish last time
         build_chunks(cfg, storage, manifest, files)

@@ -49,6 +49,16 @@ def describe_skip(row: dict) -> str:
     return f"{row['path']}:{row['row']}: {row['skip']}"
 
 
+def describe_skips(skipped: dict[str, int]) -> str:
+    """Skip counts per reason, ``empty=2, malformed_json=1``, sorted; ``none`` when there are none."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+
+
+def bad_rows(skipped: dict[str, int]) -> dict[str, int]:
+    """The counts of ``skipped`` that are bad input (not blend weights)."""
+    return {k: v for k, v in skipped.items() if k in BAD_INPUT}
+
+
 def kept_by_weight(source: str, path: str, row: int, weight: float) -> bool:
     """Stable per-document coin flip for blend weights: the same documents on every rerun."""
     if weight >= 1.0:

@@ -175,8 +175,8 @@ class ChunkNeighbors:
             if p["enc"] is None:
                 return torch.zeros_like(h)
             l = p["enc"].shape[1]
-            self._project(cca, slice(None), slice(0, l), p["enc"].flatten(0, 1))  # [b l, k, r, d']
-            return cca(h, p["enc"], mask)
+            kv = self._project(cca, slice(None), slice(0, l), p["enc"].flatten(0, 1))  # [b l, k, r, d']
+            return cca(h, p["enc"], mask, keys_values=kv)
         pos = p["positions"]  # [b]
         rows = torch.arange(self.b, device=h.device)
         if not p.get("seen"):  # first CCA layer of the pass
@@ -204,8 +204,9 @@ class ChunkNeighbors:
         visible = self.mask[rows, u].flatten(1) & (pos >= self.m - 1)[:, None]  # [b, k r]
         return cca.attn.attend(h, keys[rows, u], values[rows, u], key_mask=visible)  # [b, 1, d]; 0 if none visible
 
-    def _project(self, cca, seqs, us, enc: torch.Tensor) -> None:
-        """Keys and values of ``cca`` for encoded chunks ``enc`` [n, k, r, d'] of (seqs, us)."""
+    def _project(self, cca, seqs, us, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``cca`` for encoded chunks ``enc`` [n, k, r, d'] of (seqs, us), kept
+        and returned ([n, h, k r, e] each)."""
         k, v = cca.attn.keys_values(enc.flatten(1, 2))  # [n, h, k r, e] each
         if cca not in self.keys:
             L = self.enc.shape[1]
@@ -216,6 +217,7 @@ class ChunkNeighbors:
             keys[:, us], values[:, us] = k.view(b, -1, *k.shape[1:]), v.view(b, -1, *v.shape[1:])
         else:
             keys[seqs, us], values[seqs, us] = k, v
+        return k, v
 
 
 def _elapsed(start: float, like: torch.Tensor) -> float:
@@ -235,8 +237,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the first over top_p
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the first token that reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
 
@@ -385,6 +387,10 @@ class _Batch:
             tokens[i, : len(s)], mask[i, : len(s)] = torch.as_tensor(s), 1
         return tokens.to(self.gen.device), mask.to(self.gen.device)
 
+    def _last_positions(self) -> torch.Tensor:
+        """[b] the position of every sequence's last token."""
+        return torch.as_tensor([len(s) - 1 for s in self.seqs], device=self.gen.device)
+
     def _full(self) -> torch.Tensor:
         """Recompute: the whole sequences -> next-token logits [b, V]."""
         gen = self.gen
@@ -392,8 +398,7 @@ class _Batch:
         n = tokens.shape[1]
         neighbors, mask = self._neighbor_tensors(n // gen.m) if self.encode else (None, None)
         logits = gen.model(tokens, neighbors, mask)[0]
-        last = torch.as_tensor([len(s) - 1 for s in self.seqs], device=gen.device)
-        return logits[torch.arange(self.b, device=gen.device), last]
+        return logits[torch.arange(self.b, device=gen.device), self._last_positions()]
 
     def run(self, keep_logits: bool) -> None:
         gen, m = self.gen, self.gen.m
@@ -412,8 +417,7 @@ class _Batch:
                 cache = KVCache(c.n_layers, b, c.n_heads, self.slots, c.d_model // c.n_heads, dtype, gen.device)
                 cache.positions = positions
             logits, cache = gen._forward(tokens, positions, retrieved, cache, attention)
-            last = torch.as_tensor([len(s) - 1 for s in self.seqs], device=gen.device)
-            next_logits = logits[torch.arange(b, device=gen.device), last]  # [b, V]
+            next_logits = logits[torch.arange(b, device=gen.device), self._last_positions()]  # [b, V]
         else:
             next_logits = self._full()
         while True:
@@ -426,7 +430,7 @@ class _Batch:
             if not gen.use_cache:
                 next_logits = self._full()
                 continue
-            positions = torch.as_tensor([len(s) - 1 for s in self.seqs], device=gen.device)  # [b]
+            positions = self._last_positions()  # [b]
             tokens = torch.as_tensor([s[-1] for s in self.seqs], device=gen.device)[:, None]  # [b, 1]
             if retrieved is not None:
                 retrieved.step(positions, {i: (u, *self.neighbors[(i, u)]) for i, u in completed})
@@ -471,8 +475,9 @@ def run_generator(cfg, storage, model_path: str | None = None, retrieval: bool =
     from retro_ray.model.io import load_pretrained
     from retro_ray.retrieval import run_retriever
     from retro_ray.storage import is_s3, join
+    from retro_ray.train import MODEL_DIR, run_dir
 
-    path = model_path or join(cfg.workdir, "checkpoints", cfg.train.run_name, "model")
+    path = model_path or join(run_dir(cfg), MODEL_DIR)
     if not storage.exists(join(path, "config.json")):
         raise GenerationError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
     if is_s3(path):

@@ -85,7 +85,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> str:
         if not sample:
             raise EmptyStageError(
                 f"tokenizer: no document to train on: every input row was skipped "
-                f"({', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'no rows at all'})")
+                f"({corpus.describe_skips(skipped) if skipped else 'no rows at all'})")
         log.info("tokenizer: training byte-level BPE (vocab %d) on %d documents",
                  cfg.tokenizer.vocab_size, len(sample))
         tok = train_bpe(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.eod_token)

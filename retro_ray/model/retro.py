@@ -198,17 +198,19 @@ class ChunkedCrossAttention(nn.Module):
         nn.init.zeros_(self.attn.out.weight)
         nn.init.zeros_(self.attn.out.bias)
 
-    def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor,
+                keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [b, n, d], enc [b, l, k, r, d'], mask [b, l, k, r] -> [b, n, d] (zero where no
-        neighbours are visible yet)."""
+        neighbours are visible yet). ``keys_values``: enc already projected by ``attn`` ([b l, h,
+        k r, e] each), as generation keeps them."""
         b, n, d = x.shape
         m, l = self.m, enc.shape[1]
         shifted = x[:, m - 1: m - 1 + l * m]  # [b, <= l m, d]: position u m + m - 1 starts chunk u
         pad = l * m - shifted.shape[1]
         shifted = F.pad(shifted, (0, 0, 0, pad))  # [b, l m, d]
         q = shifted.reshape(b * l, m, d)  # [b l, m, d]
-        kv = enc.reshape(b * l, -1, enc.shape[-1])  # [b l, k r, d']
-        y = self.attn(q, kv, key_mask=mask.reshape(b * l, -1))  # [b l, m, d]
+        k, v = keys_values or self.attn.keys_values(enc.reshape(b * l, -1, enc.shape[-1]))  # [b l, h, k r, e]
+        y = self.attn.attend(q, k, v, key_mask=mask.reshape(b * l, -1))  # [b l, m, d]
         y = y.reshape(b, l * m, d)[:, : l * m - pad]  # [b, <= l m, d]
         return F.pad(y, (0, 0, m - 1, n - (m - 1) - y.shape[1]))  # [b, n, d]: shift back
 
