@@ -95,13 +95,14 @@ def _chunk_stream(cfg: Config, storage: Storage, files: dict[str, list[str]]) ->
 
     DataContext.get_current().execution_options.preserve_order = True
     tokenizer_json = storage.read_bytes(join(tokenizer.stage_dir(cfg), "tokenizer.json")).decode()
-    ds = corpus.read_corpus(cfg, storage, files).map_batches(
-        chunk_documents,  # tasks, not actors: their CPUs are free again when the pass ends
-        fn_kwargs={"tokenizer_json": tokenizer_json, "chunk_length": cfg.db.chunk_length},
-        batch_format="pyarrow",
-        batch_size=256,
-    )
-    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    for ds in corpus.read_corpus(cfg, storage, files):
+        chunked = ds.map_batches(
+            chunk_documents,  # tasks, not actors: their CPUs are free again when the pass ends
+            fn_kwargs={"tokenizer_json": tokenizer_json, "chunk_length": cfg.db.chunk_length},
+            batch_format="pyarrow",
+            batch_size=256,
+        )
+        yield from chunked.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 class _BlockWriter:
@@ -190,10 +191,9 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
                     sum(bad.values()), describe_skips(bad))
 
 
-@locked("tokenizer", "db")
-def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
-    """The ``db`` stage: chunk blocks, then their embeddings; resumes from the manifest."""
-    from retro_ray import embed  # torch: imported here, not in the Ray tasks that only chunk
+def open_db(cfg: Config, storage: Storage, force: bool = False) -> tuple[Manifest, dict[str, list[str]]]:
+    """The db stage's manifest to continue from (see ``open_stage``), and the corpus files."""
+    from retro_ray import embed
 
     tok_manifest = tokenizer.finished_tokenizer(cfg, storage)
     files = corpus.source_files(cfg, storage)
@@ -203,6 +203,15 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         storage, db_dir(cfg), "db",
         config_hash(cfg.corpus, cfg.db, embed.output_config(cfg.embed)), inputs, force,
     )
+    return manifest, files
+
+
+@locked("tokenizer", "db")
+def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
+    """The ``db`` stage: chunk blocks, then their embeddings; resumes from the manifest."""
+    from retro_ray import embed  # torch: imported here, not in the Ray tasks that only chunk
+
+    manifest, files = open_db(cfg, storage, force)
     if manifest.complete:
         bad = bad_rows(manifest.skipped)
         if cfg.strict and bad:

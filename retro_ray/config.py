@@ -145,6 +145,9 @@ class NeighborsConfig(Section):
     """Share of documents held out (by a stable hash of ``doc_id``) for the valid split."""
     samples_per_block: int = Field(256, gt=0)
     """Samples per output block: the unit of querying, writing and resuming."""
+    max_overlap: float | None = Field(None, gt=0.0, le=1.0)
+    """Drop candidates that hold more than this share of the chunk's 8-grams (near-copies, which
+    make Retro's perplexity look better than the model is); None keeps them."""
 
 
 class ModelConfig(Section):
@@ -196,6 +199,82 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+class InstructSource(Section):
+    name: str
+    """Short name of this source; it appears in manifests and error messages."""
+    paths: list[str]
+    """Files, folders or globs of JSONL or Parquet, local or ``s3://``."""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """``auto`` picks by extension: .parquet -> parquet, else jsonl."""
+    kind: Literal["auto", "chat", "completion", "qa"] = "auto"
+    """Row layout: ``chat`` (``messages``: [{role, content}]), ``completion`` (``prompt``,
+    ``completion``), ``qa`` (``question``, ``answer``: a string or a list, the first is the
+    target; optional ``context``: a string or a list of passages). ``auto`` picks per row by
+    the keys present."""
+    weight: float = Field(1.0, gt=0.0)
+    """Copies of each example in the blend: 0.5 keeps a stable half, 2 uses each twice, 1.5
+    every example once and a stable half twice."""
+
+    @field_validator("paths")
+    @classmethod
+    def _not_empty(cls, paths: list[str]) -> list[str]:
+        if not paths:
+            raise ValueError("needs at least one path")
+        return paths
+
+
+class InstructConfig(Section):
+    """Instruction tuning (``retro-ray instruct``): data, prompt format, and the tuning run.
+    The other training settings (workers, batch, ZeRO stage) are ``train``'s."""
+
+    sources: list[InstructSource] = []
+    max_examples: int | None = Field(None, gt=0)
+    """Use only the first this-many input rows of each source (bad rows included); None: all."""
+    template: Literal["retro", "chat"] = "retro"
+    """``retro``: InstructRetro's prompt (system line, ``title: .., source: ..`` passages,
+    ``User: ...\n\nAssistant:``); ``chat``: the tokenizer's own chat template."""
+    context_passages: int = Field(1, ge=0)
+    """Passages retrieved from the run's index for a QA row that has no context."""
+    seq_len: int | None = Field(None, gt=1)
+    """Tokens per training row; None: ``neighbors.seq_len``. Longer examples are skipped and counted."""
+    pack: bool = True
+    """Pack several examples into one row (each attends only to itself); False pads."""
+    valid_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    """Share of examples held out (stable hash) for the validation loss; at least one."""
+    lr: float = Field(5e-6, gt=0)
+    """Constant learning rate, as in InstructRetro."""
+    max_steps: int = Field(1000, gt=0)
+    seed: int = 0
+
+
+class EvalQASet(Section):
+    name: str
+    path: str
+    """SQuAD-format JSON, or JSONL rows ``{"question", "answer": [...]}``, local or ``s3://``."""
+    max_questions: int | None = Field(None, gt=0)
+    """The first this-many questions; None: all."""
+    add_contexts: bool = False
+    """Add the set's own paragraphs (SQuAD ``context``) to the QA database copy."""
+
+
+class EvalConfig(Section):
+    """``retro-ray eval``: perplexity of every model, leakage buckets, zero-shot QA."""
+
+    qa: list[EvalQASet] = []
+    extra_corpus: list[CorpusSource] = []
+    """Documents added to a copy of the database (and its index) for QA retrieval, e.g. the
+    SQuAD paragraphs: the evidence must be in the database. The run's own database is unchanged."""
+    prompt_passages: int = Field(5, ge=0)
+    """Retrieved passages in a QA prompt (InstructRetro: 5)."""
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    """Questions decoded together."""
+    ppl_samples: int = Field(64, gt=0)
+    """Validation samples for perplexity (and its overlap buckets)."""
+    overlap_ngram: int = Field(8, gt=0)
+    """n of the n-grams that measure how much of a chunk its neighbours contain."""
+
+
 class Config(Section):
     workdir: str = "runs/default"
     """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
@@ -214,6 +293,8 @@ class Config(Section):
     neighbors: NeighborsConfig = NeighborsConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    instruct: InstructConfig = InstructConfig()
+    eval: EvalConfig = EvalConfig()
 
     @field_validator("workdir")
     @classmethod
@@ -256,8 +337,19 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _expand_vars(node):
+    """``$VAR`` and ``${VAR}`` in string values from the environment (paths that differ per
+    machine, such as an installed model file); an unset variable is left as written."""
+    if isinstance(node, dict):
+        return {k: _expand_vars(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_vars(v) for v in node]
+    return os.path.expandvars(node) if isinstance(node, str) else node
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (None: all defaults) and apply ``key.sub=value`` overrides (YAML values)."""
+    """Read ``path`` (None: all defaults) and apply ``key.sub=value`` overrides (YAML values);
+    environment variables in string values are expanded."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -280,6 +372,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {item!r}: {p} is not a section")
         node[leaf] = yaml.safe_load(value)
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(_expand_vars(data))
     except ValidationError as e:
         raise ConfigError(f"{source}: invalid config: {_format_errors(e)}") from None

@@ -115,6 +115,44 @@ def filter_neighbors(candidates: np.ndarray, candidate_docs: np.ndarray, sample_
     return np.where(np.take_along_axis(ok, order, axis=-1), kept, -1)
 
 
+_POWERS = np.array([pow(1_000_003, j, 2**64) for j in range(64)], dtype=np.uint64)
+
+
+def ngram_hashes(tokens: np.ndarray, n: int = 8) -> np.ndarray:
+    """[t] token ids -> [t - n + 1] hashes of their n-grams (empty when t < n)."""
+    if len(tokens) < n:
+        return np.empty(0, dtype=np.uint64)
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens, dtype=np.uint64), n)  # [g, n]
+    return (windows * _POWERS[:n]).sum(-1)  # arithmetic mod 2**64
+
+
+def ngram_overlap(chunk: np.ndarray, others: list[np.ndarray], n: int = 8) -> float:
+    """The share of ``chunk``'s n-grams that occur in any of ``others`` (RETRO's measure of how
+    much of a chunk its neighbours already contain); 0 for a chunk shorter than n."""
+    grams = ngram_hashes(chunk, n)
+    if not len(grams):
+        return 0.0
+    seen = np.concatenate([ngram_hashes(o, n) for o in others] or [np.empty(0, dtype=np.uint64)])
+    return float(np.isin(grams, seen).mean())
+
+
+def drop_near_copies(store: ChunkStore, chunk_ids: np.ndarray, candidates: np.ndarray, r: int,
+                     max_overlap: float, n: int = 8) -> tuple[np.ndarray, int]:
+    """Candidates [b, l, c] with -1 for every one whose tokens (chunk + continuation, r) hold
+    more than ``max_overlap`` of its query chunk's n-grams; and how many were dropped."""
+    out = candidates.copy()
+    dropped = 0
+    for b, u in zip(*np.nonzero(chunk_ids >= 0)):
+        row = candidates[b, u]  # [c]
+        tokens, mask = store.neighbor_tokens(row[None], r, -1)  # [1, c, r]
+        chunk = store.tokens(int(chunk_ids[b, u]))
+        for j in np.flatnonzero(row >= 0):
+            if ngram_overlap(chunk, [tokens[0, j][mask[0, j]]], n) > max_overlap:
+                out[b, u, j] = -1
+                dropped += 1
+    return out, dropped
+
+
 def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np.ndarray) -> pa.Table:
     b, n_chunks = layout.chunk_ids[sl].shape
     k = neighbors.shape[-1]
@@ -170,19 +208,23 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
             candidates = np.full((*chunk_ids.shape, nc.k_candidates), -1, dtype=np.int64)  # [b, l, c]
             if len(queries):
                 candidates[real] = router.search(queries, nc.k_candidates)[1]
+            dropped = 0
+            if nc.max_overlap is not None:
+                candidates, dropped = drop_near_copies(store, chunk_ids, candidates, 2 * m, nc.max_overlap)
             candidate_docs = np.where(candidates >= 0, store.doc_ids[np.maximum(candidates, 0)], -1)
             neighbors = filter_neighbors(candidates, candidate_docs, layout.doc_ids[sl], nc.k)
             tokens = sample_tokens(store, chunk_ids, m, eod)
             sha = storage.write_parquet(join(out, f"{name}.parquet"),
                                         _block_table(sl.start, tokens, layout, sl, neighbors))
             manifest.blocks[name] = {"rows": sl.stop - sl.start, "sha256": sha,
-                                     "no_neighbor": int((neighbors[real] < 0).sum())}
+                                     "no_neighbor": int((neighbors[real] < 0).sum()), "near_copies": dropped}
             manifest.save(storage, out)
             queried += int(real.sum())
             log.info("neighbors: %s %s: %d samples, %d queries, %.0f queries/s", split, name,
                      sl.stop - sl.start, int(real.sum()), queried / max(time.time() - start, 1e-9))
     router.close()
     manifest.counts["no_neighbor"] = sum(b["no_neighbor"] for b in manifest.blocks.values())
+    manifest.counts["near_copies_dropped"] = sum(b.get("near_copies", 0) for b in manifest.blocks.values())
     manifest.complete = True
     manifest.save(storage, out)
     log.info("neighbors: %d train and %d valid samples of %d tokens -> %s", manifest.counts["train_samples"],

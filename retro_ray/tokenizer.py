@@ -110,17 +110,17 @@ def _training_sample(cfg: Config, storage: Storage) -> tuple[list[str], Counter[
     """The first ``train_docs`` documents, and the skip reasons of the rows read to find them."""
     from retro_ray import corpus
 
-    ds = corpus.read_corpus(cfg, storage, corpus.source_files(cfg, storage))
     sample: list[str] = []
     skipped: Counter[str] = Counter()
-    for batch in ds.select_columns(["text", "skip"]).iter_batches(batch_format="pyarrow"):
-        for text, skip in zip(batch.column("text").to_pylist(), batch.column("skip").to_pylist()):
-            if skip:
-                skipped[skip] += 1
-            elif len(sample) < cfg.tokenizer.train_docs:
-                sample.append(text)
-        if len(sample) >= cfg.tokenizer.train_docs:
-            break
+    for ds in corpus.read_corpus(cfg, storage, corpus.source_files(cfg, storage)):
+        for batch in ds.select_columns(["text", "skip"]).iter_batches(batch_format="pyarrow"):
+            for text, skip in zip(batch.column("text").to_pylist(), batch.column("skip").to_pylist()):
+                if skip:
+                    skipped[skip] += 1
+                elif len(sample) < cfg.tokenizer.train_docs:
+                    sample.append(text)
+            if len(sample) >= cfg.tokenizer.train_docs:
+                return sample, skipped
     return sample, skipped
 
 

@@ -103,15 +103,14 @@ def save_weights(engine, zero_stage: int, rank: int, folder: Path) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; everything it needs is in ``config``."""
+    """Runs on every Ray Train worker; everything it needs is in ``config``: the run's config,
+    and for instruction tuning ``instruct_data`` (the rows' folder) and ``init`` (the model
+    folder to start from)."""
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
-    from retro_ray import tokenizer
-    from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
     from retro_ray.model.io import load_weights
-    from retro_ray.neighbors import RetroSamples
 
     cfg = Config.model_validate(config["cfg"])
     tc = cfg.train
@@ -121,11 +120,8 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = device.type == "cuda"
     torch.manual_seed(tc.seed)
     storage = Storage(cfg.storage)
-    store = ChunkStore.load(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
-    train_data = RetroSamples(cfg, storage, "train", store)
-    valid_data = RetroSamples(cfg, storage, "valid", store)
-    vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
-    model = build_model(cfg, vocab, cfg.neighbors.seq_len, tokenizer.finished_tokenizer(cfg, storage).content_hash())
+    train_data, valid_data, to_batch = _datasets(cfg, storage, config.get("instruct_data"), device)
+    model = _initial_model(cfg, storage, config.get("init"))
 
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -149,15 +145,16 @@ def train_loop_per_worker(config: dict) -> None:
             log.warning("resumed at step %d with %d workers from a %d-worker checkpoint: weights restored, "
                         "optimizer state restarted", start_step, world, state["world_size"])
 
-    per_step = tc.micro_batch_size * tc.grad_accum * world
     order = np.random.default_rng(tc.seed).permutation(len(train_data))
-    n_tokens = cfg.neighbors.seq_len - 1
-    m = cfg.db.chunk_length
 
     def micro_batch(step: int, a: int) -> dict:
         first = (step * tc.grad_accum + a) * tc.micro_batch_size * world + rank * tc.micro_batch_size
         idx = [order[(first + i) % len(order)] for i in range(tc.micro_batch_size)]
-        return make_batch([train_data[int(i)] for i in idx], m, tc.retrieval, device)
+        return to_batch([train_data[int(i)] for i in idx])
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        return engine(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"), batch["targets"],
+                      batch["loss_mask"], positions=batch.get("positions"))[1]
 
     def validate() -> float:
         engine.eval()
@@ -166,11 +163,9 @@ def train_loop_per_worker(config: dict) -> None:
             for j in range(tc.eval_batches):
                 first = (j * world + rank) * tc.micro_batch_size
                 idx = [i % len(valid_data) for i in range(first, first + tc.micro_batch_size)]
-                batch = make_batch([valid_data[i] for i in idx], m, tc.retrieval, device)
-                _, loss = engine(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"),
-                                 batch["targets"], batch["loss_mask"])
+                batch = to_batch([valid_data[i] for i in idx])
                 count = batch["loss_mask"].sum()
-                total += torch.stack([loss.float() * count, count.float()])
+                total += torch.stack([loss_of(batch).float() * count, count.float()])
         torch.distributed.all_reduce(total)
         engine.train()
         return math.exp(min(20.0, (total[0] / total[1]).item()))
@@ -179,18 +174,19 @@ def train_loop_per_worker(config: dict) -> None:
     tick, tokens_seen = time.time(), 0
     for step in range(start_step, tc.max_steps):
         step_start = time.time()
-        losses = []
+        losses, step_tokens = [], 0
         for a in range(tc.grad_accum):
             batch = micro_batch(step, a)
-            _, loss = engine(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"),
-                             batch["targets"], batch["loss_mask"])
+            loss = loss_of(batch)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        tokens_seen += per_step * n_tokens
+            step_tokens += batch["tokens"].numel() * world
+        tokens_seen += step_tokens
         done = step + 1
         record = {"step": done, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
-                  "step_s": round(time.time() - step_start, 4)}
+                  "step_s": round(time.time() - step_start, 4),
+                  "tokens": (history[-1].get("tokens", 0) if history else 0) + step_tokens}
         if done % tc.eval_every == 0 or done == tc.max_steps:
             record["val_ppl"] = validate()
         history.append(record)
@@ -214,6 +210,36 @@ def train_loop_per_worker(config: dict) -> None:
         if config.get("crash_at_step") == done and not os.path.exists(config["crash_marker"]):
             Path(config["crash_marker"]).write_text(str(done))  # once: the restarted run goes on
             os.kill(os.getpid(), 9)
+
+
+def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device):
+    """(train rows, valid rows, rows -> batch): the neighbour stage's samples for pretraining
+    (neighbours fed when ``train.retrieval``), or the packed instruction rows (answer-only loss)."""
+    if instruct_data:
+        from retro_ray import instruct
+
+        train, valid = (instruct.InstructSamples(storage, instruct_data, s) for s in ("train", "valid"))
+        return train, valid, lambda items: instruct.make_batch(items, device)
+    from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
+    from retro_ray.neighbors import RetroSamples
+
+    store = ChunkStore.load(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
+    train, valid = (RetroSamples(cfg, storage, s, store) for s in ("train", "valid"))
+    return train, valid, lambda items: make_batch(items, cfg.db.chunk_length, cfg.train.retrieval, device)
+
+
+def _initial_model(cfg: Config, storage: Storage, init: str | None):
+    """The model a run starts from: a copy of the exported model ``init`` (instruction tuning
+    starts from a pretrained run), else a fresh or retro-fitted one built from the config."""
+    from retro_ray import tokenizer
+
+    if init:
+        from retro_ray.model.io import load_pretrained
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_pretrained(storage.download_dir(init, tmp) if "://" in init else init)
+    vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
+    return build_model(cfg, vocab, cfg.neighbors.seq_len, tokenizer.finished_tokenizer(cfg, storage).content_hash())
 
 
 def _rss() -> int:
@@ -246,27 +272,35 @@ def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int |
 
     A run already trained for ``max_steps`` on the same inputs is recognised from its manifest
     without starting Ray Train; changed inputs (samples, database, tokenizer) are an error."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from retro_ray import neighbors, tokenizer
     from retro_ray.dbfiles import finished_db
 
     inputs = {"tokenizer": tokenizer.finished_tokenizer(cfg, storage).content_hash(),
               "db": finished_db(cfg, storage).content_hash(),
               "samples": finished_stage(storage, neighbors.stage_dir(cfg), "neighbors").content_hash()}
+    return fit(cfg, storage, "pretrain", inputs, force, crash_at_step=crash_at_step)
+
+
+def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = False,
+        instruct_data: str | None = None, init: str | None = None, crash_at_step: int | None = None) -> dict:
+    """Fit (or resume) the run ``train.run_name`` with Ray Train + DeepSpeed on the neighbour
+    stage's samples, or on ``instruct_data`` starting from the model folder ``init``; export its
+    model, history and loss curves. A finished run with the same inputs is returned as it is."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     tc = cfg.train
     out = run_dir(cfg)
-    manifest = open_training(cfg, storage, "pretrain", inputs, force)
+    manifest = open_training(cfg, storage, stage, inputs, force)
     if manifest.complete and manifest.counts["steps"] >= tc.max_steps:
-        log.info("pretrain %s: %s is up to date (%d steps)", tc.run_name, out, manifest.counts["steps"])
+        log.info("%s %s: %s is up to date (%d steps)", stage, tc.run_name, out, manifest.counts["steps"])
         return {"step": manifest.counts["steps"], "history": storage.read_json(join(out, "history.json")),
                 "model": join(out, MODEL_DIR)}
     manifest.complete = False
     manifest.save(storage, out)
     start = time.time()
     fs, path = storage.resolve(join(cfg.workdir, "checkpoints"))
-    loop_config = {"cfg": cfg.model_dump(mode="json")}
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "instruct_data": instruct_data, "init": init}
     if crash_at_step is not None:  # a real worker kill, for the resume test
         loop_config.update(crash_at_step=crash_at_step, crash_marker=str(Path(tempfile.gettempdir()) / f"crash-{tc.run_name}"))
     trainer = TorchTrainer(
@@ -289,7 +323,7 @@ def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int |
     manifest.timings["train_s"] = manifest.timings.get("train_s", 0.0) + time.time() - start
     manifest.complete = True
     manifest.save(storage, out)
-    log.info("pretrain %s: %d steps, final loss %.4f -> %s", tc.run_name, state["step"], history[-1]["loss"], out)
+    log.info("%s %s: %d steps, final loss %.4f -> %s", stage, tc.run_name, state["step"], history[-1]["loss"], out)
     return {"step": state["step"], "history": history, "model": join(out, MODEL_DIR)}
 
 
@@ -325,13 +359,18 @@ def plot_curves(histories: dict[str, list[dict]]) -> bytes:
     return buf.getvalue()
 
 
+def twin(cfg: Config) -> Config:
+    """The config of the GPT twin of the run: the same model, samples and steps, no retrieval,
+    trained as ``{run_name}-gpt``."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"retrieval": False, "run_name": f"{cfg.train.run_name}-gpt"})})
+
+
 def compare(cfg: Config, storage: Storage, force: bool = False) -> dict:
-    """GPT vs Retro on the same samples, steps and tokens: ``eval/gpt_vs_retro.{json,png}``."""
-    results = {}
-    for name, retrieval in (("gpt", False), ("retro", True)):
-        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"retrieval": retrieval, "run_name": f"{cfg.train.run_name}-{name}"})})
-        results[name] = run(run_cfg, storage, force)
+    """GPT vs Retro on the same samples, steps and tokens: ``eval/gpt_vs_retro.{json,png}``.
+    Retro is the ``pretrain`` run itself; its twin is trained (or found) as ``{run_name}-gpt``."""
+    retro_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrieval": True})})
+    results = {"gpt": run(twin(cfg), storage, force), "retro": run(retro_cfg, storage, force)}
     table = {name: {"val_ppl": r["history"][-1].get("val_ppl"), "final_loss": r["history"][-1]["loss"],
                     "steps": r["step"]} for name, r in results.items()}
     table["ppl_ratio"] = table["retro"]["val_ppl"] / table["gpt"]["val_ppl"]

@@ -226,15 +226,18 @@ class Block(nn.Module):
         self.cca = ChunkedCrossAttention(cfg) if cca else None
         self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, retrieved=None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, retrieved=None, cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, T, d]; ``retrieved(cca, states)`` -> the CCA output [b, T, d] on CCA layers;
-        ``cache`` (generation): ``update(k, v)`` -> (all keys, all values, attention mask)."""
+        ``cache`` (generation): ``update(k, v)`` -> (all keys, all values, attention mask);
+        ``attn_mask`` [b, 1, T, T] replaces the causal mask (packed examples)."""
         h = self.ln1(x)
-        if cache is None:
-            x = x + self.attn(h, causal=True)
-        else:
+        if cache is not None:
             k, v, mask = cache.update(*self.attn.keys_values(h))
             x = x + self.attn.attend(h, k, v, attn_mask=mask)
+        elif attn_mask is not None:
+            x = x + self.attn.attend(h, *self.attn.keys_values(h), attn_mask=attn_mask)
+        else:
+            x = x + self.attn(h, causal=True)
         if self.cca is not None and retrieved is not None:
             x = x + retrieved(self.cca, self.ln_cca(x))
         return x + self.mlp(self.ln2(x))
@@ -280,34 +283,56 @@ class Retro(nn.Module):
 
     def forward(self, tokens: torch.Tensor, neighbors: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                loss_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Shapes: tokens [b, n]; neighbors [b, L, k, r] token ids with L >= n // m (only the
         first n // m chunks, those complete in ``tokens``, are used); neighbor_mask [b, L, k, r]
         (True = real token; default: all real); targets [b, n] (-100 = ignore);
-        loss_mask [b, n] (0 = ignore). Returns logits [b, n, vocab] and the mean loss or None.
+        loss_mask [b, n] (0 = ignore); positions [b, n]: packed examples, each restarting at 0
+        and attending only to itself (default: one sequence, 0..n-1). Returns logits
+        [b, n, vocab] and the mean loss or None.
         """
         b, n = tokens.shape
         if n > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {n} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(n, device=tokens.device)  # [n]
-        logits = self.decode(tokens, positions, self._retriever(neighbors, neighbor_mask, n))  # [b, n, vocab]
-        loss = None
-        if targets is not None:
-            if loss_mask is not None:
-                targets = targets.masked_fill(loss_mask == 0, -100)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        attn_mask = None if positions is None else packed_causal_mask(positions)
+        if positions is None:
+            positions = torch.arange(n, device=tokens.device)  # [n]
+        retrieved = self._retriever(neighbors, neighbor_mask, n)
+        logits = self.decode(tokens, positions, retrieved, attn_mask=attn_mask)  # [b, n, vocab]
+        return logits, lm_loss(logits, targets, loss_mask)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, retrieved=None, caches=None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, retrieved=None, caches=None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder on tokens [b, T] at positions [b, T] (or [T]) -> logits [b, T, vocab].
         ``retrieved`` feeds the CCA layers; ``caches`` (one per layer) make it incremental."""
         x = self.drop(self.wte(tokens) + self.wpe(positions))  # [b, T, d]
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
-            x = block(x, retrieved, cache)
+            x = block(x, retrieved, cache, attn_mask)
         return self.lm_head(self.ln_f(x))
 
     def _retriever(self, neighbors, neighbor_mask, n: int):
         return make_retriever(self.encoder, self.wte, self.cfg.chunk_length, neighbors, neighbor_mask, n)
+
+
+def packed_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """positions [b, n] of packed examples (each restarts at 0) -> attention mask [b, 1, n, n]:
+    causal, and no token sees another example's (the rule Hugging Face models apply to
+    ``position_ids`` that restart)."""
+    first = positions[:, :1] - 1
+    example = (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)  # [b, n]
+    n = positions.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()  # [n, n]
+    return (causal & (example[:, :, None] == example[:, None, :]))[:, None]  # [b, 1, n, n]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None, loss_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean next-token cross entropy over the targets [b, n] where loss_mask [b, n] is not 0."""
+    if targets is None:
+        return None
+    if loss_mask is not None:
+        targets = targets.masked_fill(loss_mask == 0, -100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
 def make_retriever(encoder: RetroEncoder | None, embed: nn.Embedding, m: int, neighbors, neighbor_mask, n: int):

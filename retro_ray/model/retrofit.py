@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retro_ray.model.retro import ChunkedCrossAttention, RetroConfig, RetroEncoder, make_retriever
+from retro_ray.model.retro import ChunkedCrossAttention, RetroConfig, RetroEncoder, lm_loss, make_retriever
 
 
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
@@ -84,19 +84,15 @@ class RetroFit(nn.Module):
 
     def forward(self, tokens: torch.Tensor, neighbors: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None):
-        """Shapes as ``Retro.forward``: tokens [b, n], neighbors [b, L, k, r] -> logits [b, n, V]."""
+                loss_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        """Shapes as ``Retro.forward``: tokens [b, n], neighbors [b, L, k, r] -> logits [b, n, V].
+        Packed examples (``positions`` restarting at 0) are kept apart by the base model's own
+        packed-sequence masking."""
         embed = self.base.get_input_embeddings()
         retrieved = make_retriever(self.encoder, embed, self.cfg.chunk_length, neighbors, neighbor_mask,
                                    tokens.shape[1])
-        logits, _ = self.decode(tokens, None, retrieved, use_cache=False)  # [b, n, V]
-        loss = None
-        if targets is not None:
-            if loss_mask is not None:
-                targets = targets.masked_fill(loss_mask == 0, -100)
-            loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                               targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        logits, _ = self.decode(tokens, positions, retrieved, use_cache=False)  # [b, n, V]
+        return logits, lm_loss(logits, targets, loss_mask)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor | None, retrieved=None, attention_mask=None,
                past_key_values=None, use_cache: bool = True):

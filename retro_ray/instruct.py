@@ -1,0 +1,471 @@
+"""Instruction data: rows -> prompts in InstructRetro's format -> packed rows with answer-only loss.
+
+Rows come from JSONL or Parquet files, local or on S3, in three layouts (``InstructSource.kind``):
+chat (``messages``), prompt/completion and QA (``question``, ``answer``, optional ``context``).
+Each becomes a conversation; the prompt is InstructRetro's (``template: retro``)::
+
+    System: This is a chat between a user and ... the context.\\n\\n
+    title: {t}, source: {text}\\n\\n ... (the context passages)\\n\\n
+    User: Answer the following question with a short span. {question}\\n\\n
+    Assistant: The answer is{answer}<eos>
+
+or the tokenizer's chat template (``template: chat``). A QA row without context gets the top
+``instruct.context_passages`` passages retrieved for its question from the run's index. Only
+answer tokens and the end-of-turn token are targets: the prompt and every other turn are
+tokenised as their own pieces (exactly as generation will see them) with target 0.
+
+Rows of ``{workdir}/instruct/data/{train,valid}.parquet``: ``tokens`` (int32), ``targets`` (int8,
+1 = a token the loss counts) and ``positions`` (int32, restarting at 0 for each packed example, so
+the model keeps examples apart: ``packed_causal_mask``). Bad rows are counted per reason in the
+manifest, or an error naming file and row under ``strict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from retro_ray.config import Config, InstructSource, config_hash
+from retro_ray.corpus import BadInputError, describe_skips
+from retro_ray.locks import locked
+from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
+
+SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the user's questions based on the context. The assistant "
+          "should also indicate when the answer cannot be found in the context.")
+QA_INSTRUCTION = "Answer the following question with a short span."
+ANSWER_PREFIX = " The answer is"
+BAD_ROWS = ("malformed_json", "unknown_format", "empty_messages", "no_answer", "too_long")
+"""Reasons a row is skipped (counted in the manifest; the first one is an error under ``strict``)."""
+SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("targets", pa.list_(pa.int8())),
+                    ("positions", pa.list_(pa.int32()))])
+
+
+def stage_dir(cfg: Config) -> str:
+    return join(cfg.workdir, "instruct", "data")
+
+
+# -- rows -> conversations -------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One conversation: ``messages`` ({role, content}; the last is the assistant's), the
+    ``passages`` of its context, and whether it is a QA row (short answer after "The answer is")."""
+
+    messages: list[dict]
+    passages: list[str] = field(default_factory=list)
+    question: str | None = None
+    """A QA row's question (what its context is retrieved for)."""
+    has_context: bool = False
+
+
+class RowError(ValueError):
+    """A row that cannot become an example; ``reason`` is one of ``BAD_ROWS``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+def _text(value) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def parse_row(row: dict, kind: str = "auto") -> Example:
+    """A chat, prompt/completion or QA row -> an ``Example``; raises ``RowError``."""
+    if kind == "auto":
+        kind = ("chat" if "messages" in row else "completion" if "prompt" in row and "completion" in row
+                else "qa" if "question" in row and "answer" in row else "")
+        if not kind:
+            raise RowError("unknown_format", f"keys {sorted(row)[:8]}: expected messages, prompt+completion "
+                           "or question+answer")
+    if kind == "chat":
+        messages = [{"role": str(m.get("role", "")), "content": _text(m.get("content"))}
+                    for m in row.get("messages") or [] if isinstance(m, dict)]
+        messages = [m for m in messages if m["content"]]
+        if not any(m["role"] == "user" for m in messages):
+            raise RowError("empty_messages", "no user message with text")
+        if messages[-1]["role"] != "assistant":
+            raise RowError("no_answer", "the last message is not the assistant's")
+        return Example(messages)
+    if kind == "completion":
+        prompt, completion = _text(row.get("prompt")), _text(row.get("completion"))
+        if not prompt:
+            raise RowError("empty_messages", "empty prompt")
+        if not completion:
+            raise RowError("no_answer", "empty completion")
+        return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+    question, answers = _text(row.get("question")), row.get("answer")
+    answers = [answers] if isinstance(answers, str) else list(answers or [])
+    answer = next((a.strip() for a in answers if isinstance(a, str) and a.strip()), "")
+    if not question:
+        raise RowError("empty_messages", "empty question")
+    if not answer:
+        raise RowError("no_answer", "no answer")
+    context = row.get("context")
+    passages = [context] if isinstance(context, str) else [c for c in context or [] if isinstance(c, str)]
+    passages = [format_passage(p) for p in passages if p.strip()]
+    return Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                   passages, question=question, has_context=bool(passages))
+
+
+def format_passage(text: str, title: str | None = None) -> str:
+    """A context passage as InstructRetro writes it."""
+    return f"title: {title or ''}, source: {' '.join(text.split())}"
+
+
+# -- conversations -> text pieces ------------------------------------------------------------
+
+
+def pieces(example: Example, template: str = "retro", tokenizer=None) -> list[tuple[str, bool]]:
+    """The example as (text, is_target) pieces; the text of the answers is the target. With
+    ``template: retro`` the end of text is added by ``encode``; the chat template's own
+    end-of-turn text is part of the answer piece."""
+    messages = example.messages
+    if template == "chat":
+        return _chat_pieces(example, tokenizer)
+    out: list[tuple[str, bool]] = [(_retro_head(example), False)]
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            answer_prefix = ANSWER_PREFIX if example.question is not None else ""
+            out.append(("Assistant:" + answer_prefix, False))
+            out.append((" " + m["content"], True))
+            if i < len(messages) - 1:
+                out.append(("\n\n", False))
+        elif m["role"] == "user":
+            content = f"{QA_INSTRUCTION} {m['content']}" if example.question is not None else m["content"]
+            out.append((f"User: {content}\n\n", False))
+    return _merge(out)
+
+
+def _retro_head(example: Example) -> str:
+    """System line and context passages, each followed by a blank line."""
+    system = next((f"System: {m['content']}" for m in example.messages if m["role"] == "system"), SYSTEM)
+    return system + "\n\n" + "".join(p + "\n\n" for p in example.passages)
+
+
+def qa_prompt(question: str, passages: list[str], template: str = "retro", tokenizer=None) -> str:
+    """The evaluation prompt: everything before the answer, for a question and its passages."""
+    example = Example([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}],
+                      passages, question=question)
+    return "".join(text for text, _ in pieces(example, template, tokenizer)[:-1])
+
+
+def _chat_pieces(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """Pieces from the tokenizer's chat template: the context goes into the first user turn, the
+    system line is the template's system message; each assistant turn's rendered text is the target."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise BadInputError("instruct.template: chat, but the run's tokenizer has no chat template; "
+                            "use template: retro")
+    system = next((m["content"] for m in example.messages if m["role"] == "system"),
+                  SYSTEM.removeprefix("System: "))
+    messages = [{"role": "system", "content": system}]
+    context = "".join(p + "\n\n" for p in example.passages)
+    for m in example.messages:
+        if m["role"] == "user":
+            content = f"{QA_INSTRUCTION} {m['content']}" if example.question is not None else m["content"]
+            messages.append({"role": "user", "content": context + content})
+            context = ""
+        elif m["role"] == "assistant":
+            messages.append(m)
+
+    def render(msgs: list[dict], prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    out, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not before.startswith(done) or not through.startswith(before):
+            raise BadInputError("the tokenizer's chat template does not render a conversation as a prefix of "
+                                "its continuation; use instruct.template: retro")
+        out += [(before[len(done):], False), (through[len(before):], True)]
+        done = through
+    return _merge(out)
+
+
+def _merge(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Adjacent pieces of the same kind as one (fewer tokenisation boundaries)."""
+    merged: list[tuple[str, bool]] = []
+    for text, target in parts:
+        if merged and merged[-1][1] == target:
+            merged[-1] = (merged[-1][0] + text, target)
+        elif text:
+            merged.append((text, target))
+    return merged
+
+
+def encode(parts: list[tuple[str, bool]], tokenizer, add_eos: bool) -> tuple[list[int], list[int]]:
+    """Pieces -> token ids and targets (1 where the loss counts), each piece tokenised on its own;
+    ``add_eos`` appends the end-of-text token as a target."""
+    tokens, targets = [], []
+    for text, target in parts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens += ids
+        targets += [int(target)] * len(ids)
+    if add_eos:
+        tokens.append(tokenizer.eos_token_id)
+        targets.append(1)
+    return tokens, targets
+
+
+# -- packing ---------------------------------------------------------------------------------
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, packed: bool = True) -> list[dict]:
+    """Examples (tokens, targets), in order, into rows of at most ``seq_len`` tokens: a row is
+    closed when the next example does not fit (``packed=False``: one example per row).
+    ``positions`` restart at 0 at each example."""
+    rows: list[dict] = []
+    row: dict = {"tokens": [], "targets": [], "positions": []}
+    for tokens, targets in examples:
+        if row["tokens"] and (not packed or len(row["tokens"]) + len(tokens) > seq_len):
+            rows.append(row)
+            row = {"tokens": [], "targets": [], "positions": []}
+        row["tokens"] += tokens
+        row["targets"] += targets
+        row["positions"] += list(range(len(tokens)))
+    if row["tokens"]:
+        rows.append(row)
+    return rows
+
+
+def make_batch(items: list[dict], device) -> dict[str, torch.Tensor]:
+    """Rows -> model inputs, right-padded to the longest row: predict tokens[1:] from tokens[:-1]
+    where the target flag is set. Padding is its own example (positions from 0) and no target."""
+    n = max(len(it["tokens"]) for it in items)
+    tokens = torch.zeros(len(items), n, dtype=torch.long)  # [b, n]
+    targets = torch.zeros(len(items), n, dtype=torch.bool)
+    positions = torch.zeros(len(items), n, dtype=torch.long)
+    for i, it in enumerate(items):
+        length = len(it["tokens"])
+        tokens[i, :length] = torch.as_tensor(it["tokens"])
+        targets[i, :length] = torch.as_tensor(it["targets"]).bool()
+        positions[i, :length] = torch.as_tensor(it["positions"])
+        positions[i, length:] = torch.arange(n - length)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": targets[:, 1:],
+             "positions": positions[:, :-1]}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class InstructSamples:
+    """The rows of one split, in memory (instruction data is small next to the database)."""
+
+    def __init__(self, storage: Storage, folder: str, split: str):
+        table = storage.read_parquet(join(folder, f"{split}.parquet"))
+        self.rows = table.to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+# -- the data stage ----------------------------------------------------------------------------
+
+
+def _copies(source: InstructSource, path: str, row: int) -> int:
+    """How often a row is used in the blend: ``weight`` rounded by a stable per-row coin."""
+    whole, frac = divmod(source.weight, 1.0)
+    digest = hashlib.blake2b(f"{source.name}\0{path}\0{row}".encode(), digest_size=8).digest()
+    return int(whole) + int(int.from_bytes(digest, "little") / 2**64 < frac)
+
+
+def _is_valid(source: str, path: str, row: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(f"valid\0{source}\0{path}\0{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def read_rows(storage: Storage, source: InstructSource, limit: int | None) -> Iterator[tuple[str, int, dict | None]]:
+    """(path, 1-based row, row or None when the line is not a JSON object) of every file."""
+    n = 0
+    for pattern in source.paths:
+        paths = storage.expand(pattern)
+        if not paths:
+            raise BadInputError(f"instruct source {source.name!r}: {pattern} matches no file")
+        for path in paths:
+            fmt = source.format if source.format != "auto" else ("parquet" if path.endswith(".parquet") else "jsonl")
+            if fmt == "parquet":
+                rows: Iterator = iter(storage.read_parquet(path).to_pylist())
+            else:
+                rows = (_json_object(line) for line in storage.read_bytes(path).splitlines() if line.strip())
+            for i, row in enumerate(rows, 1):
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield path, i, row
+
+
+def _json_object(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def passage_texts(retriever, found, i: int) -> list[str]:
+    """Query ``i``'s retrieved chunks as passages: each chunk with its continuation (the next
+    chunk of its document), the r = 2m tokens the encoder sees too."""
+    store = retriever.store
+    ids = [int(c) for c in found.chunk_ids[i] if c >= 0]
+    nxt = [c + 1 for c in ids if c + 1 < len(store) and store.doc_ids[c + 1] == store.doc_ids[c]]
+    texts = retriever.chunk_texts.get(np.asarray(ids + nxt, dtype=np.int64))
+    return [format_passage(texts[c] + texts.get(c + 1, "") if c + 1 in nxt else texts[c]) for c in ids]
+
+
+def retrieve_passages(retriever, questions: list[str], k: int, batch: int = 256) -> list[list[str]]:
+    """The top-k passages of each question (batched searches)."""
+    out: list[list[str]] = []
+    for s in range(0, len(questions), batch):
+        found = retriever.retrieve(questions[s: s + batch], k)
+        out += [passage_texts(retriever, found, i) for i in range(len(found.chunk_ids))]
+    return out
+
+
+def seq_len(cfg: Config) -> int:
+    return cfg.instruct.seq_len or cfg.neighbors.seq_len
+
+
+def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
+    """Read, format, tokenise, pack and write the instruction data; recorded in a manifest."""
+    from retro_ray import tokenizer as run_tokenizer
+    from retro_ray.runtime import log
+
+    ic = cfg.instruct
+    if not ic.sources:
+        raise BadInputError("instruct.sources is empty: give at least one chat, prompt/completion or QA file")
+    tok_manifest = run_tokenizer.finished_tokenizer(cfg, storage)
+    inputs = {"tokenizer": tok_manifest.content_hash()}
+    for source in ic.sources:
+        inputs.update({p: storage.fingerprint(p) for pattern in source.paths for p in storage.expand(pattern)})
+    out = stage_dir(cfg)
+    settings = ic.model_copy(update={"lr": 0.0, "max_steps": 1})  # the tuning run's settings do not change the data
+    manifest = open_stage(storage, out, "instruct-data", config_hash(settings, cfg.neighbors), inputs, force)
+    if manifest.complete and cfg.strict and manifest.skipped:
+        raise BadInputError(f"{out} was built with bad rows skipped ({describe_skips(manifest.skipped)}), and strict "
+                            "is on: rerun with --force to stop at the first")
+    if manifest.complete:
+        log.info("instruct data: %s is up to date (%d train rows)", out, manifest.counts["train_rows"])
+        return manifest
+    start = time.time()
+    tok = run_tokenizer.load_run_tokenizer(cfg, storage)
+    skipped: Counter[str] = Counter()
+    examples: list[tuple[Example, str, str, int]] = []  # example, source, path, row
+    for source in ic.sources:
+        for path, row_no, row in read_rows(storage, source, ic.max_examples):
+            try:
+                if row is None:
+                    raise RowError("malformed_json", "not a JSON object")
+                example = parse_row(row, source.kind)
+            except RowError as e:
+                if cfg.strict:
+                    raise BadInputError(f"{path}:{row_no}: {e} (strict: true)") from None
+                skipped[e.reason] += 1
+                continue
+            examples += [(example, source.name, path, row_no)] * _copies(source, path, row_no)
+            manifest.counts[f"rows_{source.name}"] = manifest.counts.get(f"rows_{source.name}", 0) + 1
+    need = [e for e, *_ in examples if e.question is not None and not e.has_context]
+    if need and ic.context_passages:
+        from retro_ray.retrieval import run_retriever
+
+        retriever = run_retriever(cfg, storage)
+        questions = sorted({e.question for e in need})
+        found = dict(zip(questions, retrieve_passages(retriever, questions, ic.context_passages)))
+        for e in need:
+            e.passages = found[e.question]
+        manifest.counts["retrieved_contexts"] = len(need)
+    length, split_rows = seq_len(cfg), {"train": [], "valid": []}
+    add_eos = ic.template == "retro"
+    for example, source, path, row_no in examples:
+        tokens, targets = encode(pieces(example, ic.template, tok), tok, add_eos)
+        if len(tokens) > length:
+            if cfg.strict:
+                raise BadInputError(f"{path}:{row_no}: too_long: {len(tokens)} tokens, instruct seq_len is {length} "
+                                    "(strict: true)")
+            skipped["too_long"] += 1
+            continue
+        split = "valid" if _is_valid(source, path, row_no, ic.valid_fraction) else "train"
+        split_rows[split].append((tokens, targets))
+    if not split_rows["train"]:
+        raise EmptyStageError(f"instruct: no usable example (skipped: {describe_skips(skipped)})")
+    if not split_rows["valid"]:
+        split_rows["valid"].append(split_rows["train"].pop())
+    order = np.random.default_rng(ic.seed).permutation(len(split_rows["train"]))
+    split_rows["train"] = [split_rows["train"][i] for i in order]
+    for split, rows in split_rows.items():
+        packed = pack(rows, length, ic.pack)
+        storage.write_parquet(join(out, f"{split}.parquet"), pa.Table.from_pylist(packed, schema=SCHEMA))
+        manifest.counts[f"{split}_examples"] = len(rows)
+        manifest.counts[f"{split}_rows"] = len(packed)
+        manifest.counts[f"{split}_tokens"] = sum(len(t) for t, _ in rows)
+        manifest.counts[f"{split}_target_tokens"] = sum(sum(g) for _, g in rows)
+    manifest.skipped = dict(sorted(skipped.items()))
+    manifest.timings["prepare_s"] = time.time() - start
+    manifest.complete = True
+    manifest.save(storage, out)
+    c = manifest.counts
+    log.info("instruct data: %d examples -> %d train rows (%d tokens, %d targets), %d valid rows; skipped: %s",
+             c["train_examples"] + c["valid_examples"], c["train_rows"], c["train_tokens"],
+             c["train_target_tokens"], c["valid_rows"], describe_skips(manifest.skipped))
+    return manifest
+
+
+# -- the instruct stage ----------------------------------------------------------------------
+
+
+def tuned_name(cfg: Config) -> str:
+    return f"{cfg.train.run_name}-instruct"
+
+
+def tuning_config(cfg: Config) -> Config:
+    """The tuning run of a pretrained run's config: ``{run_name}-instruct``, InstructRetro's
+    constant learning rate, no retrieval; workers, batch and ZeRO stage as ``train``."""
+    ic, tc = cfg.instruct, cfg.train
+    return cfg.model_copy(update={"train": tc.model_copy(update={
+        "run_name": tuned_name(cfg), "retrieval": False, "lr": ic.lr, "min_lr": ic.lr, "warmup_steps": 0,
+        "max_steps": ic.max_steps, "eval_every": min(tc.eval_every, ic.max_steps),
+        "checkpoint_every": min(tc.checkpoint_every, ic.max_steps), "seed": ic.seed})})
+
+
+def models(cfg: Config) -> dict[str, Config]:
+    """The pretrained runs that are tuned: the Retro run and its GPT twin."""
+    from retro_ray import train
+
+    retro = cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrieval": True})})
+    return {"retro": retro, "gpt": train.twin(cfg)}
+
+
+@locked("instruct", lambda cfg: f"checkpoints/{cfg.train.run_name}-instruct",
+        lambda cfg: f"checkpoints/{cfg.train.run_name}-gpt-instruct")
+def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
+    """The ``instruct`` stage: the instruction data, then the Retro run and its GPT twin (trained
+    first if missing: the same samples and steps without retrieval), each tuned the same way
+    and exported as ``checkpoints/{run}-instruct/model``. ``--force`` redoes the data and the
+    tuning, not the pretraining."""
+    from retro_ray import train
+    from retro_ray.runtime import log
+
+    data = prepare(cfg, storage, force)
+    results = {}
+    for name, run_cfg in models(cfg).items():
+        pretrained = train.run(run_cfg, storage)
+        init = finished_stage(storage, train.run_dir(run_cfg), "pretrain")
+        inputs = {"data": data.content_hash(), "pretrained": init.content_hash()}
+        results[name] = train.fit(tuning_config(run_cfg), storage, "instruct", inputs, force,
+                                  instruct_data=stage_dir(cfg), init=pretrained["model"])
+    storage.write_bytes(join(cfg.workdir, "instruct", "loss.png"),
+                        train.plot_curves({f"{n}-instruct": r["history"] for n, r in results.items()}))
+    log.info("instruct: tuned %s", ", ".join(f"{n} -> {r['model']}" for n, r in results.items()))
+    return results

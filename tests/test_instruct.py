@@ -1,0 +1,229 @@
+"""Instruction data, answer-only loss with packing, QA scoring, overlap, and a tiny tune + eval run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from retro_ray import evaluate, index, instruct, neighbors, tokenizer
+from retro_ray.config import EvalQASet, InstructSource
+from retro_ray.corpus import BadInputError
+from retro_ray.dbfiles import ChunkStore
+from retro_ray.evaluate import exact_match, extract_answer, f1_score
+from retro_ray.instruct import SYSTEM, Example, encode, format_passage, pack, parse_row, pieces, qa_prompt
+from retro_ray.model import Retro, RetroConfig
+from retro_ray.neighbors import drop_near_copies, ngram_overlap
+from retro_ray.storage import Storage
+
+
+@pytest.mark.parametrize("prediction, golds, em, f1", [
+    ("The Eiffel Tower", ["eiffel tower"], 1.0, 1.0),             # article and case
+    ("Paris, France.", ["paris france"], 1.0, 1.0),               # punctuation
+    ("an   apple", ["Apple"], 1.0, 1.0),                          # article, spaces
+    ("in Paris", ["Paris", "Lyon"], 0.0, 2 / 3),                  # P 1/2, R 1
+    ("Lyon", ["Paris", "lyon"], 1.0, 1.0),                        # the best of several golds
+    ("New York City", ["New York", "NYC"], 0.0, 0.8),             # P 2/3, R 1
+    ("", ["Paris"], 0.0, 0.0),
+    ("the", ["a"], 1.0, 1.0),                                     # both normalise to nothing
+])
+def test_em_and_f1_as_squad_scores_them(prediction, golds, em, f1):
+    assert exact_match(prediction, golds) == em
+    assert f1_score(prediction, golds) == pytest.approx(f1)
+
+
+def test_the_answer_is_taken_from_the_first_line():
+    assert extract_answer(" Paris.\nUser: next") == "Paris."
+    assert extract_answer("The answer is: 1066") == "1066"
+
+
+def test_qa_prompt_with_0_1_and_5_passages():
+    head = SYSTEM + "\n\n"
+    turn = "User: Answer the following question with a short span. Who wrote Hamlet?\n\nAssistant: The answer is"
+    assert qa_prompt("Who wrote Hamlet?", []) == head + turn
+    one = [format_passage("Hamlet is a  tragedy\nby Shakespeare.", "Hamlet")]
+    assert one == ["title: Hamlet, source: Hamlet is a tragedy by Shakespeare."]
+    assert qa_prompt("Who wrote Hamlet?", one) == head + one[0] + "\n\n" + turn
+    five = [format_passage(f"passage {i}") for i in range(5)]
+    assert qa_prompt("Who wrote Hamlet?", five) == head + "".join(
+        f"title: , source: passage {i}\n\n" for i in range(5)) + turn
+    # the training text is the prompt followed by the answer
+    example = parse_row({"question": "Who wrote Hamlet?", "answer": ["Shakespeare"], "context": "Hamlet is by him."})
+    assert "".join(t for t, _ in pieces(example)) == (
+        head + "title: , source: Hamlet is by him.\n\n" + turn + " Shakespeare")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    texts = ["The answer is Paris. Who wrote Hamlet? Shakespeare wrote it. User: Assistant: System:"] * 20
+    return tokenizer.train_bpe(texts, 400, "<|endoftext|>")
+
+
+def test_loss_mask_covers_only_answers_and_eos_with_packing(bpe):
+    rows = [parse_row({"question": "Who wrote Hamlet?", "answer": "Shakespeare"}),
+            parse_row({"prompt": "Name a city.", "completion": "Paris"}),
+            parse_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                    {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]})]
+    encoded = [encode(pieces(e), bpe, add_eos=True) for e in rows]
+    packed = pack(encoded, seq_len=10_000)
+    assert len(packed) == 1 and len(packed[0]["tokens"]) == sum(len(t) for t, _ in encoded)
+    row = packed[0]
+    eos = bpe.eos_token_id
+    spans, current = [], []
+    for token, target in zip(row["tokens"], row["targets"]):
+        if target:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current)
+    assert [bpe.decode(s) for s in spans] == [" Shakespeare<|endoftext|>", " Paris<|endoftext|>", " hello",
+                                              " ok<|endoftext|>"]
+    assert sum(t == eos for t in row["tokens"]) == 3
+    # positions restart at each example; the batch predicts token p + 1 at p where it is a target
+    starts = [i for i, p in enumerate(row["positions"]) if p == 0]
+    assert starts == [0, len(encoded[0][0]), len(encoded[0][0]) + len(encoded[1][0])]
+    batch = instruct.make_batch(packed, "cpu")
+    assert torch.equal(batch["targets"][0][batch["loss_mask"][0]], torch.as_tensor(sum(spans, [])))
+    assert len(pack(encoded, seq_len=10_000, packed=False)) == 3
+
+
+def test_packed_examples_do_not_see_each_other():
+    torch.manual_seed(0)
+    model = Retro(RetroConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, chunk_length=8,
+                              retrieval=False)).eval()
+    a, b = torch.randint(0, 50, (1, 11)), torch.randint(0, 50, (1, 6))
+    positions = torch.cat([torch.arange(11), torch.arange(6)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), positions=positions)[0]
+        assert torch.allclose(packed[:, :11], model(a)[0], atol=1e-5)
+        assert torch.allclose(packed[:, 11:], model(b)[0], atol=1e-5)
+
+
+def test_retro_without_retrieval_has_the_loss_of_its_gpt_path(bpe):
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(bpe), d_model=32, n_layers=4, n_heads=4, max_seq_len=2048, chunk_length=16,
+                  encoder_layers=1, cca_layers=[2, 4])
+    retro = Retro(RetroConfig(retrieval=True, **common))
+    for p in retro.parameters():  # CCA with real weights: it must be off, not merely zero
+        torch.nn.init.normal_(p, std=0.05)
+    gpt = Retro(RetroConfig(retrieval=False, **common))
+    missing, unexpected = gpt.load_state_dict(retro.state_dict(), strict=False)
+    assert not missing and all(k.startswith("encoder.") or ".cca." in k or ".ln_cca." in k for k in unexpected)
+    rows = [encode(pieces(parse_row({"question": f"Q{i}?", "answer": f"A{i}"})), bpe, True) for i in range(4)]
+    batch = instruct.make_batch(pack(rows, 700), "cpu")  # 2 rows of 2 examples
+    args = (batch["tokens"], None, None, batch["targets"], batch["loss_mask"])
+    with torch.no_grad():
+        assert retro(*args, positions=batch["positions"])[1] == gpt(*args, positions=batch["positions"])[1]
+
+
+def test_overlap_of_a_chunk_with_its_neighbours():
+    chunk = np.arange(16)
+    assert ngram_overlap(chunk, [np.arange(16)]) == 1.0
+    assert ngram_overlap(chunk, [np.arange(100, 116)]) == 0.0
+    assert ngram_overlap(chunk, [np.arange(0, 12)]) == 5 / 9  # 8-grams starting at 0..4 of 0..8
+    assert ngram_overlap(chunk, [np.arange(0, 8), np.arange(8, 16)]) == 2 / 9  # [0..7] and [8..15] only
+    assert ngram_overlap(np.arange(5), [np.arange(5)]) == 0.0  # shorter than n
+
+
+def test_max_overlap_drops_a_near_copy():
+    # chunks: 0 the query; 1 a near-copy (one token changed) in another document; 2 unrelated
+    query, copy, other = np.arange(32), np.arange(32), np.arange(500, 532)
+    copy[30] = 999
+    flat = np.concatenate([query, copy, other]).astype(np.int32)
+    store = ChunkStore(flat, np.array([0, 32, 64, 96]), np.array([0, 1, 2]))
+    candidates = np.array([[[1, 2, -1]]])
+    kept, dropped = drop_near_copies(store, np.array([[0]]), candidates, r=64, max_overlap=0.9)
+    assert dropped == 1 and kept.tolist() == [[[-1, 2, -1]]]
+    kept, dropped = drop_near_copies(store, np.array([[0]]), candidates, r=64, max_overlap=1.0)
+    assert dropped == 0
+
+
+# -- the tiny run -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(built_db, tmp_path_factory, wiki_docs):
+    """A copy of the tiny database with an exact index, samples of 512 tokens, and data files."""
+    cfg, _ = built_db
+    root = tmp_path_factory.mktemp("instruct")
+    shutil.copytree(cfg.workdir, root / "run", ignore=shutil.ignore_patterns("_locks"))
+    qa_rows = [{"question": f"What is article {i} about?", "answer": [d["title"]]} for i, d in enumerate(wiki_docs)]
+    bad = [b'{"question": "no answer here", "answer": []}', b'{"prompt": "p", "completion": ""}',
+           b'{"messages": []}', b"{not json", b'{"something": "else"}']
+    data = root / "qa.jsonl"
+    data.write_bytes(b"\n".join([json.dumps(r).encode() for r in qa_rows] + bad) + b"\n")
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["yes", "no", "maybe", "later"]))
+    squad = root / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": d["title"], "paragraphs": [{
+        "context": f"The secret word of {d['title']} is zebra{i}.",
+        "qas": [{"id": str(i), "question": f"What is the secret word of {d['title']}?",
+                 "answers": [{"text": f"zebra{i}"}]}]}]} for i, d in enumerate(wiki_docs[:6])]}))
+    cfg = cfg.model_copy(update={
+        "workdir": str(root / "run"),
+        "index": cfg.index.model_copy(update={"factory": "Flat", "shards": 1}),
+        "neighbors": cfg.neighbors.model_copy(update={"seq_len": 512, "k_candidates": 8, "valid_fraction": 0.25}),
+        "train": cfg.train.model_copy(update={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2,
+                                              "eval_batches": 1, "micro_batch_size": 2}),
+        "instruct": cfg.instruct.model_copy(update={
+            "sources": [InstructSource(name="qa", paths=[str(data)]),
+                        InstructSource(name="chat", paths=[str(chat)], weight=2.0)],
+            "max_steps": 2, "lr": 1e-4, "valid_fraction": 0.1}),
+        "eval": cfg.eval.model_copy(update={
+            "qa": [EvalQASet(name="squad", path=str(squad), add_contexts=True),
+                   EvalQASet(name="jsonl", path=str(data), max_questions=8)],
+            "prompt_passages": 2, "max_new_tokens": 8, "ppl_samples": 4}),
+    })
+    storage = Storage()
+    index.run(cfg, storage)
+    neighbors.run(cfg, storage)
+    return cfg
+
+
+def test_bad_rows_are_counted_and_strict_names_the_row(run):
+    manifest = instruct.prepare(run, Storage())
+    assert manifest.skipped == {"empty_messages": 1, "malformed_json": 1, "no_answer": 2, "unknown_format": 1}
+    c = manifest.counts
+    assert c["rows_qa"] == 12 and c["rows_chat"] == 4 and c["retrieved_contexts"] == 12
+    assert c["train_examples"] + c["valid_examples"] == 12 + 2 * 4  # chat weight 2: each twice
+    strict = run.model_copy(update={"strict": True, "workdir": run.workdir + "-strict"})
+    shutil.copytree(run.workdir, strict.workdir, ignore=shutil.ignore_patterns("_locks", "instruct"))
+    with pytest.raises(BadInputError, match=r"qa\.jsonl:13: no_answer"):
+        instruct.prepare(strict, Storage())
+    with pytest.raises(BadInputError, match="strict is on"):
+        instruct.prepare(run.model_copy(update={"strict": True}), Storage())
+
+
+def test_tiny_tune_and_eval_produce_the_tables(run):
+    storage = Storage()
+    results = instruct.run(run, storage)
+    assert set(results) == {"retro", "gpt"} and all(r["step"] == 2 for r in results.values())
+    workdir = run.workdir
+    for name in ("pretrain-instruct", "pretrain-gpt-instruct"):
+        config = json.loads(open(f"{workdir}/checkpoints/{name}/model/config.json").read())
+        assert config["retro"]["retrieval"] == (name == "pretrain-instruct")  # Retro keeps its encoder
+    report = evaluate.run(run, storage)
+    assert set(report["ppl"]["models"]) == {"retro", "gpt", "retro_instruct", "gpt_instruct"}
+    assert set(report["ppl"]["buckets"]["retro"]) == {"0-10%", "10-50%", "50-90%", ">=90%"}
+    qa = report["qa"]
+    assert set(qa["datasets"]) == {"squad", "jsonl"}
+    assert set(qa["datasets"]["squad"]) == {"gpt", "gpt_rag", "retro_decoder_only", "retro_encoder"}
+    assert qa["rows"] == {"squad": 6, "jsonl": 8} and len(qa["failed"]["jsonl"]) == 5
+    assert qa["database"]["sources"] == ["wiki", "squad-contexts"]
+    # the SQuAD paragraphs are in the copy and retrieved for their questions
+    top = qa["examples"]["squad"]["gpt_rag"][0]
+    assert top["passages"] >= 1
+    from retro_ray.instruct import retrieve_passages
+    from retro_ray.retrieval import run_retriever
+
+    db_cfg = run.model_copy(update={"workdir": qa["database"]["workdir"]})
+    paragraph = f"The secret word of {top['question'].removeprefix('What is the secret word of ').rstrip('?')} is zebra0."
+    found = retrieve_passages(run_retriever(db_cfg, storage), [paragraph], 1)[0][0]
+    assert "zebra0" in found
+    for name in ("qa.json", "qa.md", "qa.png", "ppl.json", "ppl.png"):
+        assert (storage.read_bytes(f"{workdir}/eval/{name}"))
+    assert "| gpt_rag |" in storage.read_bytes(f"{workdir}/eval/qa.md").decode()
