@@ -45,7 +45,18 @@ class StorageConfig(Section):
     """Region of the bucket; None lets the S3 client resolve it."""
 
 
-class CorpusSource(Section):
+class FilesSection(Section):
+    """A named set of input files (at least one path)."""
+
+    @field_validator("paths", check_fields=False)
+    @classmethod
+    def _not_empty(cls, paths: list[str]) -> list[str]:
+        if not paths:
+            raise ValueError("needs at least one path")
+        return paths
+
+
+class CorpusSource(FilesSection):
     name: str
     """Short name of this corpus; it appears in manifests and error messages."""
     paths: list[str]
@@ -58,13 +69,6 @@ class CorpusSource(Section):
     weight: float = Field(1.0, gt=0.0, le=1.0)
     """Blend weight: the fraction of this corpus's documents kept, chosen by a stable hash of
     the document's file and row, so the same documents are kept on every rerun."""
-
-    @field_validator("paths")
-    @classmethod
-    def _not_empty(cls, paths: list[str]) -> list[str]:
-        if not paths:
-            raise ValueError("needs at least one path")
-        return paths
 
 
 class CorpusConfig(Section):
@@ -199,7 +203,7 @@ class TrainConfig(Section):
     seed: int = 0
 
 
-class InstructSource(Section):
+class InstructSource(FilesSection):
     name: str
     """Short name of this source; it appears in manifests and error messages."""
     paths: list[str]
@@ -214,13 +218,6 @@ class InstructSource(Section):
     weight: float = Field(1.0, gt=0.0)
     """Copies of each example in the blend: 0.5 keeps a stable half, 2 uses each twice, 1.5
     every example once and a stable half twice."""
-
-    @field_validator("paths")
-    @classmethod
-    def _not_empty(cls, paths: list[str]) -> list[str]:
-        if not paths:
-            raise ValueError("needs at least one path")
-        return paths
 
 
 class InstructConfig(Section):

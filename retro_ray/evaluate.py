@@ -303,7 +303,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
 
 
 def answer_questions(generator, tokenizer, questions: list[dict], passages: list[list[str]] | None, mode: str,
-                     cfg: Config) -> tuple[list[dict], float]:
+                     cfg: Config, label: str = "") -> tuple[list[dict], float]:
     """Greedy answers of every question (its passages in the prompt, as many as fit the
     context) -> rows {question, prediction, em, f1, passages} and seconds per question."""
     from retro_ray.generate import SamplingParams
@@ -330,6 +330,10 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
             rows.append({"question": q["question"], "answers": q["answers"], "prediction": answer,
                          "em": exact_match(answer, q["answers"]), "f1": f1_score(answer, q["answers"]),
                          "passages": used})
+        elapsed = time.perf_counter() - start
+        if s // ec.batch_size % 5 == 4 or len(rows) == len(questions):
+            log.info("eval qa %s: %d/%d questions, %.2f s/question, ETA %.0f s", label, len(rows), len(questions),
+                     elapsed / len(rows), elapsed / len(rows) * (len(questions) - len(rows)))
     return rows, (time.perf_counter() - start) / max(len(questions), 1)
 
 
@@ -368,7 +372,8 @@ def qa(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
             generator = generators[model_key]
             if generator is None:
                 continue
-            rows, per_q = answer_questions(generator, tok, questions, passages if with_passages else None, mode, cfg)
+            rows, per_q = answer_questions(generator, tok, questions, passages if with_passages else None, mode, cfg,
+                                           f"{name} {row}")
             n = max(len(rows), 1)
             report["datasets"].setdefault(name, {})[row] = {
                 "em": 100 * sum(r["em"] for r in rows) / n, "f1": 100 * sum(r["f1"] for r in rows) / n, "n": len(rows)}

@@ -36,7 +36,7 @@ import torch
 from retro_ray.config import Config, InstructSource, config_hash
 from retro_ray.corpus import BadInputError, describe_skips
 from retro_ray.locks import locked
-from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
+from retro_ray.storage import MANIFEST, EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
 
 SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions based on the context. The assistant "
@@ -297,10 +297,11 @@ def read_rows(storage: Storage, source: InstructSource, limit: int | None) -> It
         for path in paths:
             fmt = source.format if source.format != "auto" else ("parquet" if path.endswith(".parquet") else "jsonl")
             if fmt == "parquet":
-                rows: Iterator = iter(storage.read_parquet(path).to_pylist())
-            else:
-                rows = (_json_object(line) for line in storage.read_bytes(path).splitlines() if line.strip())
-            for i, row in enumerate(rows, 1):
+                rows: Iterator = enumerate(storage.read_parquet(path).to_pylist(), 1)
+            else:  # 1-based line numbers; blank lines are not rows
+                rows = ((i, _json_object(line)) for i, line in enumerate(storage.read_bytes(path).splitlines(), 1)
+                        if line.strip())
+            for i, row in rows:
                 if limit is not None and n >= limit:
                     return
                 n += 1
@@ -350,9 +351,13 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     inputs = {"tokenizer": tok_manifest.content_hash()}
     for source in ic.sources:
         inputs.update({p: storage.fingerprint(p) for pattern in source.paths for p in storage.expand(pattern)})
+    inputs["seq_len"] = seq_len(cfg)
+    index_dir = join(cfg.workdir, "index")
+    if ic.context_passages and storage.exists(join(index_dir, MANIFEST)):  # what QA contexts are retrieved from
+        inputs["index"] = finished_stage(storage, index_dir, "index").content_hash()
     out = stage_dir(cfg)
-    settings = ic.model_copy(update={"lr": 0.0, "max_steps": 1})  # the tuning run's settings do not change the data
-    manifest = open_stage(storage, out, "instruct-data", config_hash(settings, cfg.neighbors), inputs, force)
+    data_settings = ic.model_copy(update={"lr": 1.0, "max_steps": 1})  # the tuning run's own settings
+    manifest = open_stage(storage, out, "instruct-data", config_hash(data_settings), inputs, force)
     if manifest.complete and cfg.strict and manifest.skipped:
         raise BadInputError(f"{out} was built with bad rows skipped ({describe_skips(manifest.skipped)}), and strict "
                             "is on: rerun with --force to stop at the first")

@@ -2,9 +2,10 @@
 
 Faiss parses the index factory string (at the embedder's real dimension); every model or
 tokenizer the config names must be a local file or folder, or a hub name already in the local
-Hugging Face cache (unless ``allow_downloads``); every corpus path must match files, and every
-Parquet file must have the text column (its footer is read, nothing more). A mistake here costs seconds, not the hours of
-embedding that come before the stage that would have found it.
+Hugging Face cache (unless ``allow_downloads``); every corpus, instruction-data and QA path must
+match files, and every Parquet file must have the text column (its footer is read, nothing
+more). A mistake here costs seconds, not the hours of embedding that come before the stage that
+would have found it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def check_config(cfg: Config) -> None:
         check_model_source("embed.model", cfg.embed.model, cfg.allow_downloads, "config.json")
     check_factory(cfg)
     check_corpus(cfg)
+    check_task_files(cfg)
 
 
 def check_model_source(field: str, value: str, allow_downloads: bool, probe_file: str) -> None:
@@ -62,6 +64,20 @@ def check_corpus(cfg: Config) -> None:
     from retro_ray.storage import Storage
 
     source_files(cfg, Storage(cfg.storage))
+
+
+def check_task_files(cfg: Config) -> None:
+    """Instruction data and QA files exist (globs match), before any stage runs."""
+    from retro_ray.storage import Storage
+
+    storage = Storage(cfg.storage)
+    for i, source in enumerate(cfg.instruct.sources):
+        for pattern in source.paths:
+            if not storage.expand(pattern):
+                raise ConfigError(f"instruct.sources[{i}] ({source.name!r}): no files match {pattern!r}")
+    for i, qa in enumerate(cfg.eval.qa):
+        if not storage.exists(qa.path):
+            raise ConfigError(f"eval.qa[{i}] ({qa.name!r}): no such file {qa.path!r}")
 
 
 def embedder_dim(cfg: Config) -> int:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from retro_ray import evaluate, index, instruct, neighbors, tokenizer
-from retro_ray.config import EvalQASet, InstructSource
+from retro_ray.config import EvalQASet, InstructSource, StorageConfig
 from retro_ray.corpus import BadInputError
 from retro_ray.dbfiles import ChunkStore
 from retro_ray.evaluate import exact_match, extract_answer, f1_score
-from retro_ray.instruct import SYSTEM, Example, encode, format_passage, pack, parse_row, pieces, qa_prompt
+from retro_ray.instruct import SYSTEM, encode, format_passage, pack, parse_row, pieces, qa_prompt, read_rows
 from retro_ray.model import Retro, RetroConfig
 from retro_ray.neighbors import drop_near_copies, ngram_overlap
 from retro_ray.storage import Storage
@@ -52,6 +52,22 @@ def test_qa_prompt_with_0_1_and_5_passages():
     example = parse_row({"question": "Who wrote Hamlet?", "answer": ["Shakespeare"], "context": "Hamlet is by him."})
     assert "".join(t for t, _ in pieces(example)) == (
         head + "title: , source: Hamlet is by him.\n\n" + turn + " Shakespeare")
+
+
+def test_sources_are_read_from_s3_jsonl_and_parquet(s3_endpoint):
+    import pyarrow as pa
+
+    storage = Storage(StorageConfig(s3_endpoint=s3_endpoint))
+    storage.write_bytes("s3://retro/instruct/qa.jsonl", b'{"question": "q1", "answer": ["a1"]}\n\n[1, 2]\n')
+    storage.write_parquet("s3://retro/instruct/t0.parquet",
+                          pa.Table.from_pylist([{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]))
+    source = InstructSource(name="mix", paths=["s3://retro/instruct/*"])
+    rows = list(read_rows(storage, source, None))
+    assert rows == [("s3://retro/instruct/qa.jsonl", 1, {"question": "q1", "answer": ["a1"]}),
+                    ("s3://retro/instruct/qa.jsonl", 3, None),  # line 3, not an object: malformed
+                    ("s3://retro/instruct/t0.parquet", 1, {"prompt": "p1", "completion": "c1"}),
+                    ("s3://retro/instruct/t0.parquet", 2, {"prompt": "p2", "completion": "c2"})]
+    assert len(list(read_rows(storage, source, 2))) == 2
 
 
 @pytest.fixture(scope="module")
