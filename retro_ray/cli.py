@@ -62,7 +62,36 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="end the output before this string")
+    export = sub.add_parser("export", parents=[common],
+                            help="write the run's model with its tokenizer as a Hugging Face folder")
+    export.add_argument("--out", required=True, help="output folder (local or s3://)")
+    export.add_argument("--model", help="an exported model folder (default: the run's tuned model, else its pretrained one)")
+    export.add_argument("--decoder-only", action="store_true",
+                        help="without encoder and CCA, as a plain GPT-2 (or the retro-fitted base's) model that "
+                             "AutoModelForCausalLM, vLLM or llama.cpp load with no project code")
     return parser
+
+
+def _export(cfg, storage: Storage, args) -> None:
+    import tempfile
+
+    from retro_ray import instruct, tokenizer
+    from retro_ray.errors import UserError
+    from retro_ray.generate import load_model
+    from retro_ray.model.io import save_decoder_only, save_pretrained
+    from retro_ray.storage import join
+    from retro_ray.train import MODEL_DIR, run_dir
+
+    tuned = join(run_dir(instruct.tuning_config(cfg)), MODEL_DIR)
+    path = args.model or (tuned if storage.exists(join(tuned, "config.json")) else join(run_dir(cfg), MODEL_DIR))
+    if not storage.exists(join(path, "config.json")):
+        raise UserError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
+    model = load_model(storage, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        (save_decoder_only if args.decoder_only else save_pretrained)(model, tmp)
+        tokenizer.load_run_tokenizer(cfg, storage).save_pretrained(tmp)
+        storage.upload_dir(tmp, args.out)
+    log.info("export: %s%s -> %s", path, " (decoder only)" if args.decoder_only else "", args.out)
 
 
 def _generate(cfg, storage: Storage, args) -> None:
@@ -98,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(cfg.storage)
         if args.command == "generate":  # no Ray: the model and the saved index run in this process
             _generate(cfg, storage, args)
+            return 0
+        if args.command == "export":
+            _export(cfg, storage, args)
             return 0
         init_ray(cfg, args.address)
         action = getattr(args, "action", None)

@@ -32,6 +32,7 @@ import torch
 from retro_ray.config import Config, CorpusSource, EvalQASet
 from retro_ray.errors import UserError
 from retro_ray.runtime import log
+from retro_ray.generate import load_model
 from retro_ray.storage import MANIFEST, Storage, finished_stage, join
 
 MODELS = ("gpt", "gpt_rag", "retro_decoder_only", "retro_encoder", "base_rag")
@@ -177,17 +178,6 @@ def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[str]])
 # -- models ------------------------------------------------------------------------------------
 
 
-def _load(storage: Storage, uri: str):
-    import tempfile
-
-    from retro_ray.model.io import load_pretrained
-
-    if "://" in uri:
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_pretrained(storage.download_dir(uri, tmp))
-    return load_pretrained(uri)
-
-
 def model_paths(cfg: Config) -> dict[str, str]:
     """Exported model folders: pretrained ``gpt`` / ``retro`` and tuned ``gpt_instruct`` / ``retro_instruct``."""
     from retro_ray.train import MODEL_DIR
@@ -285,7 +275,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
     if cfg.model.base:
         models["base"] = None
     for name, uri in models.items():
-        model = _load(storage, uri) if uri else base_model(cfg)
+        model = load_model(storage, uri) if uri else base_model(cfg)
         losses, mask = token_losses(model, valid, n, ec.batch_size, model.cfg.retrieval, m)
         result["models"][name] = math.exp(float(losses[mask].mean()))
         if name in ("gpt", "retro"):
@@ -369,7 +359,7 @@ def qa(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
         for row, (model_key, with_passages, mode) in setups.items():
             if model_key not in generators:
                 model = base_model(cfg) if model_key == "base" else (
-                    _load(storage, paths[model_key]) if storage.exists(join(paths[model_key], "config.json")) else None)
+                    load_model(storage, paths[model_key]) if storage.exists(join(paths[model_key], "config.json")) else None)
                 generators[model_key] = Generator(model, tok, retriever) if model is not None else None
             generator = generators[model_key]
             if generator is None:

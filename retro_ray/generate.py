@@ -466,25 +466,30 @@ class _Batch:
             self.texts[i] = text
 
 
+def load_model(storage, uri: str) -> Retro | RetroFit:
+    """An exported model folder, local or on S3 (downloaded to a temporary folder first)."""
+    import tempfile
+
+    from retro_ray.model.io import load_pretrained
+
+    if "://" in uri:
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_pretrained(storage.download_dir(uri, tmp))
+    return load_pretrained(uri)
+
+
 def run_generator(cfg, storage, model_path: str | None = None, retrieval: bool = True) -> Generator:
     """A generator over a run: its exported model (or ``model_path``, a folder local or on S3), its
     tokenizer, and its saved index files loaded in this process (none with ``retrieval=False``)."""
-    import tempfile
-
     from retro_ray import tokenizer
-    from retro_ray.model.io import load_pretrained
     from retro_ray.retrieval import run_retriever
-    from retro_ray.storage import is_s3, join
+    from retro_ray.storage import join
     from retro_ray.train import MODEL_DIR, run_dir
 
     path = model_path or join(run_dir(cfg), MODEL_DIR)
     if not storage.exists(join(path, "config.json")):
         raise GenerationError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
-    if is_s3(path):
-        with tempfile.TemporaryDirectory() as tmp:
-            model = load_pretrained(storage.download_dir(path, tmp))
-    else:
-        model = load_pretrained(path)
+    model = load_model(storage, path)
     retriever = run_retriever(cfg, storage) if retrieval else None
     return Generator(model, tokenizer.load_run_tokenizer(cfg, storage), retriever)
 

@@ -234,10 +234,9 @@ def _initial_model(cfg: Config, storage: Storage, init: str | None):
     from retro_ray import tokenizer
 
     if init:
-        from retro_ray.model.io import load_pretrained
+        from retro_ray.generate import load_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_pretrained(storage.download_dir(init, tmp) if "://" in init else init)
+        return load_model(storage, init)
     vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
     return build_model(cfg, vocab, cfg.neighbors.seq_len, tokenizer.finished_tokenizer(cfg, storage).content_hash())
 

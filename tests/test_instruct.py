@@ -245,3 +245,18 @@ def test_tiny_tune_and_eval_produce_the_tables(run):
     for name in ("qa.json", "qa.md", "qa.png", "ppl.json", "ppl.png"):
         assert (storage.read_bytes(f"{workdir}/eval/{name}"))
     assert "| gpt_rag |" in storage.read_bytes(f"{workdir}/eval/qa.md").decode()
+    # the tuned InstructRetro without its encoder, as a plain Hugging Face model
+    from transformers import AutoModelForCausalLM
+
+    from retro_ray.cli import main
+    from retro_ray.generate import load_model
+
+    config = f"{workdir}/config.yaml"
+    storage.write_bytes(config, run.to_yaml().encode())
+    assert main(["export", "--config", config, "--decoder-only", "--out", f"{workdir}/hf"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(f"{workdir}/hf").eval()
+    tuned = load_model(storage, f"{workdir}/checkpoints/pretrain-instruct/model").eval()
+    tokens = torch.randint(0, 300, (1, 100))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, tuned(tokens)[0], atol=1e-5)
+    assert (storage.read_bytes(f"{workdir}/hf/tokenizer.json"))

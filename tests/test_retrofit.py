@@ -108,3 +108,32 @@ def test_smollm2_gguf_retrofit_keeps_the_base_logits(tmp_path):
         # a GGUF base is dequantized on load: the retro-fitted model exports and loads back
         loaded = load_pretrained(save_pretrained(model, tmp_path / "fit")).eval()
         assert torch.equal(loaded(tokens, neighbors)[0], model(tokens, neighbors)[0])
+
+
+@pytest.mark.parametrize("kind", ["retro", "llama", "gpt2"])
+def test_decoder_only_export_loads_with_plain_transformers(kind, tmp_path):
+    """Encoder and CCA dropped: a from-scratch Retro becomes GPT-2, a retro-fitted base its own
+    architecture again, with the logits of the model's decoder-only mode."""
+    from transformers import AutoModelForCausalLM
+
+    from retro_ray.model.io import save_decoder_only
+
+    torch.manual_seed(0)
+    common = dict(chunk_length=8, k=2, encoder_layers=1, cca_layers=[2])
+    if kind == "retro":
+        model = Retro(RetroConfig(vocab_size=61, d_model=32, n_layers=3, n_heads=4, max_seq_len=64, **common))
+    elif kind == "llama":
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=64))
+        model = RetroFit(base, retrofit_config(base, **common))
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+        model = RetroFit(base, retrofit_config(base, **common))
+    for p in model.parameters():  # nothing left at its initial value (CCA's zero projections included)
+        torch.nn.init.normal_(p, std=0.1)
+    hf = AutoModelForCausalLM.from_pretrained(save_decoder_only(model.eval(), tmp_path / "hf")).eval()
+    assert type(hf).__name__ == {"retro": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[kind]
+    assert not any(name.startswith(("encoder", "cca")) for name, _ in hf.named_parameters())
+    tokens = torch.randint(0, 61, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, model(tokens)[0], atol=1e-5)

@@ -4,6 +4,10 @@
     RetroFit:  config.json, base/ (the base model's own save_pretrained), retro.safetensors (CCA,
                their norms and the encoder)
 
+``save_decoder_only`` writes the decoder alone (no encoder, no CCA: InstructRetro's finding that
+the encoder can be dropped) as a plain Hugging Face model that ``AutoModelForCausalLM`` loads
+with no project code: a ``Retro`` as GPT-2, a retro-fitted base as its own architecture.
+
 Weights are read with safetensors only: no pickle, nothing executed from the folder.
 """
 
@@ -35,6 +39,40 @@ def save_pretrained(model: Retro | RetroFit, folder: str | Path) -> Path:
         save_file(weights, folder / "model.safetensors")
         config["architecture"] = "Retro"
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def save_decoder_only(model: Retro | RetroFit, folder: str | Path) -> Path:
+    """The decoder as a standard Hugging Face causal LM folder; its logits are the model's with
+    retrieval off."""
+    folder = Path(folder)
+    if isinstance(model, RetroFit):
+        model.base.save_pretrained(folder, safe_serialization=True)
+        return folder
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.cfg
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads,
+        n_inner=c.mlp_ratio * c.d_model, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None))
+    state = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.weight,
+             "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias}
+    for i, block in enumerate(model.blocks):  # GPT-2's Conv1D keeps weights as [in, out]
+        h = f"transformer.h.{i}."
+        state.update({
+            h + "ln_1.weight": block.ln1.weight, h + "ln_1.bias": block.ln1.bias,
+            h + "attn.c_attn.weight": torch.cat([block.attn.q.weight, block.attn.kv.weight]).T,  # [d, 3d]: q, k, v
+            h + "attn.c_attn.bias": torch.cat([block.attn.q.bias, block.attn.kv.bias]),
+            h + "attn.c_proj.weight": block.attn.out.weight.T, h + "attn.c_proj.bias": block.attn.out.bias,
+            h + "ln_2.weight": block.ln2.weight, h + "ln_2.bias": block.ln2.bias,
+            h + "mlp.c_fc.weight": block.mlp.fc.weight.T, h + "mlp.c_fc.bias": block.mlp.fc.bias,
+            h + "mlp.c_proj.weight": block.mlp.proj.weight.T, h + "mlp.c_proj.bias": block.mlp.proj.bias})
+    missing, unexpected = gpt2.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=False)
+    if unexpected or [k for k in missing if k != TIED and not k.endswith(".attn.bias")]:
+        raise ValueError(f"GPT-2 export: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    gpt2.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
