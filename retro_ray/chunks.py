@@ -29,7 +29,7 @@ import pyarrow as pa
 from retro_ray import corpus, tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.corpus import BAD_INPUT, BadInputError, bad_rows, describe_skips
-from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, chunks_uri, db_dir
+from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, block_range, chunks_uri, db_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log
 from retro_ray.storage import EmptyStageError, Manifest, Storage, join, open_stage
@@ -118,6 +118,20 @@ class _BlockWriter:
         self.tokens = 0
         self.written = 0
 
+    @classmethod
+    def after(cls, cfg: Config, storage: Storage, manifest: Manifest, base: Manifest, base_db: str) -> "_BlockWriter":
+        """A writer that goes on from the finished database ``base`` (in ``base_db``): its chunk
+        and document ids, token and skip counts continue, and its last block, when not full, is
+        taken up again to be completed by the new chunks."""
+        writer = cls(cfg, storage, manifest)
+        writer.next_chunk, writer.next_doc = base.counts["chunks"], base.counts["docs"]
+        writer.tokens, writer.skipped = base.counts["tokens"], Counter(base.skipped)
+        start, end = block_range(max(base.blocks, key=lambda name: block_range(name)[0]))
+        if end - start < cfg.db.block_size:
+            writer.rows = [storage.read_parquet(chunks_uri(base_db, block_name(start, end)))]
+            writer.n_rows = end - start
+        return writer
+
     def add(self, chunked: pa.Table) -> None:
         """Take the next rows of the stream."""
         skip = chunked.column("skip").to_numpy(zero_copy_only=False)
@@ -165,10 +179,12 @@ class _BlockWriter:
             self._flush(self.n_rows)
 
 
-def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str, list[str]]) -> None:
-    """Chunk pass: stream the corpus through the tokeniser into chunk blocks."""
+def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str, list[str]],
+                 writer: _BlockWriter | None = None) -> None:
+    """Chunk pass: stream the corpus through the tokeniser into chunk blocks (after the chunks
+    ``writer`` already numbered, when given: see ``append_documents``)."""
     start = time.time()
-    writer = _BlockWriter(cfg, storage, manifest)
+    writer = writer or _BlockWriter(cfg, storage, manifest)
     for chunked in _chunk_stream(cfg, storage, files):
         writer.add(chunked)
     writer.close()
@@ -189,6 +205,16 @@ def build_chunks(cfg: Config, storage: Storage, manifest: Manifest, files: dict[
     if bad:
         log.warning("db: %d bad input rows skipped (%s); strict: true stops at the first",
                     sum(bad.values()), describe_skips(bad))
+
+
+def append_documents(cfg: Config, storage: Storage, manifest: Manifest, base: Manifest, base_db: str,
+                     sources: list, files: dict[str, list[str]]) -> None:
+    """Chunk the documents of ``sources`` into the database ``cfg`` after those of the finished
+    database ``base``, whose full blocks ``manifest`` already lists (copied): the same ids for
+    the old chunks, the next ones for the new, only new or completed blocks written."""
+    only_new = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"sources": sources, "max_docs": None})})
+    build_chunks(only_new, storage, manifest, {s.name: files[s.name] for s in sources},
+                 _BlockWriter.after(cfg, storage, manifest, base, base_db))
 
 
 def open_db(cfg: Config, storage: Storage, force: bool = False) -> tuple[Manifest, dict[str, list[str]]]:

@@ -24,6 +24,7 @@ import json
 import math
 import re
 import string
+import tempfile
 import time
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 
 from retro_ray.config import Config, CorpusSource, EvalQASet
 from retro_ray.errors import UserError
+from retro_ray.locks import locked
 from retro_ray.runtime import log
 from retro_ray.generate import load_model
 from retro_ray.storage import MANIFEST, Storage, finished_stage, join
@@ -133,11 +135,8 @@ def load_qa(storage: Storage, qa: EvalQASet) -> tuple[list[dict], list[dict], li
 
 def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[str]]) -> Config:
     """The config whose db and index QA retrieval uses: the run's own, or (with extra documents)
-    a copy in ``eval/db`` holding the run's corpus followed by them. The copy starts from the
-    run's full blocks (same chunk ids: the run's documents come first) as a build that stopped
-    there, so only the new documents are chunked into new blocks and embedded."""
-    from retro_ray import chunks, index
-    from retro_ray.dbfiles import db_dir, finished_db
+    a copy in ``eval/db`` holding the run's database followed by them, with its own index."""
+    from retro_ray import index
 
     extra = list(cfg.eval.extra_corpus)
     for name, texts in paragraphs.items():
@@ -146,33 +145,41 @@ def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[str]])
         extra.append(CorpusSource(name=f"{name}-contexts", paths=[uri]))
     if not extra:
         return cfg
-    if cfg.corpus.max_docs and cfg.eval.extra_corpus:
-        raise UserError("eval.extra_corpus cannot be added to a corpus cut by corpus.max_docs (the copy could not "
-                        "tell the run's rows from the extra ones): drop max_docs or put the documents in a QA set")
-    max_docs = cfg.corpus.max_docs and cfg.corpus.max_docs + sum(len(t) for t in paragraphs.values())
     copy = cfg.model_copy(update={"workdir": join(cfg.workdir, "eval", "db"), "corpus": cfg.corpus.model_copy(
-        update={"sources": cfg.corpus.sources + extra, "max_docs": max_docs})})
-    if not storage.exists(join(db_dir(copy), MANIFEST)):
-        import tempfile
+        update={"sources": cfg.corpus.sources + extra})})
+    _extend(copy, storage, cfg, extra)
+    index.run(copy, storage)
+    return copy
 
-        from retro_ray import tokenizer
-        from retro_ray.dbfiles import chunks_uri, embeddings_uri
 
+@locked("tokenizer", "db")  # the copy's folders
+def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSource]) -> None:
+    """The copy's database: the run's tokenizer and full blocks (chunks and embeddings) copied,
+    the extra documents chunked after the run's last chunk, and only the new blocks embedded.
+    Resumes like the db stage."""
+    from retro_ray import chunks, embed, tokenizer
+    from retro_ray.dbfiles import chunks_uri, db_dir, embeddings_uri, finished_db
+
+    if not storage.exists(join(tokenizer.stage_dir(copy), MANIFEST)):
         with tempfile.TemporaryDirectory() as tmp:
             storage.upload_dir(storage.download_dir(tokenizer.stage_dir(cfg), tmp), tokenizer.stage_dir(copy))
-        manifest = join(tokenizer.stage_dir(cfg), MANIFEST)  # expand() does not list it
-        storage.write_bytes(join(tokenizer.stage_dir(copy), MANIFEST), storage.read_bytes(manifest))
-        source = finished_db(cfg, storage)
-        full = {n: b for n, b in source.blocks.items() if b["rows"] == cfg.db.block_size}
+        tok_manifest = join(tokenizer.stage_dir(cfg), MANIFEST)  # expand() does not list it
+        storage.write_bytes(join(tokenizer.stage_dir(copy), MANIFEST), storage.read_bytes(tok_manifest))
+    manifest, files = chunks.open_db(copy, storage)
+    if manifest.complete:
+        return
+    base = finished_db(cfg, storage)
+    if "chunks" not in manifest.counts:
+        full = {n: b for n, b in base.blocks.items() if b["rows"] == cfg.db.block_size and n not in manifest.blocks}
         for name in full:
             for uri_of in (chunks_uri, embeddings_uri):
                 storage.write_bytes(uri_of(db_dir(copy), name), storage.read_bytes(uri_of(db_dir(cfg), name)))
-        manifest, _ = chunks.open_db(copy, storage)
-        manifest.blocks.update(full)  # as a build of the longer corpus that stopped after them
+        manifest.blocks.update(full)
         manifest.save(storage, db_dir(copy))
-    chunks.run(copy, storage)
-    index.run(copy, storage)
-    return copy
+        chunks.append_documents(copy, storage, manifest, base, db_dir(cfg), extra, files)
+    embed.embed_blocks(copy, storage, manifest, db_dir(copy))
+    manifest.complete = True
+    manifest.save(storage, db_dir(copy))
 
 
 # -- models ------------------------------------------------------------------------------------

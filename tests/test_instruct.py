@@ -216,7 +216,7 @@ def test_bad_rows_are_counted_and_strict_names_the_row(run):
         instruct.prepare(run.model_copy(update={"strict": True}), Storage())
 
 
-def test_tiny_tune_and_eval_produce_the_tables(run):
+def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     storage = Storage()
     results = instruct.run(run, storage)
     assert set(results) == {"retro", "gpt"} and all(r["step"] == 2 for r in results.values())
@@ -232,6 +232,18 @@ def test_tiny_tune_and_eval_produce_the_tables(run):
     assert set(qa["datasets"]["squad"]) == {"gpt", "gpt_rag", "retro_decoder_only", "retro_encoder"}
     assert qa["rows"] == {"squad": 6, "jsonl": 8} and len(qa["failed"]["jsonl"]) == 6
     assert qa["database"]["sources"] == ["wiki", "squad-contexts"]
+    # the copy holds the run's chunks under the same ids, then the paragraphs (one chunk each here)
+    import pyarrow.parquet as pq
+
+    def chunk_rows(db: str) -> list[dict]:
+        return pq.read_table(f"{db}/chunks", columns=["chunk_id", "doc_id", "text"]).sort_by("chunk_id").to_pylist()
+
+    original, copied = chunk_rows(f"{workdir}/db"), chunk_rows(f"{qa['database']['workdir']}/db")
+    assert copied[: len(original)] == original
+    assert [r["text"].split("\n\n")[1] for r in copied[len(original):]] == [
+        f"The secret word of {d['title']} is zebra{i}." for i, d in enumerate(wiki_docs[:6])]
+    assert [r["doc_id"] for r in copied[len(original):]] == list(range(original[-1]["doc_id"] + 1,
+                                                                      original[-1]["doc_id"] + 7))
     # the SQuAD paragraphs are in the copy and retrieved for their questions
     top = qa["examples"]["squad"]["gpt_rag"][0]
     assert top["passages"] >= 1
