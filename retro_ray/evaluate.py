@@ -33,8 +33,8 @@ import torch
 from retro_ray.config import Config, CorpusSource, EvalQASet
 from retro_ray.errors import UserError
 from retro_ray.locks import locked
-from retro_ray.runtime import log
 from retro_ray.generate import load_model
+from retro_ray.runtime import log
 from retro_ray.storage import MANIFEST, Storage, finished_stage, join
 
 MODELS = ("gpt", "gpt_rag", "retro_decoder_only", "retro_encoder", "base_rag")
@@ -43,6 +43,7 @@ tuned Retro with passages, its encoder dropped or fed (2 neighbours per chunk); 
 the run started from, with passages."""
 BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.01))
 BUCKET_NAMES = ("0-10%", "10-50%", "50-90%", ">=90%")
+PUNCTUATION = set(string.punctuation)
 
 
 class QADataError(UserError, ValueError):
@@ -54,7 +55,7 @@ class QADataError(UserError, ValueError):
 
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no a/an/the, whitespace collapsed."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

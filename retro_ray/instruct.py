@@ -7,7 +7,7 @@ Each becomes a conversation; the prompt is InstructRetro's (``template: retro``)
     System: This is a chat between a user and ... the context.\\n\\n
     title: {t}, source: {text}\\n\\n ... (the context passages)\\n\\n
     User: Answer the following question with a short span. {question}\\n\\n
-    Assistant: The answer is{answer}<eos>
+    Assistant: The answer is {answer}<eos>
 
 or the tokenizer's chat template (``template: chat``). A QA row without context gets the top
 ``instruct.context_passages`` passages retrieved for its question from the run's index. Only
@@ -43,8 +43,6 @@ SYSTEM = ("System: This is a chat between a user and an artificial intelligence 
           "should also indicate when the answer cannot be found in the context.")
 QA_INSTRUCTION = "Answer the following question with a short span."
 ANSWER_PREFIX = " The answer is"
-BAD_ROWS = ("malformed_json", "unknown_format", "empty_messages", "no_answer", "too_long")
-"""Reasons a row is skipped (counted in the manifest; the first one is an error under ``strict``)."""
 SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("targets", pa.list_(pa.int8())),
                     ("positions", pa.list_(pa.int32()))])
 
@@ -69,7 +67,9 @@ class Example:
 
 
 class RowError(ValueError):
-    """A row that cannot become an example; ``reason`` is one of ``BAD_ROWS``."""
+    """A row that cannot become an example; its ``reason`` (``malformed_json``, ``unknown_format``,
+    ``empty_messages``, ``no_answer``; ``too_long`` is found later, once tokenised) is counted in
+    the manifest, or is an error naming the row under ``strict``."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}{': ' + detail if detail else ''}")
