@@ -268,7 +268,7 @@ class EvalConfig(Section):
     """Questions decoded together."""
     ppl_samples: int = Field(64, gt=0)
     """Validation samples for perplexity (and its overlap buckets)."""
-    overlap_ngram: int = Field(8, gt=0)
+    overlap_ngram: int = Field(8, gt=0, le=64)
     """n of the n-grams that measure how much of a chunk its neighbours contain."""
 
 

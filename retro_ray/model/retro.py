@@ -283,8 +283,8 @@ class Retro(nn.Module):
 
     def forward(self, tokens: torch.Tensor, neighbors: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                loss_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Shapes: tokens [b, n]; neighbors [b, L, k, r] token ids with L >= n // m (only the
         first n // m chunks, those complete in ``tokens``, are used); neighbor_mask [b, L, k, r]
         (True = real token; default: all real); targets [b, n] (-100 = ignore);
