@@ -32,8 +32,8 @@ import torch
 
 from retro_ray.config import Config, CorpusSource, EvalQASet
 from retro_ray.errors import UserError
-from retro_ray.locks import locked
 from retro_ray.generate import load_model
+from retro_ray.locks import locked
 from retro_ray.runtime import log
 from retro_ray.storage import MANIFEST, Storage, finished_stage, join
 
@@ -142,7 +142,9 @@ def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[str]])
     extra = list(cfg.eval.extra_corpus)
     for name, texts in paragraphs.items():
         uri = join(cfg.workdir, "eval", "extra", f"{name}.jsonl")
-        storage.write_bytes(uri, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        if not storage.exists(uri) or storage.read_bytes(uri) != data:  # unchanged: the copy stays up to date
+            storage.write_bytes(uri, data)
         extra.append(CorpusSource(name=f"{name}-contexts", paths=[uri]))
     if not extra:
         return cfg
@@ -188,12 +190,14 @@ def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSourc
 
 def model_paths(cfg: Config) -> dict[str, str]:
     """Exported model folders: pretrained ``gpt`` / ``retro`` and tuned ``gpt_instruct`` / ``retro_instruct``."""
-    from retro_ray.train import MODEL_DIR
+    from retro_ray.instruct import models, tuning_config
+    from retro_ray.train import MODEL_DIR, run_dir
 
-    name = cfg.train.run_name
-    runs = {"retro": name, "gpt": f"{name}-gpt", "retro_instruct": f"{name}-instruct",
-            "gpt_instruct": f"{name}-gpt-instruct"}
-    return {k: join(cfg.workdir, "checkpoints", run, MODEL_DIR) for k, run in runs.items()}
+    paths = {}
+    for name, run_cfg in models(cfg).items():
+        paths[name] = join(run_dir(run_cfg), MODEL_DIR)
+        paths[f"{name}_instruct"] = join(run_dir(tuning_config(run_cfg)), MODEL_DIR)
+    return paths
 
 
 def base_model(cfg: Config):
@@ -227,7 +231,7 @@ def token_losses(model, samples, n: int, batch_size: int, retrieval: bool, chunk
     return np.concatenate(losses), np.concatenate(masks)
 
 
-def chunk_overlaps(samples, n: int, store, chunk_len: int, ngram: int) -> np.ndarray:
+def chunk_overlaps(samples, n: int, chunk_len: int, ngram: int) -> np.ndarray:
     """[s, l] the share of each sample chunk u's n-grams found in the neighbours of chunk u - 1
     (the ones its tokens attend to); NaN for chunk 0 and for chunks without a database chunk."""
     from retro_ray.neighbors import ngram_overlap
@@ -246,7 +250,7 @@ def chunk_overlaps(samples, n: int, store, chunk_len: int, ngram: int) -> np.nda
     return np.stack(rows)
 
 
-def near_copy_share(samples, n: int, store, chunk_len: int, ngram: int, threshold: float = 0.9) -> float:
+def near_copy_share(samples, n: int, chunk_len: int, ngram: int, threshold: float = 0.9) -> float:
     """Share of the sample chunks that have neighbours with one (from another document, as the
     neighbours stage keeps them) holding at least ``threshold`` of their n-grams."""
     from retro_ray.neighbors import ngram_overlap
@@ -274,7 +278,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
     valid = RetroSamples(cfg, storage, "valid", store)
     ec, m = cfg.eval, cfg.db.chunk_length
     n = min(ec.ppl_samples, len(valid))
-    overlaps = chunk_overlaps(valid, n, store, m, ec.overlap_ngram)  # [s, l]
+    overlaps = chunk_overlaps(valid, n, m, ec.overlap_ngram)  # [s, l]
     # the target at index p is token p + 1, of chunk (p + 1) // m
     chunk_of_target = (np.arange(cfg.neighbors.seq_len - 1) + 1) // m  # [seq_len - 1]
     target_overlap = overlaps[:, chunk_of_target]  # [s, seq_len - 1]
@@ -294,7 +298,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
                     "ppl": math.exp(float(losses[inside].mean())) if inside.any() else None,
                     "tokens": int(inside.sum())}
     train = RetroSamples(cfg, storage, "train", store)
-    result["near_copy_share"] = near_copy_share(train, ec.ppl_samples, store, m, ec.overlap_ngram)
+    result["near_copy_share"] = near_copy_share(train, ec.ppl_samples, m, ec.overlap_ngram)
     result["max_overlap"] = cfg.neighbors.max_overlap
     return result
 

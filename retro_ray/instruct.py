@@ -352,8 +352,10 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     for source in ic.sources:
         inputs.update({p: storage.fingerprint(p) for pattern in source.paths for p in storage.expand(pattern)})
     inputs["seq_len"] = seq_len(cfg)
-    index_dir = join(cfg.workdir, "index")
-    if ic.context_passages and storage.exists(join(index_dir, MANIFEST)):  # what QA contexts are retrieved from
+    from retro_ray import index
+
+    index_dir = index.stage_dir(cfg)  # what QA contexts are retrieved from
+    if ic.context_passages and storage.exists(join(index_dir, MANIFEST)):
         inputs["index"] = finished_stage(storage, index_dir, "index").content_hash()
     out = stage_dir(cfg)
     data_settings = ic.model_copy(update={"lr": 1.0, "max_steps": 1})  # the tuning run's own settings
@@ -452,8 +454,8 @@ def models(cfg: Config) -> dict[str, Config]:
     return {"retro": retro, "gpt": train.twin(cfg)}
 
 
-@locked("instruct", lambda cfg: f"checkpoints/{cfg.train.run_name}-instruct",
-        lambda cfg: f"checkpoints/{cfg.train.run_name}-gpt-instruct")
+@locked("instruct", lambda cfg: f"checkpoints/{tuned_name(models(cfg)['retro'])}",
+        lambda cfg: f"checkpoints/{tuned_name(models(cfg)['gpt'])}")
 def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
     """The ``instruct`` stage: the instruction data, then the Retro run and its GPT twin (trained
     first if missing: the same samples and steps without retrieval), each tuned the same way
