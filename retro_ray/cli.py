@@ -75,17 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 def _export(cfg, storage: Storage, args) -> None:
     import tempfile
 
-    from retro_ray import instruct, tokenizer
-    from retro_ray.errors import UserError
-    from retro_ray.generate import load_model
+    from retro_ray import tokenizer
+    from retro_ray.generate import load_model, model_path
     from retro_ray.model.io import save_decoder_only, save_pretrained
-    from retro_ray.storage import join
-    from retro_ray.train import MODEL_DIR, run_dir
 
-    tuned = join(run_dir(instruct.tuning_config(cfg)), MODEL_DIR)
-    path = args.model or (tuned if storage.exists(join(tuned, "config.json")) else join(run_dir(cfg), MODEL_DIR))
-    if not storage.exists(join(path, "config.json")):
-        raise UserError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
+    path = model_path(cfg, storage, args.model)
     model = load_model(storage, path)
     with tempfile.TemporaryDirectory() as tmp:
         (save_decoder_only if args.decoder_only else save_pretrained)(model, tmp)

@@ -272,6 +272,41 @@ class EvalConfig(Section):
     """n of the n-grams that measure how much of a chunk its neighbours contain."""
 
 
+class ServeConfig(Section):
+    """``retro-ray serve``: the OpenAI-compatible app's model, retrieval defaults and limits.
+    Replica counts, autoscaling and concurrent requests per replica (``max_ongoing_requests``)
+    are Serve's own settings, in the Serve config file (``cluster/serve.yaml``)."""
+
+    model: str | None = None
+    """Exported model folder (local or ``s3://``); None: the run's instruction-tuned Retro, else
+    its pretrained one."""
+    model_name: str | None = None
+    """The ``model`` id clients send; None: the model folder's run name (``{run_name}-instruct``)."""
+    index: Literal["local", "actors"] = "local"
+    """Retrieve from the saved index files in the retriever replica, or from the index stage's
+    shard actors (a database larger than one replica's memory)."""
+    retrieval: Literal["encoder", "prompt", "both", "off"] = "both"
+    """Default for requests without ``retrieval``: neighbours through the encoder, passages in
+    the prompt, both, or neither."""
+    passages: int = Field(3, ge=0)
+    """Default number of passages put in the prompt (``prompt`` and ``both``)."""
+    api_key_env: str = "RETRO_RAY_API_KEY"
+    """Environment variable (on the serving nodes) holding the API key; unset: no key needed
+    unless ``api_key_file`` is given."""
+    api_key_file: str | None = None
+    """A file holding the API key (a mounted secret); it wins over the environment variable."""
+    max_prompt_tokens: int = Field(2048, gt=0)
+    max_tokens: int = Field(512, gt=0)
+    """The largest ``max_tokens`` a request may ask for (the prompt plus it must also fit the context)."""
+    default_max_tokens: int = Field(128, gt=0)
+    max_n: int = Field(4, gt=0)
+    max_passages: int = Field(10, ge=0)
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    max_batch_size: int = Field(8, gt=0)
+    """Requests decoded together by a generator replica (``@serve.batch``); 1: no batching."""
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+
+
 class Config(Section):
     workdir: str = "runs/default"
     """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
@@ -292,6 +327,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     instruct: InstructConfig = InstructConfig()
     eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
 
     @field_validator("workdir")
     @classmethod

@@ -311,20 +311,14 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     """Greedy answers of every question (its passages in the prompt, as many as fit the
     context) -> rows {question, prediction, em, f1, passages} and seconds per question."""
     from retro_ray.generate import SamplingParams
-    from retro_ray.instruct import qa_prompt
+    from retro_ray.instruct import fit_passages, qa_prompt
 
     ec, template = cfg.eval, cfg.instruct.template
     params = SamplingParams(max_new_tokens=ec.max_new_tokens, stop=["\n"])
     room = generator.cfg.max_seq_len - ec.max_new_tokens
-    prompts = []
-    for i, q in enumerate(questions):
-        given = list(passages[i]) if passages else []
-        while True:
-            prompt = qa_prompt(q["question"], given, template, tokenizer)
-            if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= room or not given:
-                break
-            given.pop()  # the lowest-ranked passage that does not fit
-        prompts.append((prompt, len(given)))
+    prompts = [fit_passages(lambda given: qa_prompt(q["question"], given, template, tokenizer),
+                            passages[i] if passages else [], tokenizer, room)
+               for i, q in enumerate(questions)]
     rows, start = [], time.perf_counter()
     for s in range(0, len(questions), ec.batch_size):
         batch = prompts[s: s + ec.batch_size]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -243,6 +243,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
 
 
+def settled(text: str, stop: list[str]) -> str:
+    """The part of an unfinished output that later tokens cannot change, for streaming: without a
+    trailing incomplete character and without an ending that may begin a stop string."""
+    text = text.rstrip("\ufffd")
+    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - held]
+
+
 class Generator:
     """Decodes batches of prompts with a ``Retro`` or ``RetroFit`` model.
 
@@ -297,44 +305,59 @@ class Generator:
                       for i in range(len(prompts))]
         if len(params) != len(prompts):
             raise GenerationError(f"{len(params)} sampling settings for {len(prompts)} prompts")
-        if any(p.max_new_tokens < 1 for p in params):
-            raise GenerationError("max_new_tokens must be at least 1")
         if mode not in MODES:
             raise GenerationError(f"retrieval mode {mode!r}: expected one of {', '.join(MODES)}")
-        needs_index = mode in ("prompt", "both") or (mode == "encoder" and self.cfg.retrieval)
-        if needs_index and self.retriever is None:
+        if mode in ("prompt", "both") and self.retriever is None:
             raise GenerationError(f"retrieval mode {mode!r} needs an index; use mode 'off' for the decoder alone")
         shown, passage_rows = list(prompts), [[] for _ in prompts]
         if mode in ("prompt", "both") and passages > 0:
             found = self.retriever.retrieve(list(prompts), passages)
             passage_rows = [found.describe(i) for i in range(len(prompts))]
             shown = [passages_prompt([p["text"] for p in rows], prompt) for rows, prompt in zip(passage_rows, prompts)]
-        encode = mode in ("encoder", "both") and self.cfg.retrieval
-        seqs = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in shown]
-        for text, ids, p in zip(shown, seqs, params):
-            if not ids:
-                raise GenerationError("an empty prompt: give at least one token of text")
-            if len(ids) + p.max_new_tokens > self.cfg.max_seq_len:
-                raise GenerationError(
-                    f"a prompt of {len(ids)} tokens plus max_new_tokens={p.max_new_tokens} exceeds the "
-                    f"model's context of {self.cfg.max_seq_len} tokens ({text[:40]!r}...)")
         start = time.perf_counter()
-        state = _Batch(self, seqs, params, encode)
-        state.run(keep_logits)
+        state = self.start(shown, params, [mode in ("encoder", "both")] * len(prompts))
+        for _ in state.steps(keep_logits):
+            pass
         self.last_timings = {"retrieve_s": state.retrieval_s, "encode_s": state.encode_s,
                              "total_s": time.perf_counter() - start}
         return [Generation(prompt=text, text=state.texts[i], tokens=state.generated[i],
-                           prompt_tokens=len(seqs[i]), finish_reason=state.finish[i],
+                           prompt_tokens=len(state.prompts[i]), finish_reason=state.finish[i],
                            retrieved=state.retrieved[i], passages=passage_rows[i],
                            logits=state.logits[i] if keep_logits else None)
                 for i, text in enumerate(shown)]
 
+    def encode_prompt(self, text: str, params: SamplingParams) -> list[int]:
+        """A prompt's token ids, checked against the context and the sampling settings."""
+        if params.max_new_tokens < 1:
+            raise GenerationError("max_new_tokens must be at least 1")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise GenerationError("an empty prompt: give at least one token of text")
+        if len(ids) + params.max_new_tokens > self.cfg.max_seq_len:
+            raise GenerationError(
+                f"a prompt of {len(ids)} tokens plus max_new_tokens={params.max_new_tokens} exceeds the "
+                f"model's context of {self.cfg.max_seq_len} tokens ({text[:40]!r}...)")
+        return ids
 
-class _Batch:
-    """The decoding state of one batch of requests."""
+    def start(self, prompts: list[str], params: list[SamplingParams], retrieve: list[bool]) -> "Decoding":
+        """The decoding of a batch, for the caller to step (``Decoding.steps``): what serving uses
+        to stream tokens and to drop a request mid-way. ``retrieve[i]``: prompt i retrieves for
+        its chunks through the encoder (no effect on a model without one)."""
+        needs_index = self.cfg.retrieval and any(retrieve)
+        if needs_index and self.retriever is None:
+            raise GenerationError("retrieval mode 'encoder' needs an index; use mode 'off' for the decoder alone")
+        seqs = [self.encode_prompt(text, p) for text, p in zip(prompts, params)]
+        return Decoding(self, seqs, params, [bool(r and self.cfg.retrieval) for r in retrieve])
 
-    def __init__(self, gen: Generator, seqs: list[list[int]], params: list[SamplingParams], encode: bool):
-        self.gen, self.params, self.encode = gen, params, encode
+
+class Decoding:
+    """The decoding state of one batch of requests: ``steps`` samples one token per unfinished
+    sequence; ``texts``, ``generated``, ``done`` and ``finish`` say where each one stands."""
+
+    def __init__(self, gen: Generator, seqs: list[list[int]], params: list[SamplingParams], retrieve: list[bool]):
+        self.gen, self.params, self.retrieve = gen, params, retrieve
+        self.encode = any(retrieve)
+        self.prompts = [list(s) for s in seqs]
         self.seqs = [list(s) for s in seqs]
         self.b = len(seqs)
         self.slots = max(len(s) + p.max_new_tokens for s, p in zip(seqs, params))
@@ -353,7 +376,7 @@ class _Batch:
 
     def _retrieve(self, wanted: list[tuple[int, int]]) -> None:
         """Neighbours of chunks (seq, u), one batched query, kept for the rest of the batch."""
-        if not wanted or not self.encode:
+        if not wanted:
             return
         start = time.perf_counter()
         m, tok = self.gen.m, self.gen.tokenizer
@@ -400,9 +423,16 @@ class _Batch:
         logits = gen.model(tokens, neighbors, mask)[0]
         return logits[torch.arange(self.b, device=gen.device), self._last_positions()]
 
-    def run(self, keep_logits: bool) -> None:
+    def cancel(self, i: int) -> None:
+        """Stop sequence ``i`` (its client left): the batch no longer waits for it."""
+        if not self.done[i]:
+            self.done[i], self.finish[i] = True, "cancelled"
+
+    @torch.inference_mode()
+    def steps(self, keep_logits: bool = False) -> Iterator[None]:
+        """Decode, one yield per sampled token (of every unfinished sequence), until all are done."""
         gen, m = self.gen, self.gen.m
-        self._retrieve([(i, u) for i, s in enumerate(self.seqs) for u in range(len(s) // m)])
+        self._retrieve([(i, u) for i, s in enumerate(self.seqs) if self.retrieve[i] for u in range(len(s) // m)])
         cache, retrieved, attention = None, None, None
         if gen.use_cache:
             tokens, attention = self._padded()
@@ -422,10 +452,11 @@ class _Batch:
             next_logits = self._full()
         while True:
             self._append(next_logits, keep_logits)
+            yield
             if all(self.done):
                 break  # the last tokens are never fed back: no retrieval or pass for them
             completed = [(i, len(s) // m - 1) for i, s in enumerate(self.seqs)
-                         if len(s) % m == 0 and not self.done[i]]
+                         if len(s) % m == 0 and not self.done[i] and self.retrieve[i]]
             self._retrieve(completed)
             if not gen.use_cache:
                 next_logits = self._full()
@@ -478,20 +509,30 @@ def load_model(storage, uri: str) -> Retro | RetroFit:
     return load_pretrained(uri)
 
 
-def run_generator(cfg, storage, model_path: str | None = None, retrieval: bool = True) -> Generator:
-    """A generator over a run: its exported model (or ``model_path``, a folder local or on S3), its
-    tokenizer, and its saved index files loaded in this process (none with ``retrieval=False``)."""
-    from retro_ray import tokenizer
-    from retro_ray.retrieval import run_retriever
+def model_path(cfg, storage, given: str | None = None, tuned: bool = True) -> str:
+    """The model folder to load: ``given``, else the run's instruction-tuned model when it has been
+    exported (``tuned``), else its pretrained one; it must exist."""
+    from retro_ray.instruct import tuning_config
     from retro_ray.storage import join
     from retro_ray.train import MODEL_DIR, run_dir
 
-    path = model_path or join(run_dir(cfg), MODEL_DIR)
+    tuned_path = join(run_dir(tuning_config(cfg)), MODEL_DIR)
+    path = given or (tuned_path if tuned and storage.exists(join(tuned_path, "config.json"))
+                     else join(run_dir(cfg), MODEL_DIR))
     if not storage.exists(join(path, "config.json")):
         raise GenerationError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
-    model = load_model(storage, path)
+    return path
+
+
+def run_generator(cfg, storage, model: str | None = None, retrieval: bool = True) -> Generator:
+    """A generator over a run: its exported model (or ``model``, a folder local or on S3),
+    its tokenizer, and its saved index files loaded in this process (none with ``retrieval=False``)."""
+    from retro_ray import tokenizer
+    from retro_ray.retrieval import run_retriever
+
+    loaded = load_model(storage, model_path(cfg, storage, model, tuned=False))
     retriever = run_retriever(cfg, storage) if retrieval else None
-    return Generator(model, tokenizer.load_run_tokenizer(cfg, storage), retriever)
+    return Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), retriever)
 
 
 def describe(gen: Generation, width: int = 100) -> str:

@@ -27,7 +27,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -157,7 +157,29 @@ def qa_prompt(question: str, passages: list[str], template: str = "retro", token
     """The evaluation prompt: everything before the answer, for a question and its passages."""
     example = Example([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}],
                       passages, question=question)
+    return _before_answer(example, template, tokenizer)
+
+
+def chat_prompt(messages: list[dict], passages: list[str], template: str = "retro", tokenizer=None) -> str:
+    """A chat request's prompt: its messages ({role, content}, the last a user's) and passages,
+    in the training template, up to where the assistant's answer begins."""
+    example = Example([*messages, {"role": "assistant", "content": "x"}], passages)
+    return _before_answer(example, template, tokenizer)
+
+
+def _before_answer(example: Example, template: str, tokenizer) -> str:
     return "".join(text for text, _ in pieces(example, template, tokenizer)[:-1])
+
+
+def fit_passages(build: Callable[[list[str]], str], passages: list[str], tokenizer, room: int) -> tuple[str, int]:
+    """``build(passages)`` with as many of the best-ranked passages as keep the prompt within
+    ``room`` tokens -> (prompt, passages used); the lowest-ranked go first."""
+    given = list(passages)
+    while True:
+        prompt = build(given)
+        if not given or len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= room:
+            return prompt, len(given)
+        given.pop()
 
 
 def _chat_pieces(example: Example, tokenizer) -> list[tuple[str, bool]]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 import pytest
 
@@ -122,3 +123,72 @@ def built_db(ray_local, tmp_path_factory, wiki_parquet):
     cfg = tiny_config(tmp_path_factory.mktemp("built"), wiki_parquet)
     tokenizer.run(cfg, Storage())
     return cfg, chunks.run(cfg, Storage())
+
+
+# -- a tiny run to generate with, and models for it ---------------------------------------------
+
+M = 64
+PROMPT = ("The Battle of Hastings was fought on 14 October 1066 between the Norman-French army of "
+          "William, the Duke of Normandy, and an English army under the Anglo-Saxon King Harold Godwinson.")
+
+
+def generation_run(built_db, folder, neighbors_stage: bool = True) -> Config:
+    """A copy of the tiny database with an exact 2-shard index (and the neighbours stage)."""
+    import shutil
+
+    from retro_ray import index, neighbors
+    from retro_ray.storage import Storage
+
+    cfg, _ = built_db
+    workdir = Path(folder) / "run"
+    shutil.copytree(cfg.workdir, workdir, ignore=shutil.ignore_patterns("_locks"))
+    cfg = cfg.model_copy(update={
+        "workdir": str(workdir),
+        "index": cfg.index.model_copy(update={"factory": "Flat", "shards": 2}),
+        "neighbors": cfg.neighbors.model_copy(update={"seq_len": 256, "k_candidates": 8, "valid_fraction": 0.25}),
+    })
+    index.run(cfg, Storage())
+    if neighbors_stage:
+        neighbors.run(cfg, Storage())
+    return cfg
+
+
+def _trained_looking(cca_modules) -> None:
+    """Non-zero CCA outputs (weights and bias), so retrieval changes the logits."""
+    with torch.no_grad():
+        for cca in cca_modules:
+            torch.nn.init.normal_(cca.attn.out.weight, std=0.3)
+            torch.nn.init.normal_(cca.attn.out.bias, std=0.1)
+
+
+def make_model(kind: str, vocab: int, eos: int):
+    """A tiny random model of ``kind`` (retro, gpt, llama, gpt2) whose CCA changes its output and
+    which never ends a text by itself."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from retro_ray.model import Retro, RetroConfig
+    from retro_ray.model.retrofit import RetroFit, retrofit_config
+
+    torch.manual_seed(0)
+    common = dict(chunk_length=M, k=2, encoder_layers=1, cca_layers=[2, 4])
+    if kind in ("retro", "gpt"):
+        model = Retro(RetroConfig(vocab_size=vocab, d_model=32, n_layers=4, n_heads=4, max_seq_len=512,
+                                  retrieval=kind == "retro", **common))
+        _trained_looking([b.cca for b in model.blocks if b.cca is not None])
+        with torch.no_grad():  # end of text never the likeliest token: every run decodes its full length
+            model.wte.weight[eos] = 0.0  # tied with the output: it scores 0
+        return model.eval()
+    if kind == "llama":
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512))
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=512))
+    model = RetroFit(base, retrofit_config(base, **common))
+    _trained_looking(model.cca.values())
+    with torch.no_grad():
+        base.get_output_embeddings().weight[eos] = 0.0
+        if base.get_output_embeddings().bias is not None:
+            base.get_output_embeddings().bias[eos] = -10.0
+    return model.eval()
+
+

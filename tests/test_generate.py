@@ -1,73 +1,23 @@
 """Generation on a real tiny run (BPE tokenizer, MiniLM embeddings, exact Faiss index): the KV
 cache against full recomputation, retrieval once per completed chunk, batches, sampling, stops."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from conftest import M, PROMPT, generation_run, make_model
 
-from retro_ray import index, neighbors, tokenizer
+from retro_ray import neighbors, tokenizer
 from retro_ray.generate import GenerationError, Generator, SamplingParams
 from retro_ray.model import Retro, RetroConfig
-from retro_ray.model.retrofit import RetroFit, retrofit_config
 from retro_ray.retrieval import run_retriever
 from retro_ray.storage import Storage
 
-M = 64
-PROMPT = ("The Battle of Hastings was fought on 14 October 1066 between the Norman-French army of "
-          "William, the Duke of Normandy, and an English army under the Anglo-Saxon King Harold Godwinson.")
 
 
 @pytest.fixture(scope="module")
 def run(built_db, tmp_path_factory):
-    """A copy of the tiny database with an exact 2-shard index and the neighbours stage."""
-    cfg, _ = built_db
-    workdir = tmp_path_factory.mktemp("generate") / "run"
-    shutil.copytree(cfg.workdir, workdir, ignore=shutil.ignore_patterns("_locks"))
-    cfg = cfg.model_copy(update={
-        "workdir": str(workdir),
-        "index": cfg.index.model_copy(update={"factory": "Flat", "shards": 2}),
-        "neighbors": cfg.neighbors.model_copy(update={"seq_len": 256, "k_candidates": 8, "valid_fraction": 0.25}),
-    })
-    storage = Storage()
-    index.run(cfg, storage)
-    neighbors.run(cfg, storage)
-    tok = tokenizer.load_run_tokenizer(cfg, storage)
-    return cfg, tok, run_retriever(cfg, storage)
-
-
-def _trained_looking(cca_modules) -> None:
-    """Non-zero CCA outputs (weights and bias), so retrieval changes the logits."""
-    with torch.no_grad():
-        for cca in cca_modules:
-            torch.nn.init.normal_(cca.attn.out.weight, std=0.3)
-            torch.nn.init.normal_(cca.attn.out.bias, std=0.1)
-
-
-def make_model(kind: str, vocab: int, eos: int):
-    torch.manual_seed(0)
-    common = dict(chunk_length=M, k=2, encoder_layers=1, cca_layers=[2, 4])
-    if kind in ("retro", "gpt"):
-        model = Retro(RetroConfig(vocab_size=vocab, d_model=32, n_layers=4, n_heads=4, max_seq_len=512,
-                                  retrieval=kind == "retro", **common))
-        _trained_looking([b.cca for b in model.blocks if b.cca is not None])
-        with torch.no_grad():  # end of text never the likeliest token: every run decodes its full length
-            model.wte.weight[eos] = 0.0  # tied with the output: it scores 0
-        return model.eval()
-    if kind == "llama":
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512))
-    else:
-        base = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=512))
-    model = RetroFit(base, retrofit_config(base, **common))
-    _trained_looking(model.cca.values())
-    with torch.no_grad():
-        base.get_output_embeddings().weight[eos] = 0.0
-        if base.get_output_embeddings().bias is not None:
-            base.get_output_embeddings().bias[eos] = -10.0
-    return model.eval()
+    cfg = generation_run(built_db, tmp_path_factory.mktemp("generate"))
+    return cfg, tokenizer.load_run_tokenizer(cfg, Storage()), run_retriever(cfg, Storage())
 
 
 @pytest.mark.parametrize("kind", ["retro", "gpt", "llama", "gpt2"])
@@ -128,6 +78,21 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(run):
         alone = gen.generate([prompt], [p])[0]
         assert len(together.tokens) == p.max_new_tokens
         assert together.tokens == alone.tokens and together.retrieved == alone.retrieved
+
+
+def test_a_batch_mixing_retrieval_and_decoder_only_equals_each_alone(run):
+    """Serving batches requests of different retrieval modes; each decodes as it would alone."""
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    prompts, retrieve = [PROMPT, PROMPT[:60], PROMPT * 2], [True, False, True]
+    params = [SamplingParams(max_new_tokens=70)] * 3
+    decoding = gen.start(prompts, params, retrieve)
+    steps = sum(1 for _ in decoding.steps())
+    assert steps == 70 and decoding.finish == ["length"] * 3
+    for i, (prompt, r) in enumerate(zip(prompts, retrieve)):
+        alone = gen.generate([prompt], params[:1], mode="encoder" if r else "off")[0]
+        assert decoding.generated[i] == alone.tokens and decoding.retrieved[i] == alone.retrieved
+    assert decoding.retrieved[1] == [] and decoding.retrieved[0]
 
 
 def test_sampling_is_seeded_and_stop_strings_cut_the_output(run):

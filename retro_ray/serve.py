@@ -1,0 +1,671 @@
+"""Ray Serve: a run's model behind an OpenAI-compatible API, with retrieval.
+
+Three deployments:
+
+- ``Retriever``: the database's embedder and the index (the saved index files loaded in the
+  replica, or the index stage's shard actors), answering ``retrieve(texts, k)``.
+- ``Generator``: the model and a ``Generator``. ``@serve.batch`` gathers concurrent requests
+  into one decoding batch; every request streams its text step by step, and a request whose
+  caller has gone (a client that disconnected) is dropped at the next step.
+- ``Ingress``: FastAPI, speaking OpenAI's API: ``/v1/chat/completions`` and ``/v1/completions``
+  (server-sent events with ``stream: true``), ``/v1/models``, plus ``/v1/retrieve`` and
+  ``/health``. It checks the API key, the request and its limits, builds the prompt in the
+  instruction-tuning template with the retrieved passages, and counts the tokens. Every bad
+  request gets a 4xx in OpenAI's error format.
+
+Beyond OpenAI's fields a request may give ``retrieval`` (``encoder``, ``prompt``, ``both``,
+``off``) and ``passages`` (how many go in the prompt); each choice carries the ``passages`` it
+was given and the ``neighbors`` its chunks retrieved.
+
+``cluster/serve.yaml`` deploys ``retro_ray.serve:app`` with ``serve run`` / ``serve deploy``;
+``retro-ray serve`` (``start``) does the same from a run config.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from retro_ray.config import Config, ServeConfig, load_config
+from retro_ray.errors import UserError
+from retro_ray.generate import GenerationError, SamplingParams, passages_prompt, settled
+from retro_ray.storage import Storage
+
+log = logging.getLogger("retro_ray")
+
+APP_NAME = "retro"
+
+
+# -- errors in OpenAI's format ---------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """A request the API refuses: ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+api = FastAPI(title="retro-ray", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Unknown routes and methods, in the same format."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return APIError(e.status_code, str(e.detail), code=code).response()
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    """The fields chat and completion requests share."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    retrieval: Literal["encoder", "prompt", "both", "off"] | None = None
+    passages: int | None = Field(None, ge=0)
+
+    def stops(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, f"at most 4 stop sequences, got {len(stop)}", "stop")
+        return [s for s in stop if s]
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class RetrieveRequest(_Strict):
+    query: str | list[str]
+    k: int | None = Field(None, ge=1)
+    model: str | None = None
+
+
+async def read_json(request: Request, limit: int, schema: type[BaseModel]) -> Any:
+    """The body, at most ``limit`` bytes, parsed as JSON and validated by ``schema``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise APIError(413, f"the request body is larger than the limit of {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body is larger than the limit of {limit} bytes", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}", param, code=first["type"]) from None
+
+
+# -- the retriever and the generator ------------------------------------------------------------
+
+
+@serve.deployment(name="Retriever")
+class RetrieverServer:
+    """The run's ``Retriever``: embedder, index and chunk store."""
+
+    def __init__(self, cfg: Config):
+        from retro_ray.retrieval import run_retriever
+
+        self.retriever = run_retriever(cfg, Storage(cfg.storage), local=cfg.serve.index == "local")
+
+    def retrieve(self, texts: list[str], k: int):
+        return self.retriever.retrieve(texts, k)
+
+
+class RemoteRetriever:
+    """The ``Retriever`` interface over the Retriever deployment, for a ``Generator`` that
+    decodes in a worker thread (``result()`` blocks that thread, not the replica's event loop)."""
+
+    def __init__(self, handle, tokenizer_id: str):
+        self.handle, self.tokenizer_id = handle, tokenizer_id
+
+    def retrieve(self, texts: list[str], k: int, exclude_docs=None):
+        return self.handle.retrieve.remote(texts, k).result()
+
+
+@dataclass
+class Job:
+    """One sequence to decode: the full prompt text, its sampling and whether it retrieves."""
+
+    prompt: str
+    params: SamplingParams
+    retrieve: bool
+    cancelled: bool = False
+    error: str | None = None
+    sent: str = ""
+
+
+@dataclass
+class GeneratorStats:
+    batches: int = 0
+    sequences: int = 0
+    largest_batch: int = 0
+    cancelled: int = 0
+    cancelled_tokens: list[int] = field(default_factory=list)
+    """Tokens each cancelled sequence had decoded when it was dropped."""
+    active: int = 0
+
+
+_END = object()
+
+
+@serve.deployment(name="Generator")
+class GeneratorServer:
+    """The model: concurrent requests decode as one batch (``@serve.batch``), each streaming."""
+
+    def __init__(self, cfg: Config, model: str, retriever=None):
+        from retro_ray import tokenizer
+        from retro_ray.generate import Generator, load_model
+
+        storage = Storage(cfg.storage)
+        loaded = load_model(storage, model)
+        remote = None
+        if retriever is not None and loaded.cfg.retrieval:
+            remote = RemoteRetriever(retriever, tokenizer.finished_tokenizer(cfg, storage).content_hash())
+        self.generator = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
+        self.decode.set_max_batch_size(cfg.serve.max_batch_size)
+        self.decode.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self.stats = GeneratorStats()
+
+    def statistics(self) -> dict:
+        return vars(self.stats)
+
+    async def stream(self, job: Job) -> AsyncIterator[dict]:
+        """``{"text", "completion_tokens", "finish_reason"}`` per step (the last with the
+        chunks' ``neighbors``), or one ``{"error"}``. A caller that goes away cancels its job."""
+        try:
+            async for out in self.decode(job):
+                yield out
+        finally:
+            job.cancelled = True
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def decode(self, jobs: list[Job]) -> AsyncIterator[list]:
+        for job in jobs:
+            try:
+                self.generator.encode_prompt(job.prompt, job.params)
+            except GenerationError as e:
+                job.error = str(e)
+        ok = [j for j in jobs if j.error is None]
+        st = self.stats
+        st.batches, st.sequences = st.batches + 1, st.sequences + len(ok)
+        st.largest_batch, st.active = max(st.largest_batch, len(ok)), st.active + len(ok)
+        if len(ok) < len(jobs):  # the others start with an empty step
+            yield [{"error": j.error} if j.error else {"text": "", "completion_tokens": 0, "finish_reason": None}
+                   for j in jobs]
+            if not ok:
+                return
+        decoding = self.generator.start([j.prompt for j in ok], [j.params for j in ok], [j.retrieve for j in ok])
+        place = {id(j): i for i, j in enumerate(ok)}
+        reported: set[int] = set()
+        steps, loop = decoding.steps(), asyncio.get_running_loop()
+        try:
+            while True:
+                for i, job in enumerate(ok):
+                    if job.cancelled and not decoding.done[i]:
+                        decoding.cancel(i)
+                        st.cancelled += 1
+                        st.cancelled_tokens.append(len(decoding.generated[i]))
+                more = await loop.run_in_executor(None, next, steps, _END)
+                out = []
+                for job in jobs:
+                    i = place.get(id(job))
+                    if i is None or i in reported or decoding.finish[i] == "cancelled":
+                        out.append(StopAsyncIteration)
+                        continue
+                    out.append(self._step(decoding, i, job))
+                    if decoding.done[i]:
+                        reported.add(i)
+                yield out
+                if more is _END:
+                    return
+        finally:
+            st.active -= len(ok)
+
+    @staticmethod
+    def _step(decoding, i: int, job: Job) -> dict:
+        """Sequence ``i``'s news since the last step: the new text that later tokens cannot change."""
+        text = decoding.texts[i]
+        done = decoding.done[i]
+        ready = text if done else settled(text, job.params.stop)
+        delta = ready[len(job.sent):] if ready.startswith(job.sent) else ""
+        job.sent += delta
+        out = {"text": delta, "completion_tokens": len(decoding.seqs[i]) - len(decoding.prompts[i]),
+               "finish_reason": decoding.finish[i] if done else None}
+        if done:
+            out["neighbors"] = [{"chunk": r["chunk"], "neighbors": [
+                {k: n[k] for k in ("chunk_id", "doc_id", "score")} for n in r["neighbors"]]}
+                for r in decoding.retrieved[i]]
+        return out
+
+
+# -- the ingress ----------------------------------------------------------------------------------
+
+
+async def _collect(stream) -> dict:
+    """A job's stream -> its whole text, token count, finish reason and neighbours (or its error)."""
+    text, last = [], {}
+    async for out in stream:
+        if "error" in out:
+            return out
+        text.append(out["text"])
+        last = out
+    return {**last, "text": "".join(text)}
+
+
+async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
+    """(stream index, item) from all ``streams`` as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, out = await queue.get()
+            if out is None:
+                running -= 1
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _usage(choices: list[dict], results: list[dict]) -> dict:
+    """Prompt tokens once per prompt (the n choices of one prompt share it), completion tokens of all."""
+    prompt = sum({c["prompt"]: c["prompt_tokens"] for c in choices}.values())
+    completion = sum(r.get("completion_tokens", 0) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _model_name(path: str) -> str:
+    """``.../checkpoints/pretrain-instruct/model`` -> ``pretrain-instruct``."""
+    parts = path.rstrip("/").split("/")
+    return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+
+
+def api_key(sc: ServeConfig) -> str | None:
+    """The configured API key: the secret file's content, else the environment variable."""
+    if sc.api_key_file:
+        try:
+            key = Path(sc.api_key_file).read_text().strip()
+        except OSError as e:
+            raise UserError(f"serve.api_key_file: cannot read {sc.api_key_file}: {e.strerror}") from None
+        if not key:
+            raise UserError(f"serve.api_key_file: {sc.api_key_file} is empty")
+        return key
+    return os.environ.get(sc.api_key_env) or None
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, cfg: Config, model: str, generator, retriever=None):
+        from retro_ray import tokenizer
+        from retro_ray.model.io import CONFIG
+
+        storage = Storage(cfg.storage)
+        self.cfg, self.sc, self.generator, self.retriever = cfg, cfg.serve, generator, retriever
+        self.name = cfg.serve.model_name or _model_name(model)
+        self.tokenizer = tokenizer.load_run_tokenizer(cfg, storage)
+        model_cfg = storage.read_json(f"{model.rstrip('/')}/{CONFIG}")["retro"]
+        self.context, self.encoder = model_cfg["max_seq_len"], bool(model_cfg.get("retrieval", True))
+        self.key = api_key(cfg.serve)
+        self.created = int(time.time())
+        log.info("serve: model %s (%s), API key %s", self.name, model, "required" if self.key else "not required")
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key.encode()):
+            raise APIError(401, "a valid API key is needed: Authorization: Bearer <key>", code="invalid_api_key",
+                           kind="authentication_error")
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"the model {model!r} does not exist; this server has {self.name!r}", "model",
+                           "model_not_found")
+
+    def _settings(self, req: _Generation, max_tokens: int | None, prompts: int) -> tuple[str, int, int]:
+        """(retrieval mode, passages, max_tokens) of a request, within the limits."""
+        sc = self.sc
+        self._check_model(req.model)
+        max_tokens = max_tokens or sc.default_max_tokens
+        if max_tokens > sc.max_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds the limit of {sc.max_tokens}", "max_tokens")
+        if req.n * prompts > sc.max_n:
+            raise APIError(400, f"{req.n * prompts} choices (n x prompts) exceed the limit of {sc.max_n}", "n")
+        mode = req.retrieval or sc.retrieval
+        passages = sc.passages if req.passages is None else req.passages
+        if passages > sc.max_passages:
+            raise APIError(400, f"passages={passages} exceeds the limit of {sc.max_passages}", "passages")
+        if mode != "off" and self.retriever is None and (mode != "encoder" or self.encoder):
+            raise APIError(400, f"retrieval {mode!r}: this server has no index; use retrieval 'off'", "retrieval")
+        return mode, passages if mode in ("prompt", "both") else 0, max_tokens
+
+    async def _passages(self, query: str, k: int) -> list[dict]:
+        if k == 0:
+            return []
+        found = await self.retriever.retrieve.remote([query], k)
+        return found.describe(0)
+
+    def _fit(self, build, passages: list[dict], max_tokens: int, param: str) -> tuple[str, list[dict], int]:
+        """The prompt with as many passages as fit; checked against the prompt and context limits."""
+        from retro_ray.instruct import fit_passages
+
+        room = min(self.sc.max_prompt_tokens, self.context - max_tokens)
+        prompt, used = fit_passages(build, [p["text"] for p in passages], self.tokenizer, room)
+        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n == 0:
+            raise APIError(400, "the prompt is empty", param)
+        if n > self.sc.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {n} tokens, over the limit of {self.sc.max_prompt_tokens}", param,
+                           "context_length_exceeded")
+        if n + max_tokens > self.context:
+            raise APIError(400, f"the prompt's {n} tokens plus max_tokens={max_tokens} exceed the model's context "
+                           f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
+        return prompt, passages[:used], n
+
+    def _jobs(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str]) -> list[Job]:
+        return [Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                           stop=stop, seed=None if req.seed is None else req.seed + j),
+                    retrieve=mode in ("encoder", "both")) for j in range(req.n)]
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "retro-ray"}]}
+
+    @api.post("/v1/retrieve")
+    async def retrieve(self, request: Request) -> dict:
+        self._authorize(request)
+        req = await read_json(request, self.sc.max_body_bytes, RetrieveRequest)
+        self._check_model(req.model)
+        k = req.k or self.sc.passages or 1
+        if k > self.sc.max_passages:
+            raise APIError(400, f"k={k} exceeds the limit of {self.sc.max_passages}", "k")
+        if self.retriever is None:
+            raise APIError(400, "this server has no index", "query")
+        queries = [req.query] if isinstance(req.query, str) else req.query
+        if not queries or len(queries) > self.sc.max_n or not all(q.strip() for q in queries):
+            raise APIError(400, f"give 1 to {self.sc.max_n} non-empty queries", "query")
+        found = await self.retriever.retrieve.remote(queries, k)
+        return {"object": "list", "data": [{"query": q, "passages": found.describe(i)} for i, q in enumerate(queries)]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        req = await read_json(request, self.sc.max_body_bytes, CompletionRequest)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not texts:
+            raise APIError(400, "prompt: give at least one prompt", "prompt")
+        mode, k, max_tokens = self._settings(req, req.max_tokens, len(texts))
+        stop, jobs, choices = req.stops(), [], []
+        for text in texts:
+            found = await self._passages(text, k)
+            prompt, used, n = self._fit(lambda given, text=text: passages_prompt(given, text), found, max_tokens,
+                                        "prompt")
+            jobs += self._jobs(prompt, req, mode, max_tokens, stop)
+            choices += [{"prompt": len(choices) // req.n, "passages": used, "prompt_tokens": n}] * req.n
+        return await self._respond(req, "text_completion", jobs, choices)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        from retro_ray.instruct import chat_prompt, format_passage
+
+        self._authorize(request)
+        req = await read_json(request, self.sc.max_body_bytes, ChatRequest)
+        mode, k, max_tokens = self._settings(req, req.max_completion_tokens or req.max_tokens, 1)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+            raise APIError(400, "messages: the last message must be the user's, with text", "messages")
+        template = self.cfg.instruct.template
+        found = await self._passages(messages[-1]["content"], k)
+        prompt, used, n = self._fit(
+            lambda given: chat_prompt(messages, [format_passage(p) for p in given], template, self.tokenizer),
+            found, max_tokens, "messages")
+        stop = req.stops() + (["\n\nUser:"] if template == "retro" else [])
+        jobs = self._jobs(prompt, req, mode, max_tokens, stop)
+        return await self._respond(req, "chat.completion", jobs,
+                                   [{"prompt": 0, "passages": used, "prompt_tokens": n}] * req.n)
+
+    # -- answers --------------------------------------------------------------------------------
+
+    async def _respond(self, req: _Generation, kind: str, jobs: list[Job], choices: list[dict]):
+        """The whole answer as JSON, or server-sent events as the tokens come."""
+        head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": kind, "created": int(time.time()), "model": self.name}
+        streams = [self.generator.options(stream=True).stream.remote(job) for job in jobs]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._events(head, streams, choices, include_usage),
+                                     media_type="text/event-stream")
+        results = await asyncio.gather(*(_collect(s) for s in streams))
+        out = []
+        for i, (res, choice) in enumerate(zip(results, choices)):
+            if "error" in res:
+                raise APIError(400, res["error"], "prompt" if kind == "text_completion" else "messages")
+            body = ({"message": {"role": "assistant", "content": res["text"]}} if kind == "chat.completion"
+                    else {"text": res["text"], "logprobs": None})
+            out.append({"index": i, **body, "finish_reason": res["finish_reason"], "passages": choice["passages"],
+                        "neighbors": res["neighbors"]})
+        return {**head, "choices": out, "usage": _usage(choices, results)}
+
+    async def _events(self, head: dict, streams: list, choices: list[dict], include_usage: bool):
+        chat = head["object"] == "chat.completion"
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        results = [{"completion_tokens": 0} for _ in streams]
+
+        def event(choice: dict) -> str:
+            return f"data: {json.dumps({**head, 'choices': [choice], **({'usage': None} if include_usage else {})})}\n\n"
+
+        if chat:
+            for i, choice in enumerate(choices):
+                yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "passages": choice["passages"]})
+        async for i, out in _merged(streams):
+            if "error" in out:
+                yield f"data: {json.dumps(APIError(400, out['error']).body())}\n\n"
+                continue
+            results[i] = out
+            if not out["text"] and out["finish_reason"] is None:
+                continue
+            body = {"delta": {"content": out["text"]} if out["text"] else {}} if chat else {"text": out["text"],
+                                                                                             "logprobs": None}
+            choice = {"index": i, **body, "finish_reason": out["finish_reason"]}
+            if out["finish_reason"] is not None:
+                choice["neighbors"] = out.get("neighbors", [])
+                if not chat:
+                    choice["passages"] = choices[i]["passages"]
+            yield event(choice)
+        if include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(choices, results)})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+# -- building and starting the app ----------------------------------------------------------------
+
+
+class AppArgs(BaseModel):
+    """``args`` of the application in a Serve config file."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: str
+    """The run's YAML config."""
+    serve: dict = {}
+    """Overrides of the run config's ``serve`` section."""
+
+
+def build(cfg: Config, options: dict[str, dict] | None = None):
+    """The application: Ingress -> Generator (-> Retriever), with each deployment's Serve
+    ``options`` (autoscaling, replicas, actor resources). The generator gets a GPU when the
+    cluster has one and its options do not say."""
+    import ray
+
+    options = {name: dict(opts) for name, opts in (options or {}).items()}
+    storage = Storage(cfg.storage)
+    from retro_ray import index
+    from retro_ray.generate import model_path
+    from retro_ray.storage import MANIFEST, join
+
+    model = model_path(cfg, storage, cfg.serve.model)
+    gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    for name, share in (("Generator", 1.0), ("Retriever", 0.25)):
+        actor = options.setdefault(name, {}).setdefault("ray_actor_options", {})
+        if gpus and "num_gpus" not in actor:
+            actor["num_gpus"] = share
+    retriever = None
+    if storage.exists(join(index.stage_dir(cfg), MANIFEST)):
+        retriever = RetrieverServer.options(**options["Retriever"]).bind(cfg)
+    else:
+        log.warning("serve: the run has no index at %s: retrieval is off", index.stage_dir(cfg))
+    generator = GeneratorServer.options(**options["Generator"]).bind(cfg, model, retriever)
+    return Ingress.options(**options.get("Ingress", {})).bind(cfg, model, generator, retriever)
+
+
+def _with_overrides(cfg: Config, overrides: dict) -> Config:
+    return cfg.model_copy(update={"serve": ServeConfig.model_validate({**cfg.serve.model_dump(), **overrides})})
+
+
+def app(args: dict):
+    """The builder that ``import_path: retro_ray.serve:app`` names in a Serve config file."""
+    parsed = AppArgs.model_validate(args)
+    return build(_with_overrides(load_config(parsed.config), parsed.serve))
+
+
+@dataclass
+class ServeFile:
+    """What ``retro-ray serve`` takes from a Serve config file: the first application's
+    deployment options and ``args.serve``, and the HTTP options."""
+
+    deployments: dict[str, dict]
+    http_options: dict
+    overrides: dict
+    name: str = APP_NAME
+    route_prefix: str = "/"
+
+
+def read_serve_file(path: str | None) -> ServeFile:
+    if path is None:
+        return ServeFile({}, {}, {})
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as e:
+        raise UserError(f"{path}: not a Serve config file: {str(e).splitlines()[0]}") from None
+    if not schema.applications:
+        raise UserError(f"{path}: no application")
+    application = schema.applications[0]
+    deployments = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in application.deployments}
+    overrides = AppArgs.model_validate({"config": "", **(application.args or {})}).serve
+    return ServeFile(deployments, schema.http_options.model_dump(exclude_unset=True), overrides,
+                     application.name, application.route_prefix or "/")
+
+
+def start(cfg: Config, serve_file: str | None = None, host: str | None = None, port: int | None = None) -> str:
+    """Deploy the app on the connected Ray cluster (``retro-ray serve``) -> its base URL."""
+    spec = read_serve_file(serve_file)
+    http = {"host": "127.0.0.1", "port": 8000, **spec.http_options}
+    http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    cfg = _with_overrides(cfg, spec.overrides)
+    serve.start(http_options=http)
+    serve.run(build(cfg, spec.deployments), name=spec.name, route_prefix=spec.route_prefix)
+    url = f"http://{http['host']}:{http['port']}{spec.route_prefix.rstrip('/')}"
+    log.info("serve: %s/v1 is up (model %s)", url, cfg.serve.model_name or "from the run")
+    return url

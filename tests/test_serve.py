@@ -1,0 +1,216 @@
+"""The Serve app on 127.0.0.1, through the real `openai` client and plain HTTP: chat and completion
+(streaming and not) with correct usage, API keys, a 4xx in OpenAI's format for every kind of bad
+request, 16 concurrent clients answered as if one at a time, and a client that leaves mid-stream."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import yaml
+from conftest import PROMPT, _free_port, generation_run, make_model
+
+from retro_ray import tokenizer
+from retro_ray.instruct import chat_prompt, format_passage
+from retro_ray.model.io import save_pretrained
+from retro_ray.storage import Storage
+
+KEY = "sk-test-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = {"max_tokens": 400, "max_prompt_tokens": 480, "max_n": 2, "max_body_bytes": 20000, "max_passages": 4,
+          "passages": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.2}
+
+
+@pytest.fixture(scope="module")
+def app(built_db, tmp_path_factory):
+    """The app of a tiny run (random Retro as its tuned model), deployed from cluster/serve.yaml
+    with small CPU shares; yields (base URL, config, tokenizer)."""
+    from ray import serve
+
+    from retro_ray.instruct import tuning_config
+    from retro_ray.serve import start
+    from retro_ray.train import MODEL_DIR, run_dir
+
+    folder = tmp_path_factory.mktemp("serve")
+    key_file = folder / "key"
+    key_file.write_text(KEY + "\n")
+    cfg = generation_run(built_db, folder, neighbors_stage=False)
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_file": str(key_file)})})
+    tok = tokenizer.load_run_tokenizer(cfg, Storage())
+    save_pretrained(make_model("retro", len(tok), tok.eos_token_id), Path(run_dir(tuning_config(cfg))) / MODEL_DIR)
+    spec = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    application = spec["applications"][0]
+    application["args"]["serve"] = LIMITS
+    for d in application["deployments"]:
+        d["ray_actor_options"]["num_cpus"] = 0.1  # beside the session's other actors on 2 CPUs
+    serve_file = folder / "serve.yaml"
+    serve_file.write_text(yaml.safe_dump(spec))
+    url = start(cfg, str(serve_file), host="127.0.0.1", port=_free_port())
+    yield url, cfg, tok
+    serve.shutdown()
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_chat_and_completion_streaming_and_not_with_usage(app):
+    url, cfg, tok = app
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == ["pretrain-instruct"]
+
+    done = c.completions.create(model="pretrain-instruct", prompt=PROMPT, max_tokens=20, temperature=0,
+                                extra_body={"retrieval": "encoder"})
+    assert done.usage.prompt_tokens == len(tok(PROMPT, add_special_tokens=False)["input_ids"])
+    assert done.usage.completion_tokens == 20 and done.usage.total_tokens == done.usage.prompt_tokens + 20
+    assert done.choices[0].finish_reason == "length" and done.choices[0].text
+    fed = done.usage.prompt_tokens + 20 - 1  # the last token is never fed back
+    assert [r["chunk"] for r in done.choices[0].model_extra["neighbors"]] == list(range(fed // 64))
+    chunks = list(c.completions.create(model="pretrain-instruct", prompt=PROMPT, max_tokens=20, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"retrieval": "encoder"}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == done.choices[0].text
+    assert len([ch for ch in chunks if ch.choices]) > 2  # token by token, not one block
+    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+
+    messages = [{"role": "user", "content": "When was the Battle of Hastings?"}]
+    chat = c.chat.completions.create(model="pretrain-instruct", messages=messages, max_tokens=12, temperature=0,
+                                     extra_body={"retrieval": "both", "passages": 1})
+    [passage] = chat.choices[0].model_extra["passages"]
+    assert {"chunk_id", "doc_id", "score", "text"} <= set(passage)
+    prompt = chat_prompt(messages, [format_passage(passage["text"])], "retro", tok)
+    assert prompt.endswith("Assistant:") and passage["text"].split()[0] in prompt
+    assert chat.usage.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert chat.usage.completion_tokens == 12 and chat.choices[0].message.role == "assistant"
+    streamed = list(c.chat.completions.create(model="pretrain-instruct", messages=messages, max_tokens=12,
+                                              temperature=0, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"retrieval": "both", "passages": 1}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == chat.choices[0].message.content
+    assert streamed[-1].usage == chat.usage
+
+    found = requests.post(f"{url}/v1/retrieve", json={"query": "Battle of Hastings", "k": 3},
+                       headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [len(row["passages"]) for row in found["data"]] == [3]
+    assert {"chunk_id", "doc_id", "score", "text"} <= set(found["data"][0]["passages"][0])
+
+
+def test_api_key_is_needed_except_for_health(app):
+    url, _, _ = app
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="sk-wrong").models.list()
+    missing = requests.get(f"{url}/v1/models")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{url}/health").status_code == 200
+
+
+LONG = " ".join(["word"] * 490)  # over max_prompt_tokens=480
+CHAT = {"model": "pretrain-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD = [  # (case, method, path, body (dict, or raw bytes), status, param, code)
+    ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "x", ', 400, None, "invalid_json"),
+    ("not an object", "POST", "/v1/chat/completions", b"[1, 2]", 400, None, "invalid_json"),
+    ("no model", "POST", "/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "model", "missing"),
+    ("no messages", "POST", "/v1/chat/completions", {"model": "pretrain-instruct"}, 400, "messages", "missing"),
+    ("empty messages", "POST", "/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", "too_short"),
+    ("unknown role", "POST", "/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]},
+     400, "messages.0.role", "literal_error"),
+    ("assistant last", "POST", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages", None),
+    ("max_tokens a string", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": "ten"}, 400, "max_tokens",
+     "int_type"),
+    ("stream a string", "POST", "/v1/completions", {"model": "pretrain-instruct", "prompt": "a", "stream": "yes"},
+     400, "stream", "bool_type"),
+    ("temperature too high", "POST", "/v1/chat/completions", {**CHAT, "temperature": 5}, 400, "temperature",
+     "less_than_equal"),
+    ("n over the limit", "POST", "/v1/chat/completions", {**CHAT, "n": 3}, 400, "n", None),
+    ("max_tokens over the limit", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 401}, 400, "max_tokens",
+     None),
+    ("prompt over the limit", "POST", "/v1/completions", {"model": "pretrain-instruct", "prompt": LONG}, 400,
+     "prompt", "context_length_exceeded"),
+    ("prompt + max_tokens over the context", "POST", "/v1/completions",
+     {"model": "pretrain-instruct", "prompt": LONG[:600], "max_tokens": 400, "retrieval": "off"}, 400,
+     "max_tokens", "context_length_exceeded"),
+    ("empty prompt", "POST", "/v1/completions", {"model": "pretrain-instruct", "prompt": "", "retrieval": "off"},
+     400, "prompt", None),
+    ("five stop strings", "POST", "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, 400, "stop", None),
+    ("passages over the limit", "POST", "/v1/chat/completions", {**CHAT, "passages": 5}, 400, "passages", None),
+    ("unknown retrieval mode", "POST", "/v1/chat/completions", {**CHAT, "retrieval": "sometimes"}, 400,
+     "retrieval", "literal_error"),
+    ("body too large", "POST", "/v1/completions", {"model": "pretrain-instruct", "prompt": "x" * 30000}, 413, None,
+     "body_too_large"),
+    ("unknown model", "POST", "/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("unknown route", "GET", "/v1/engines", None, 404, None, "not_found"),
+    ("wrong method", "GET", "/v1/completions", None, 405, None, "method_not_allowed"),
+    ("retrieve: k over the limit", "POST", "/v1/retrieve", {"query": "x", "k": 9}, 400, "k", None),
+]
+
+
+@pytest.mark.parametrize("case,method,path,body,status,param,code", BAD, ids=[b[0] for b in BAD])
+def test_each_bad_request_gets_its_4xx_in_openai_format(app, case, method, path, body, status, param, code):
+    url, _, _ = app
+    content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    r = requests.request(method, f"{url}{path}", data=content, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == status, error
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and (code is None or error["code"] == code), error
+
+
+def test_16_concurrent_clients_get_what_each_gets_alone(app):
+    from ray import serve
+
+    url, _, _ = app
+    c = client(url)
+    words = PROMPT.split()
+    requests = [dict(prompt=" ".join(words[i:] + words[:i]), max_tokens=16 + i % 3,
+                     extra_body={"retrieval": "encoder" if i % 2 else "off"}) for i in range(16)]
+
+    def ask(kw: dict) -> str:
+        return c.completions.create(model="pretrain-instruct", temperature=0, **kw).choices[0].text
+
+    alone = [ask(kw) for kw in requests]
+    generator = serve.get_deployment_handle("Generator", app_name="retro")
+    before = generator.statistics.remote().result()["largest_batch"]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, requests))
+    assert together == alone
+    assert before == 1 and generator.statistics.remote().result()["largest_batch"] > 1  # decoded in batches
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(app):
+    from ray import serve
+
+    url, _, _ = app
+    generator = serve.get_deployment_handle("Generator", app_name="retro")
+    with requests.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, stream=True,
+                       json={"model": "pretrain-instruct", "prompt": PROMPT, "max_tokens": 360, "stream": True,
+                             "retrieval": "encoder"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line.startswith("data: "))  # decoding has started
+    deadline = time.time() + 60
+    while (stats := generator.statistics.remote().result())["active"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert stats["active"] == 0 and stats["cancelled"] == 1
+    assert stats["cancelled_tokens"][0] < 360  # dropped at a step, not decoded to the end
+    after = client(url).completions.create(model="pretrain-instruct", prompt="The battle", max_tokens=5,
+                                           temperature=0, extra_body={"retrieval": "off"})
+    assert after.usage.completion_tokens == 5
+
+
+def test_serve_config_files_are_valid_serve_configs():
+    from ray.serve.schema import ServeDeploySchema
+
+    from retro_ray.serve import read_serve_file
+
+    spec = read_serve_file(str(ROOT / "cluster" / "serve.yaml"))
+    assert set(spec.deployments) == {"Ingress", "Generator", "Retriever"}
+    for options in spec.deployments.values():
+        assert options["max_ongoing_requests"] > 0
+        assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(options["autoscaling_config"])
+    assert spec.http_options["request_timeout_s"] > 0
+    llm = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "cluster" / "serve-llm.yaml").read_text()))
+    assert llm.applications[0].import_path == "ray.serve.llm:build_openai_app"
