@@ -69,7 +69,36 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--decoder-only", action="store_true",
                         help="without encoder and CCA, as a plain GPT-2 (or the retro-fitted base's) model that "
                              "AutoModelForCausalLM, vLLM or llama.cpp load with no project code")
+    srv = sub.add_parser("serve", parents=[common],
+                         help="serve the run's model behind an OpenAI-compatible API (Ray Serve) until Ctrl-C")
+    srv.add_argument("--serve-config", help="a Serve config file (cluster/serve.yaml): replicas, autoscaling, "
+                                            "HTTP options and args.serve overrides")
+    srv.add_argument("--model", help="an exported model folder (default: the run's tuned model, else its pretrained one)")
+    srv.add_argument("--host", help="address to listen on (default: the Serve config's, else 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default: the Serve config's, else 8000)")
+    srv.add_argument("--address", help="Ray cluster to join (default: a fresh local instance)")
     return parser
+
+
+def _serve(cfg, args) -> None:
+    """Deploy, then hold the app until Ctrl-C or SIGTERM (`ray job stop`), and take it down."""
+    import signal
+    import time
+
+    from ray import serve
+
+    from retro_ray.serve import start
+
+    if args.model:
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": args.model})})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        url = start(cfg, args.serve_config, args.host, args.port)
+        print(f"retro-ray: serving the OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
 
 
 def _export(cfg, storage: Storage, args) -> None:
@@ -127,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         init_ray(cfg, args.address)
         action = getattr(args, "action", None)
-        if args.command == "pipeline":
+        if args.command == "serve":
+            _serve(cfg, args)
+        elif args.command == "pipeline":
             run_pipeline(cfg, storage, args.force)
         elif args.command == "compare":
             print(json.dumps(train.compare(cfg, storage, args.force)))

@@ -304,7 +304,12 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(1_000_000, gt=0)
     max_batch_size: int = Field(8, gt=0)
     """Requests decoded together by a generator replica (``@serve.batch``); 1: no batching."""
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    """How long a batch waits for more requests once its first one is in (it starts at once when
+    full): longer than a client's round trip, so the clients of the last batch rejoin the next."""
+    stream_interval_s: float = Field(0.05, ge=0)
+    """Tokens decoded within this interval are streamed together (fewer messages per token); a
+    client that left is noticed at the same pace."""
 
 
 class Config(Section):
@@ -360,7 +365,7 @@ def config_hash(*sections: BaseModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     """Every problem on one line: ``key: message; key: message``."""
     parts = []
     for e in err.errors():
@@ -407,4 +412,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(_expand_vars(data))
     except ValidationError as e:
-        raise ConfigError(f"{source}: invalid config: {_format_errors(e)}") from None
+        raise ConfigError(f"{source}: invalid config: {format_errors(e)}") from None

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from retro_ray.config import Config, ServeConfig, load_config
+from retro_ray.config import Config, ServeConfig, format_errors, load_config
 from retro_ray.errors import UserError
 from retro_ray.generate import GenerationError, SamplingParams, passages_prompt, settled
 from retro_ray.storage import Storage
@@ -203,6 +203,8 @@ class Job:
     prompt: str
     params: SamplingParams
     retrieve: bool
+    stream: bool = True
+    """Send every step's text as it comes; False: only the whole text at the end."""
     cancelled: bool = False
     error: str | None = None
     sent: str = ""
@@ -222,6 +224,17 @@ class GeneratorStats:
 _END = object()
 
 
+def _advance(steps, decoding, interval_s: float) -> bool:
+    """Decode (in a worker thread) until ``interval_s`` has passed or a sequence has finished ->
+    whether any step remains. Tokens of one call are sent together: fewer messages per token."""
+    start, finished = time.perf_counter(), sum(decoding.done)
+    while True:
+        if next(steps, _END) is _END:
+            return False
+        if sum(decoding.done) > finished or time.perf_counter() - start >= interval_s:
+            return True
+
+
 @serve.deployment(name="Generator")
 class GeneratorServer:
     """The model: concurrent requests decode as one batch (``@serve.batch``), each streaming."""
@@ -238,21 +251,34 @@ class GeneratorServer:
         self.generator = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
         self.decode.set_max_batch_size(cfg.serve.max_batch_size)
         self.decode.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self.interval_s = cfg.serve.stream_interval_s
         self.stats = GeneratorStats()
 
     def statistics(self) -> dict:
-        return vars(self.stats)
+        import torch
+
+        return {**vars(self.stats), "torch_threads": torch.get_num_threads()}
 
     async def stream(self, job: Job) -> AsyncIterator[dict]:
-        """``{"text", "completion_tokens", "finish_reason"}`` per step (the last with the
-        chunks' ``neighbors``), or one ``{"error"}``. A caller that goes away cancels its job."""
+        """``{"text", "completion_tokens", "finish_reason"}`` for each step that has news (the
+        last with the chunks' ``neighbors``; only that one, with all the text, unless
+        ``job.stream``), or one ``{"error"}``. A caller that goes away cancels its job."""
+        text = []
         try:
             async for out in self.decode(job):
-                yield out
+                if "error" in out:
+                    yield out
+                elif job.stream and (out["text"] or out["finish_reason"]):
+                    yield out
+                elif not job.stream:
+                    text.append(out["text"])
+                    if out["finish_reason"]:
+                        yield {**out, "text": "".join(text)}
         finally:
             job.cancelled = True
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=ServeConfig().max_batch_size,  # the run's values are set in __init__
+                 batch_wait_timeout_s=ServeConfig().batch_wait_timeout_s)
     async def decode(self, jobs: list[Job]) -> AsyncIterator[list]:
         for job in jobs:
             try:
@@ -262,7 +288,7 @@ class GeneratorServer:
         ok = [j for j in jobs if j.error is None]
         st = self.stats
         st.batches, st.sequences = st.batches + 1, st.sequences + len(ok)
-        st.largest_batch, st.active = max(st.largest_batch, len(ok)), st.active + len(ok)
+        st.largest_batch = max(st.largest_batch, len(ok))
         if len(ok) < len(jobs):  # the others start with an empty step
             yield [{"error": j.error} if j.error else {"text": "", "completion_tokens": 0, "finish_reason": None}
                    for j in jobs]
@@ -272,6 +298,7 @@ class GeneratorServer:
         place = {id(j): i for i, j in enumerate(ok)}
         reported: set[int] = set()
         steps, loop = decoding.steps(), asyncio.get_running_loop()
+        st.active += len(ok)
         try:
             while True:
                 for i, job in enumerate(ok):
@@ -279,7 +306,7 @@ class GeneratorServer:
                         decoding.cancel(i)
                         st.cancelled += 1
                         st.cancelled_tokens.append(len(decoding.generated[i]))
-                more = await loop.run_in_executor(None, next, steps, _END)
+                more = await loop.run_in_executor(None, _advance, steps, decoding, self.interval_s)
                 out = []
                 for job in jobs:
                     i = place.get(id(job))
@@ -290,7 +317,7 @@ class GeneratorServer:
                     if decoding.done[i]:
                         reported.add(i)
                 yield out
-                if more is _END:
+                if not more:
                     return
         finally:
             st.active -= len(ok)
@@ -422,7 +449,7 @@ class Ingress:
             raise APIError(400, f"max_tokens={max_tokens} exceeds the limit of {sc.max_tokens}", "max_tokens")
         if req.n * prompts > sc.max_n:
             raise APIError(400, f"{req.n * prompts} choices (n x prompts) exceed the limit of {sc.max_n}", "n")
-        mode = req.retrieval or sc.retrieval
+        mode = req.retrieval or (sc.retrieval if self.retriever else "off")
         passages = sc.passages if req.passages is None else req.passages
         if passages > sc.max_passages:
             raise APIError(400, f"passages={passages} exceeds the limit of {sc.max_passages}", "passages")
@@ -456,7 +483,7 @@ class Ingress:
     def _jobs(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str]) -> list[Job]:
         return [Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                            stop=stop, seed=None if req.seed is None else req.seed + j),
-                    retrieve=mode in ("encoder", "both")) for j in range(req.n)]
+                    retrieve=mode in ("encoder", "both"), stream=req.stream) for j in range(req.n)]
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -593,29 +620,39 @@ class AppArgs(BaseModel):
 
 def build(cfg: Config, options: dict[str, dict] | None = None):
     """The application: Ingress -> Generator (-> Retriever), with each deployment's Serve
-    ``options`` (autoscaling, replicas, actor resources). The generator gets a GPU when the
-    cluster has one and its options do not say."""
+    ``options`` (autoscaling, replicas, actor resources). Where the options do not say: the
+    generator gets a GPU when the cluster has one (the retriever a quarter), else all CPUs but
+    one (its torch threads; up to 8); the retriever half a CPU, the ingress none (it waits on
+    the others), so that the app starts on a 2-core laptop."""
+    import copy
+
     import ray
 
-    options = {name: dict(opts) for name, opts in (options or {}).items()}
-    storage = Storage(cfg.storage)
     from retro_ray import index
     from retro_ray.generate import model_path
     from retro_ray.storage import MANIFEST, join
 
+    options, storage = copy.deepcopy(options or {}), Storage(cfg.storage)
     model = model_path(cfg, storage, cfg.serve.model)
-    gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    gpus = resources.get("GPU", 0) > 0
+    cpus = {"Ingress": 0, "Retriever": 0.5, "Generator": 1 if gpus else max(1, min(8, int(resources.get("CPU", 2)) - 1))}
+    for name, count in cpus.items():
+        options.setdefault(name, {}).setdefault("ray_actor_options", {}).setdefault("num_cpus", count)
     for name, share in (("Generator", 1.0), ("Retriever", 0.25)):
-        actor = options.setdefault(name, {}).setdefault("ray_actor_options", {})
+        actor = options[name]["ray_actor_options"]
         if gpus and "num_gpus" not in actor:
             actor["num_gpus"] = share
+        elif not gpus:  # torch's idle OpenMP threads would spin on the cores the other replicas need
+            env = actor.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     retriever = None
     if storage.exists(join(index.stage_dir(cfg), MANIFEST)):
         retriever = RetrieverServer.options(**options["Retriever"]).bind(cfg)
     else:
-        log.warning("serve: the run has no index at %s: retrieval is off", index.stage_dir(cfg))
+        log.warning("serve: the run has no index at %s: requests decode without retrieval", index.stage_dir(cfg))
     generator = GeneratorServer.options(**options["Generator"]).bind(cfg, model, retriever)
-    return Ingress.options(**options.get("Ingress", {})).bind(cfg, model, generator, retriever)
+    return Ingress.options(**options["Ingress"]).bind(cfg, model, generator, retriever)
 
 
 def _with_overrides(cfg: Config, overrides: dict) -> Config:
@@ -647,13 +684,15 @@ def read_serve_file(path: str | None) -> ServeFile:
 
     try:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
-    except (OSError, yaml.YAMLError, ValidationError) as e:
-        raise UserError(f"{path}: not a Serve config file: {str(e).splitlines()[0]}") from None
-    if not schema.applications:
-        raise UserError(f"{path}: no application")
-    application = schema.applications[0]
+        if not schema.applications:
+            raise ValueError("no application")
+        application = schema.applications[0]
+        overrides = AppArgs.model_validate({"config": "", **(application.args or {})}).serve
+        ServeConfig.model_validate(overrides)
+    except (OSError, yaml.YAMLError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        why = format_errors(e) if isinstance(e, ValidationError) else str(e).splitlines()[0]
+        raise UserError(f"{path}: not a Serve config file of retro-ray: {why}") from None
     deployments = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in application.deployments}
-    overrides = AppArgs.model_validate({"config": "", **(application.args or {})}).serve
     return ServeFile(deployments, schema.http_options.model_dump(exclude_unset=True), overrides,
                      application.name, application.route_prefix or "/")
 

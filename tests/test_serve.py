@@ -3,6 +3,7 @@
 request, 16 concurrent clients answered as if one at a time, and a client that leaves mid-stream."""
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -201,9 +202,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(app):
     assert after.usage.completion_tokens == 5
 
 
-def test_serve_config_files_are_valid_serve_configs():
+def test_serve_config_files_are_valid_serve_configs(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
+    from retro_ray.errors import UserError
     from retro_ray.serve import read_serve_file
 
     spec = read_serve_file(str(ROOT / "cluster" / "serve.yaml"))
@@ -214,3 +216,46 @@ def test_serve_config_files_are_valid_serve_configs():
     assert spec.http_options["request_timeout_s"] > 0
     llm = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "cluster" / "serve-llm.yaml").read_text()))
     assert llm.applications[0].import_path == "ray.serve.llm:build_openai_app"
+    bad = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    bad["applications"][0]["args"]["serve"] = {"max_tokens": "many"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match=r"bad.yaml: not a Serve config file of retro-ray: .*max_tokens"):
+        read_serve_file(str(tmp_path / "bad.yaml"))
+
+
+def test_serve_job_answers_until_stopped(app, tmp_path):
+    """`python jobs/serve.py` (what `ray job submit` runs): its own Ray, the run's model, an answer,
+    then SIGTERM (`ray job stop`) takes the app down and ends with exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _, cfg, _ = app
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.to_yaml())
+    port = _free_port()
+    env = {**os.environ, "RETRO_RAY_API_KEY": "sk-from-env"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", str(config), "--port",
+                             str(port), "--set", "serve.api_key_file=null"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # every line, as it comes
+    reader.start()
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not any("serving the OpenAI API" in x for x in lines):
+            time.sleep(1)
+        answer = client(url, key="sk-from-env").chat.completions.create(
+            model="pretrain-instruct", messages=[{"role": "user", "content": "Who won at Hastings?"}], max_tokens=4,
+            temperature=0)
+        assert answer.usage.completion_tokens == 4
+        assert requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-2000:]
+    assert f"serving the OpenAI API at http://127.0.0.1:{port}/v1" in out
+    assert "sk-from-env" not in out
