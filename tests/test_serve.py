@@ -92,6 +92,14 @@ def test_chat_and_completion_streaming_and_not_with_usage(app):
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == chat.choices[0].message.content
     assert streamed[-1].usage == chat.usage
 
+    two = c.chat.completions.create(model="pretrain-instruct", messages=messages, max_tokens=6, temperature=0, n=2,
+                                    stream=True, extra_body={"retrieval": "off"})
+    texts = ["", ""]
+    for ch in two:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == texts[1] != ""  # n choices, streamed side by side
+
     found = requests.post(f"{url}/v1/retrieve", json={"query": "Battle of Hastings", "k": 3},
                        headers={"Authorization": f"Bearer {KEY}"}).json()
     assert [len(row["passages"]) for row in found["data"]] == [3]
