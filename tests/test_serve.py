@@ -182,11 +182,11 @@ def test_16_concurrent_clients_get_what_each_gets_alone(app):
 
     alone = [ask(kw) for kw in requests]
     generator = serve.get_deployment_handle("Generator", app_name="retro")
-    before = generator.statistics.remote().result()["largest_batch"]
+    before = generator.statistics.remote().result()["batches"]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(ask, requests))
     assert together == alone
-    assert before == 1 and generator.statistics.remote().result()["largest_batch"] > 1  # decoded in batches
+    assert generator.statistics.remote().result()["batches"] - before < 16  # requests shared batches
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(app):
