@@ -28,6 +28,16 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def db_prompts(texts, chunks: int, n: int) -> list[str]:
+    """n prompts of two consecutive database chunks each, spread over a database of ``chunks``
+    chunks whose texts ``texts`` (a ``ChunkTexts``) reads."""
+    import numpy as np
+
+    ids = np.linspace(0, chunks - 3, n).astype(int)
+    found = texts.get(np.concatenate([ids, ids + 1]))
+    return [found[int(c)] + found[int(c) + 1] for c in ids]
+
+
 class PeakRss:
     """Samples the resident memory of a process tree (default: this one) in the background."""
 

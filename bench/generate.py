@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
@@ -40,14 +39,6 @@ from retro_ray.train import MODEL_DIR, run_dir  # noqa: E402
 
 def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "retro_ray.cli", *args], check=True, cwd=ROOT)
-
-
-def prompts_from_db(gen: Generator, n: int) -> list[str]:
-    """n prompts of two consecutive database chunks each, spread over the database."""
-    store, texts = gen.retriever.store, gen.retriever.chunk_texts
-    ids = np.linspace(0, len(store) - 3, n).astype(int)
-    found = texts.get(np.concatenate([ids, ids + 1]))
-    return [found[int(c)] + found[int(c) + 1] for c in ids]
 
 
 def timed(gen: Generator, prompts: list[str], params: SamplingParams, mode: str) -> tuple[list, float, dict]:
@@ -62,7 +53,7 @@ def timed(gen: Generator, prompts: list[str], params: SamplingParams, mode: str)
 
 def measure(name: str, gen: Generator, new_tokens: int) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    prompts = prompts_from_db(gen, 8)
+    prompts = db_prompts(gen.retriever.chunk_texts, len(gen.retriever.store), 8)
     gen.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     [retro], retro_s, timings = timed(gen, prompts[:1], params, "encoder")
     [gpt], gpt_s, _ = timed(gen, prompts[:1], params, "off")

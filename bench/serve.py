@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
@@ -43,15 +43,11 @@ GENERATOR_CPUS = 2
 
 
 def prompts(cfg, storage, n: int) -> list[str]:
-    """n prompts of two consecutive database chunks each, spread over the database."""
+    """n prompts of two consecutive chunks each, from the run's database."""
     from retro_ray.dbfiles import ChunkTexts, db_dir, finished_db
 
-    blocks = sorted(finished_db(cfg, storage).blocks)
-    texts = ChunkTexts(storage, db_dir(cfg), blocks)
-    total = finished_db(cfg, storage).counts["chunks"]
-    ids = np.linspace(0, total - 3, n).astype(int)
-    found = texts.get(np.concatenate([ids, ids + 1]))
-    return [found[int(c)] + found[int(c) + 1] for c in ids]
+    db = finished_db(cfg, storage)
+    return db_prompts(ChunkTexts(storage, db_dir(cfg), sorted(db.blocks)), db.counts["chunks"], n)
 
 
 def deploy(cfg, max_batch_size: int, port: int) -> str:

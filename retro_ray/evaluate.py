@@ -322,8 +322,8 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     rows, start = [], time.perf_counter()
     for s in range(0, len(questions), ec.batch_size):
         batch = prompts[s: s + ec.batch_size]
-        outs = generator.generate([p for p, _ in batch], params, mode=mode)
-        for q, (_, used), out in zip(questions[s: s + ec.batch_size], batch, outs):
+        outs = generator.generate([p for p, _, _ in batch], params, mode=mode)
+        for q, (_, used, _), out in zip(questions[s: s + ec.batch_size], batch, outs):
             answer = extract_answer(out.text)
             rows.append({"question": q["question"], "answers": q["answers"], "prediction": answer,
                          "em": exact_match(answer, q["answers"]), "f1": f1_score(answer, q["answers"]),

@@ -315,7 +315,8 @@ class Generator:
             passage_rows = [found.describe(i) for i in range(len(prompts))]
             shown = [passages_prompt([p["text"] for p in rows], prompt) for rows, prompt in zip(passage_rows, prompts)]
         start = time.perf_counter()
-        state = self.start(shown, params, [mode in ("encoder", "both")] * len(prompts))
+        seqs = [self.encode_prompt(text, p) for text, p in zip(shown, params)]
+        state = self.start(seqs, params, [mode in ("encoder", "both")] * len(prompts))
         for _ in state.steps(keep_logits):
             pass
         self.last_timings = {"retrieve_s": state.retrieval_s, "encode_s": state.encode_s,
@@ -339,14 +340,14 @@ class Generator:
                 f"model's context of {self.cfg.max_seq_len} tokens ({text[:40]!r}...)")
         return ids
 
-    def start(self, prompts: list[str], params: list[SamplingParams], retrieve: list[bool]) -> "Decoding":
-        """The decoding of a batch, for the caller to step (``Decoding.steps``): what serving uses
-        to stream tokens and to drop a request mid-way. ``retrieve[i]``: prompt i retrieves for
-        its chunks through the encoder (no effect on a model without one)."""
+    def start(self, seqs: list[list[int]], params: list[SamplingParams], retrieve: list[bool]) -> "Decoding":
+        """The decoding of a batch of prompts (token ids from ``encode_prompt``), for the caller to
+        step (``Decoding.steps``): what serving uses to stream tokens and to drop a request
+        mid-way. ``retrieve[i]``: prompt i retrieves for its chunks through the encoder (no
+        effect on a model without one)."""
         needs_index = self.cfg.retrieval and any(retrieve)
         if needs_index and self.retriever is None:
             raise GenerationError("retrieval mode 'encoder' needs an index; use mode 'off' for the decoder alone")
-        seqs = [self.encode_prompt(text, p) for text, p in zip(prompts, params)]
         return Decoding(self, seqs, params, [bool(r and self.cfg.retrieval) for r in retrieve])
 
 

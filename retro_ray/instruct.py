@@ -171,14 +171,16 @@ def _before_answer(example: Example, template: str, tokenizer) -> str:
     return "".join(text for text, _ in pieces(example, template, tokenizer)[:-1])
 
 
-def fit_passages(build: Callable[[list[str]], str], passages: list[str], tokenizer, room: int) -> tuple[str, int]:
+def fit_passages(build: Callable[[list[str]], str], passages: list[str], tokenizer,
+                 room: int) -> tuple[str, int, int]:
     """``build(passages)`` with as many of the best-ranked passages as keep the prompt within
-    ``room`` tokens -> (prompt, passages used); the lowest-ranked go first."""
+    ``room`` tokens -> (prompt, passages used, its tokens); the lowest-ranked go first."""
     given = list(passages)
     while True:
         prompt = build(given)
-        if not given or len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= room:
-            return prompt, len(given)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not given or n <= room:
+            return prompt, len(given), n
         given.pop()
 
 

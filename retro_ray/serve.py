@@ -29,7 +29,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -216,8 +216,8 @@ class GeneratorStats:
     sequences: int = 0
     largest_batch: int = 0
     cancelled: int = 0
-    cancelled_tokens: list[int] = field(default_factory=list)
-    """Tokens each cancelled sequence had decoded when it was dropped."""
+    last_cancelled_tokens: int = 0
+    """Tokens the last cancelled sequence had decoded when it was dropped."""
     active: int = 0
 
 
@@ -280,9 +280,10 @@ class GeneratorServer:
     @serve.batch(max_batch_size=ServeConfig().max_batch_size,  # the run's values are set in __init__
                  batch_wait_timeout_s=ServeConfig().batch_wait_timeout_s)
     async def decode(self, jobs: list[Job]) -> AsyncIterator[list]:
+        ids = {}
         for job in jobs:
             try:
-                self.generator.encode_prompt(job.prompt, job.params)
+                ids[id(job)] = self.generator.encode_prompt(job.prompt, job.params)
             except GenerationError as e:
                 job.error = str(e)
         ok = [j for j in jobs if j.error is None]
@@ -294,7 +295,7 @@ class GeneratorServer:
                    for j in jobs]
             if not ok:
                 return
-        decoding = self.generator.start([j.prompt for j in ok], [j.params for j in ok], [j.retrieve for j in ok])
+        decoding = self.generator.start([ids[id(j)] for j in ok], [j.params for j in ok], [j.retrieve for j in ok])
         place = {id(j): i for i, j in enumerate(ok)}
         reported: set[int] = set()
         steps, loop = decoding.steps(), asyncio.get_running_loop()
@@ -305,7 +306,7 @@ class GeneratorServer:
                     if job.cancelled and not decoding.done[i]:
                         decoding.cancel(i)
                         st.cancelled += 1
-                        st.cancelled_tokens.append(len(decoding.generated[i]))
+                        st.last_cancelled_tokens = len(decoding.generated[i])
                 more = await loop.run_in_executor(None, _advance, steps, decoding, self.interval_s)
                 out = []
                 for job in jobs:
@@ -468,8 +469,7 @@ class Ingress:
         from retro_ray.instruct import fit_passages
 
         room = min(self.sc.max_prompt_tokens, self.context - max_tokens)
-        prompt, used = fit_passages(build, [p["text"] for p in passages], self.tokenizer, room)
-        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt, used, n = fit_passages(build, [p["text"] for p in passages], self.tokenizer, room)
         if n == 0:
             raise APIError(400, "the prompt is empty", param)
         if n > self.sc.max_prompt_tokens:
@@ -636,7 +636,8 @@ def build(cfg: Config, options: dict[str, dict] | None = None):
     model = model_path(cfg, storage, cfg.serve.model)
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     gpus = resources.get("GPU", 0) > 0
-    cpus = {"Ingress": 0, "Retriever": 0.5, "Generator": 1 if gpus else max(1, min(8, int(resources.get("CPU", 2)) - 1))}
+    generator_cpus = 1 if gpus else max(1, min(8, int(resources.get("CPU", 2)) - 1))
+    cpus = {"Ingress": 0, "Retriever": 0.5, "Generator": generator_cpus}
     for name, count in cpus.items():
         options.setdefault(name, {}).setdefault("ray_actor_options", {}).setdefault("num_cpus", count)
     for name, share in (("Generator", 1.0), ("Retriever", 0.25)):

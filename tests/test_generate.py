@@ -86,7 +86,7 @@ def test_a_batch_mixing_retrieval_and_decoder_only_equals_each_alone(run):
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
     prompts, retrieve = [PROMPT, PROMPT[:60], PROMPT * 2], [True, False, True]
     params = [SamplingParams(max_new_tokens=70)] * 3
-    decoding = gen.start(prompts, params, retrieve)
+    decoding = gen.start([gen.encode_prompt(p, q) for p, q in zip(prompts, params)], params, retrieve)
     steps = sum(1 for _ in decoding.steps())
     assert steps == 70 and decoding.finish == ["length"] * 3
     for i, (prompt, r) in enumerate(zip(prompts, retrieve)):
