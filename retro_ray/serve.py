@@ -109,6 +109,8 @@ class _Generation(_Strict):
     seed: int | None = None
     retrieval: Literal["encoder", "prompt", "both", "off"] | None = None
     passages: int | None = Field(None, ge=0)
+    ignore_eos: bool = False
+    """Decode past the end of text up to ``max_tokens`` (vLLM's field of the same name)."""
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -482,7 +484,8 @@ class Ingress:
 
     def _jobs(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str]) -> list[Job]:
         return [Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                           stop=stop, seed=None if req.seed is None else req.seed + j),
+                                           stop=stop, seed=None if req.seed is None else req.seed + j,
+                                           ignore_eos=req.ignore_eos),
                     retrieve=mode in ("encoder", "both"), stream=req.stream) for j in range(req.n)]
 
     # -- routes ---------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(app):
     generator = serve.get_deployment_handle("Generator", app_name="retro")
     with requests.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, stream=True,
                        json={"model": "pretrain-instruct", "prompt": PROMPT, "max_tokens": 360, "stream": True,
-                             "retrieval": "encoder"}) as r:
+                             "retrieval": "encoder", "temperature": 0, "ignore_eos": True}) as r:
         assert r.status_code == 200
         lines = r.iter_lines(decode_unicode=True)
         assert next(line for line in lines if line.startswith("data: "))  # decoding has started
@@ -206,7 +206,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(app):
     assert stats["active"] == 0 and stats["cancelled"] == 1
     assert stats["last_cancelled_tokens"] < 360  # dropped at a step, not decoded to the end
     after = client(url).completions.create(model="pretrain-instruct", prompt="The battle", max_tokens=5,
-                                           temperature=0, extra_body={"retrieval": "off"})
+                                           temperature=0, extra_body={"retrieval": "off", "ignore_eos": True})
     assert after.usage.completion_tokens == 5
 
 
