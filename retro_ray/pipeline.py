@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from typing import Callable
 
 from retro_ray import chunks, evaluate, index, instruct, neighbors, tokenizer, train
 from retro_ray.config import Config
 from retro_ray.runtime import log
-from retro_ray.storage import Storage
+from retro_ray.storage import Storage, join
 
 StageFn = Callable[[Config, Storage, bool], object]
 
@@ -31,3 +33,36 @@ def run_pipeline(cfg: Config, storage: Storage, force: bool = False) -> None:
             log.info("%s: skipped (no instruct.sources in the config)", name)
             continue
         run(cfg, storage, force)
+
+
+def ask(url: str, question: str, api_key: str | None = None, timeout_s: float = 300) -> dict:
+    """One chat request to the served model over HTTP (its name from ``/v1/models``), the way
+    any OpenAI client sends it; greedy, so a rerun prints the same answer."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+    def call(route: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{url}{route}", data, headers), timeout=timeout_s) as r:
+            return json.load(r)
+
+    model = call("/v1/models")["data"][0]["id"]
+    return call("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": question}],
+                                         "temperature": 0, "max_tokens": 64})
+
+
+def reports(cfg: Config, storage: Storage) -> list[str]:
+    """The files a person looks at after a run: QA table, perplexities, loss curves."""
+    eval_dir = join(cfg.workdir, "eval")
+    names = [join(eval_dir, n) for n in ("qa.md", "qa.png", "ppl.json", "ppl.png", "gpt_vs_retro.png")]
+    names += sorted(storage.expand(join(cfg.workdir, "checkpoints", "*", "loss.png")))
+    return [n for n in names if storage.exists(n)]
+
+
+def answer_text(response: dict) -> str:
+    """The answer, then the passages it was given, numbered, one line each."""
+    choice = response["choices"][0]
+    lines = [choice["message"]["content"].strip() or "(empty answer)", "", "passages retrieved:"]
+    for i, p in enumerate(choice.get("passages", []), 1):
+        text = " ".join(p["text"].split())
+        lines.append(f"  [{i}] doc {p['doc_id']}, chunk {p['chunk_id']} (score {p['score']:.3f}): {text[:160]}")
+    return "\n".join(lines)

@@ -1,17 +1,66 @@
-"""Process set-up shared by every stage: logging and joining (or starting) Ray."""
+"""Process set-up shared by every stage: logging, joining (or starting) Ray, and a terminal that
+shows the project's own lines while Ray's internal chatter goes to a log file."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 from retro_ray.config import Config
 
 log = logging.getLogger("retro_ray")
+FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a quiet session swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+# The project's lines carry its logger's name in every process: Ray workers, Train workers and
+# Serve replicas import this module too, and the driver tells their lines from Ray's by it.
+if not log.handlers:
+    _handler = _Stderr()
+    _handler.setFormatter(logging.Formatter(FORMAT))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+NOISE = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller|core_worker\.cc|graceful_shutdown")
+"""Ray lines that say nothing to a user even at ERROR level (Ray Train's cleaner without a
+dashboard, the C++ core worker's notes, a replica's shutdown race)."""
+SEVERE = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|Traceback \(most recent call last\)")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """The project's level, and other libraries' records (their warnings) in the same format."""
+    log.setLevel(level)
+    logging.basicConfig(level=level, format=FORMAT)
+
+
+def log_dir(cfg: Config) -> Path:
+    """Where a run's log files go: ``{workdir}/logs``; a local folder named after the run when
+    the run directory is on S3 (a log is appended to line by line)."""
+    if "://" in cfg.workdir:
+        return Path.home() / ".cache" / "retro-ray" / "logs" / cfg.workdir.split("://", 1)[1].replace("/", "_")
+    return Path(cfg.workdir) / "logs"
+
+
+def for_terminal(line: str) -> bool:
+    """A worker's line the user sees: the project's own, or a real error; not Ray's notes."""
+    return " retro_ray " in line or (bool(SEVERE.search(line)) and not NOISE.search(line))
 
 
 def init_ray(cfg: Config, address: str | None = None) -> None:
@@ -28,3 +77,95 @@ def init_ray(cfg: Config, address: str | None = None) -> None:
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     log.info("ray: %s", ray.cluster_resources())
+
+
+_to_file: logging.Handler | None = None
+"""The log file's handler while a quiet ``ray_session`` is open."""
+_muted: list[tuple[logging.Logger, list[logging.Handler]]] = []
+"""Ray's loggers pointed at the log file, with the handlers they had."""
+
+
+def mute_ray_loggers() -> None:
+    """Point the console handlers of Ray's loggers (``ray``, ``ray.data``, ``ray.serve``, ...) at
+    the open session's log file. Loggers that Ray configures later (Serve's, when it starts)
+    need another call; the session's end restores them all."""
+    if _to_file is None:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        logger = logging.getLogger(name)
+        if (name == "ray" or name.startswith("ray.")) and logger.handlers and _to_file not in logger.handlers:
+            _muted.append((logger, logger.handlers[:]))
+            logger.handlers = [h for h in logger.handlers if isinstance(h, logging.FileHandler)] + [_to_file]
+
+
+@contextmanager
+def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) -> Iterator[Path | None]:
+    """Ray joined or started (``init_ray``) for the commands inside. Unless ``verbose``: Ray's own
+    log records, its workers' lines other than the project's and real errors, and what Ray's C++
+    core writes to this process's stderr go to ``log_dir(cfg)/ray.log`` (yielded; None when
+    verbose); Ray Data's progress dumps and Hugging Face's progress bars are off. All but the
+    filter of worker lines is restored on exit."""
+    global _to_file
+    if verbose:
+        init_ray(cfg, address)
+        yield None
+        return
+    from ray._private import worker as ray_worker
+    from ray.data import DataContext
+
+    folder = log_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ray.log"
+    sink = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+    env = {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")  # workers started from here inherit it
+    _to_file = logging.StreamHandler(sink)
+    _to_file.setFormatter(logging.Formatter(FORMAT))
+    mute_ray_loggers()
+    # The C++ core writes to file descriptor 2: point it at the log, and the Python streams (ours,
+    # the project's log handlers, Ray's printing of worker lines) at the terminal's copy.
+    sys.stderr.flush()
+    terminal_fd, saved_stderr = os.dup(2), sys.stderr
+    sys.stderr = os.fdopen(terminal_fd, "w", buffering=1, encoding="utf-8", errors="replace")
+    os.dup2(sink.fileno(), 2)
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is saved_stderr]
+    for h in ours:
+        h.setStream(sys.stderr)
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+
+    def forward(data: dict) -> None:
+        """Every worker line to the log; the user's share to the terminal, as Ray prints it."""
+        lines, who = data.get("lines", []), data.get("actor_name") or data.get("task_name") or ""
+        if not sink.closed:  # lines that arrive after the session (a shutdown's last words) are filtered all the same
+            sink.write("".join(f"({who} pid={data.get('pid')}) {line}\n" for line in lines))
+        start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), len(lines))
+        ours = [line for line in lines[:start] if " retro_ray " in line]
+        severe = [line for i, line in enumerate(lines) if (i >= start or for_terminal(line)) and line not in ours]
+        if ours:  # they say what they are: no worker prefix
+            ray_worker.print_to_stdstream({**data, "lines": ours}, ignore_prefix=True)
+        if severe:
+            ray_worker.print_to_stdstream({**data, "lines": severe}, ignore_prefix=False)
+
+    context = DataContext.get_current()
+    progress_bars = context.enable_progress_bars
+    try:
+        init_ray(cfg, address)
+        mute_ray_loggers()  # what ray.init configured
+        context.enable_progress_bars = False
+        dispatcher.handlers = [(n, forward if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
+        yield path
+    finally:
+        context.enable_progress_bars = progress_bars
+        for logger, handlers in _muted:
+            logger.handlers = handlers
+        _muted.clear()
+        _to_file = None
+        for h in ours:
+            h.setStream(saved_stderr)
+        sys.stderr.flush()
+        os.dup2(sys.stderr.fileno(), 2)
+        sys.stderr.close()
+        sys.stderr = saved_stderr
+        for k, v in env.items():
+            os.environ.pop(k, None) if v is None else os.environ.update({k: v})
+        sink.close()

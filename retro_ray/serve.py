@@ -25,7 +25,6 @@ was given and the ``neighbors`` its chunks retrieved.
 import asyncio
 import hmac
 import json
-import logging
 import os
 import time
 import uuid
@@ -43,9 +42,8 @@ from starlette.exceptions import HTTPException
 from retro_ray.config import Config, ServeConfig, format_errors, load_config
 from retro_ray.errors import UserError
 from retro_ray.generate import GenerationError, SamplingParams, passages_prompt, settled
+from retro_ray.runtime import log
 from retro_ray.storage import Storage
-
-log = logging.getLogger("retro_ray")
 
 APP_NAME = "retro"
 
