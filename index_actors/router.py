@@ -31,12 +31,13 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str
 
 
 def shard_actor(*, name: str | None, max_restarts: int = -1, num_cpus: float = 1, num_gpus: float = 0,
-                **shard_kwargs):
-    """A restartable ``IndexShard`` actor; ``name`` makes it findable with ``ray.get_actor``."""
+                resources: dict[str, float] | None = None, **shard_kwargs):
+    """A restartable ``IndexShard`` actor; ``name`` makes it findable with ``ray.get_actor``;
+    ``resources``: the custom resources (node type labels) it needs."""
     import ray
 
     options = {"max_restarts": max_restarts, "max_task_retries": -1, "num_cpus": num_cpus,
-               "num_gpus": num_gpus}
+               "num_gpus": num_gpus, "resources": resources or {}}
     if name:
         options.update(name=name, get_if_exists=True)
     return ray.remote(IndexShard).options(**options).remote(**shard_kwargs)

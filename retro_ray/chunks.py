@@ -101,6 +101,7 @@ def _chunk_stream(cfg: Config, storage: Storage, files: dict[str, list[str]]) ->
             fn_kwargs={"tokenizer_json": tokenizer_json, "chunk_length": cfg.db.chunk_length},
             batch_format="pyarrow",
             batch_size=256,
+            resources=cfg.resources.chunk,
         )
         yield from chunked.iter_batches(batch_format="pyarrow", batch_size=None)
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -315,6 +315,28 @@ class ServeConfig(Section):
     answer and its passages are printed); None: the pipeline does not serve."""
 
 
+Labels = dict[str, Annotated[float, Field(gt=0)]]
+
+
+class ResourcesConfig(Section):
+    """Custom Ray resources that each stage's tasks and actors ask for, so that on a cluster the
+    autoscaler starts the right kind of node for the stage: the labels that the node types of
+    ``cluster/aws.yaml`` (and the KubeRay groups) carry, e.g. ``embed: {node_embed: 1}``. Empty:
+    any node, as on one laptop. CPUs and GPUs stay in the stages' own sections. No stage's
+    fingerprint includes these: moving a run to other nodes redoes nothing."""
+
+    chunk: Labels = {}
+    """Each corpus reading and chunking task."""
+    embed: Labels = {}
+    """Each embedding actor."""
+    index: Labels = {}
+    """Each index shard actor (training, adding, serving queries)."""
+    train: Labels = {}
+    """Each training worker (pretraining and instruction tuning)."""
+    serve: Labels = {}
+    """The generator and retriever replicas (unless the Serve config file sets ``resources``)."""
+
+
 class Config(Section):
     workdir: str = "runs/default"
     """Run directory, local path or ``s3://bucket/prefix``; each stage writes a folder here."""
@@ -336,6 +358,7 @@ class Config(Section):
     instruct: InstructConfig = InstructConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
+    resources: ResourcesConfig = ResourcesConfig()
 
     @field_validator("workdir")
     @classmethod

@@ -143,6 +143,7 @@ def embed_blocks(cfg: Config, storage: Storage, manifest: Manifest, db_dir: str)
                                   max_tasks_in_flight_per_actor=1),
         num_gpus=gpus,
         num_cpus=e.num_cpus_per_actor,
+        resources=cfg.resources.embed,
         # OMP_NUM_THREADS of Ray workers defaults to the task's CPUs; torch threads follow it.
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     )

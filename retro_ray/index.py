@@ -93,7 +93,8 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         ids = uniform_sample(total, n_train, ic.seed)
         vectors = read_vectors(storage, db_dir(cfg), blocks, ids)  # [n_train, d]
         log.info("index: training %s on %d vectors drawn uniformly from %d", ic.factory, len(ids), total)
-        ray.get(ray.remote(_train).options(num_cpus=ic.num_cpus_per_shard, num_gpus=_shard_gpus(cfg))
+        ray.get(ray.remote(_train).options(num_cpus=ic.num_cpus_per_shard, num_gpus=_shard_gpus(cfg),
+                                           resources=cfg.resources.index)
                 .remote(cfg, dim, vectors, template))
         manifest.timings["train_s"] = time.time() - start
         manifest.counts["train_size"] = len(ids)
@@ -105,7 +106,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         if f"shard-{s:04d}" in manifest.blocks:
             continue
         storage.delete_file(shard_uri(cfg, s))  # a half-built shard file is rebuilt from the template
-        actor = shard_actor(name=None, max_restarts=0, num_cpus=ic.num_cpus_per_shard,
+        actor = shard_actor(name=None, max_restarts=0, num_cpus=ic.num_cpus_per_shard, resources=cfg.resources.index,
                             num_gpus=_shard_gpus(cfg), dim=dim, factory=ic.factory, metric=ic.metric,
                             uri=shard_uri(cfg, s), template_uri=template, storage_cfg=cfg.storage)
         ref = actor.add_files.remote([embeddings_uri(db_dir(cfg), b) for b in shard_blocks])
@@ -146,7 +147,7 @@ def open_router(cfg: Config, storage: Storage, name: str | None = None) -> Shard
     ic = cfg.index
     shards = [
         [shard_actor(name=f"{name}-shard-{s}-{r}" if name else None, num_cpus=ic.num_cpus_per_shard,
-                     num_gpus=_shard_gpus(cfg),
+                     num_gpus=_shard_gpus(cfg), resources=cfg.resources.index,
                      dim=layout["dim"], factory=layout["factory"], metric=layout["metric"],
                      uri=shard_uri(cfg, s), storage_cfg=cfg.storage, nprobe=ic.nprobe,
                      ef_search=ic.ef_search)

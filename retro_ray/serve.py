@@ -643,6 +643,8 @@ def build(cfg: Config, options: dict[str, dict] | None = None):
         options.setdefault(name, {}).setdefault("ray_actor_options", {}).setdefault("num_cpus", count)
     for name, share in (("Generator", 1.0), ("Retriever", 0.25)):
         actor = options[name]["ray_actor_options"]
+        if cfg.resources.serve:
+            actor.setdefault("resources", dict(cfg.resources.serve))
         if gpus and "num_gpus" not in actor:
             actor["num_gpus"] = share
         elif not gpus:  # torch's idle OpenMP threads would spin on the cores the other replicas need

@@ -306,7 +306,7 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=_cluster_has_gpus(),
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker, **cfg.resources.train}),
         run_config=RunConfig(name=tc.run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
