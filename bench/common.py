@@ -10,6 +10,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wiki" / "part-003.parquet"
+TINY = ROOT / "configs" / "tiny.yaml"
+"""The library's defaults: the small from-scratch Retro that the generation and serving benchmarks measure."""
 
 
 def tree_rss_mb(pid: int) -> float:

@@ -13,7 +13,7 @@ are checked), the same model decoder-only (encoder dropped: the GPT twin, same w
 otherwise), the share of time spent in retrieval (embed + search + read) and in encoding the
 neighbours, and a batch of 8 prompts together. Last line: one JSON object.
 
-    python bench/generate.py [--workdir runs/default] [--new-tokens 256] [--no-smollm2]
+    python bench/generate.py [--workdir runs/tiny] [--new-tokens 256] [--no-smollm2]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, db_prompts  # noqa: E402
+from common import ROOT, TINY, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
@@ -92,8 +92,8 @@ def smollm2_generator(workdir: Path) -> Generator:
     gguf = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
     sets = ["--set", f"workdir={workdir}", "--set", f"tokenizer.path={gguf}"]
     for stage in ("tokenizer", "db", "index"):
-        cli(stage, *sets)
-    cfg = load_config(None, sets[1::2])
+        cli(stage, "--config", str(TINY), *sets)
+    cfg = load_config(TINY, sets[1::2])
     storage = Storage(cfg.storage)
     base = load_causal_lm(gguf)
     model = RetroFit(base, retrofit_config(base, chunk_length=cfg.db.chunk_length, k=cfg.neighbors.k))
@@ -105,14 +105,14 @@ def smollm2_generator(workdir: Path) -> Generator:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "default"))
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--no-smollm2", action="store_true")
     args = parser.parse_args()
-    cfg = load_config(None, [f"workdir={args.workdir}"])
+    cfg = load_config(TINY, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
     if not storage.exists(join(run_dir(cfg), MODEL_DIR, "config.json")):
-        cli("pipeline", "--set", f"workdir={args.workdir}")
+        cli("pipeline", "--config", str(TINY), "--set", f"workdir={args.workdir}")
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch_threads": torch.get_num_threads()}
     results["retro"] = measure("retro (pipeline model)", run_generator(cfg, storage), args.new_tokens)

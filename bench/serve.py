@@ -15,7 +15,7 @@ the answers are checked equal to the direct ones.
 
 Last line: one JSON object.
 
-    python bench/serve.py [--workdir runs/default] [--max-tokens 32]
+    python bench/serve.py [--workdir runs/tiny] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, db_prompts  # noqa: E402
+from common import ROOT, TINY, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
@@ -142,7 +142,7 @@ def direct(cfg, storage, texts: list[str], n: int, batch: int, max_tokens: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "default"))
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=8471)
     args = parser.parse_args()
@@ -152,10 +152,10 @@ def main() -> None:
     from retro_ray.serve import _model_name
     from retro_ray.generate import model_path
 
-    cfg = load_config(None, [f"workdir={args.workdir}"])
+    cfg = load_config(TINY, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
     if not storage.exists(join(run_dir(cfg), MODEL_DIR, "config.json")):
-        subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--set", f"workdir={args.workdir}"],
+        subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", str(TINY), "--set", f"workdir={args.workdir}"],
                        check=True, cwd=ROOT)
     model = _model_name(model_path(cfg, storage))
     texts = prompts(cfg, storage, 64)

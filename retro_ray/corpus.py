@@ -271,7 +271,7 @@ def read_corpus(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> l
         if remaining == 0:
             break
         ds = ray.data.read_datasource(_datasource(source, files[source.name], storage, remaining),
-                                      ray_remote_args={"resources": cfg.resources.chunk})
+                                      resources=cfg.resources.chunk)
         if remaining is not None:
             ds = ds.limit(remaining)
             remaining -= ds.count()  # quick runs only: this reads the source's first rows once more

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from retro_ray.config import Config, EmbedConfig
 from retro_ray.dbfiles import chunks_uri, embedding_table, embeddings_uri
-from retro_ray.runtime import log
+from retro_ray.runtime import log, progress
 from retro_ray.storage import Manifest, Storage
 
 
@@ -155,8 +155,8 @@ def embed_blocks(cfg: Config, storage: Storage, manifest: Manifest, db_dir: str)
         manifest.save(storage, db_dir)
         done += int(row["rows"])
         elapsed = time.time() - start
-        log.info("db: embedded block %s (%d chunks, %.1fs); %d/%d chunks, %.1f chunks/s", name,
-                 row["rows"], row["seconds"], done, total, done / max(elapsed, 1e-9))
+        log.info("db: embedded %d/%d chunks %s, %.1f chunks/s (block %s: %d chunks in %.1fs)", done, total,
+                 progress(done, total, elapsed), done / max(elapsed, 1e-9), name, row["rows"], row["seconds"])
     manifest.timings["embed_s"] = manifest.timings.get("embed_s", 0.0) + time.time() - start
     if manifest.counts.get("truncated"):
         log.warning("db: %d chunk texts were longer than embed.max_length=%d encoder tokens and "

@@ -34,7 +34,7 @@ from retro_ray.config import Config, CorpusSource, EvalQASet
 from retro_ray.errors import UserError
 from retro_ray.generate import load_model
 from retro_ray.locks import locked
-from retro_ray.runtime import log
+from retro_ray.runtime import log, progress
 from retro_ray.storage import MANIFEST, Storage, finished_stage, join
 
 MODELS = ("gpt", "gpt_rag", "retro_decoder_only", "retro_encoder", "base_rag")
@@ -330,8 +330,8 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
                          "passages": used})
         elapsed = time.perf_counter() - start
         if s // ec.batch_size % 5 == 4 or len(rows) == len(questions):
-            log.info("eval qa %s: %d/%d questions, %.2f s/question, ETA %.0f s", label, len(rows), len(questions),
-                     elapsed / len(rows), elapsed / len(rows) * (len(questions) - len(rows)))
+            log.info("eval qa %s: %d/%d questions %s, %.2f s/question", label, len(rows), len(questions),
+                     progress(len(rows), len(questions), elapsed), elapsed / len(rows))
     return rows, (time.perf_counter() - start) / max(len(questions), 1)
 
 

@@ -37,7 +37,7 @@ from retro_ray.config import Config, config_hash
 from retro_ray.dbfiles import ChunkStore, db_dir, finished_db, read_vectors
 from retro_ray.errors import UserError
 from retro_ray.locks import locked
-from retro_ray.runtime import log
+from retro_ray.runtime import log, progress
 from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
 
 SPLITS = ("train", "valid")
@@ -196,12 +196,13 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         n_samples = len(layout.chunk_ids)
         manifest.counts[f"{split}_samples"] = n_samples
         manifest.counts[f"{split}_docs"] = len(splits[split])
-        start, queried = time.time(), 0
+        start, queried, first_todo = time.time(), 0, None
         for first in range(0, n_samples, nc.samples_per_block):
             sl = slice(first, min(first + nc.samples_per_block, n_samples))
             name = f"{split}/{sl.start:010d}-{sl.stop:010d}"
             if name in manifest.blocks:
                 continue
+            first_todo = first if first_todo is None else first_todo
             chunk_ids = layout.chunk_ids[sl]  # [b, l]
             real = chunk_ids >= 0
             queries = read_vectors(storage, db_dir(cfg), blocks, chunk_ids[real])  # [q, d]; ids ascend
@@ -220,8 +221,9 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
                                      "no_neighbor": int((neighbors[real] < 0).sum()), "near_copies": dropped}
             manifest.save(storage, out)
             queried += int(real.sum())
-            log.info("neighbors: %s %s: %d samples, %d queries, %.0f queries/s", split, name,
-                     sl.stop - sl.start, int(real.sum()), queried / max(time.time() - start, 1e-9))
+            log.info("neighbors: %s %d/%d samples %s, %.0f queries/s", split, sl.stop, n_samples,
+                     progress(sl.stop - first_todo, n_samples - first_todo, time.time() - start),
+                     queried / max(time.time() - start, 1e-9))
     router.close()
     manifest.counts["no_neighbor"] = sum(b["no_neighbor"] for b in manifest.blocks.values())
     manifest.counts["near_copies_dropped"] = sum(b.get("near_copies", 0) for b in manifest.blocks.values())

@@ -28,10 +28,11 @@ STAGES: dict[str, StageFn] = {
 def run_pipeline(cfg: Config, storage: Storage, force: bool = False) -> None:
     """Run every stage; finished ones are skipped by their manifests. ``force`` rebuilds all.
     Instruction tuning and evaluation run when ``instruct.sources`` names data."""
-    for name, run in STAGES.items():
+    for i, (name, run) in enumerate(STAGES.items(), 1):
         if name in ("instruct", "eval") and not cfg.instruct.sources:
-            log.info("%s: skipped (no instruct.sources in the config)", name)
+            log.info("pipeline: stage %d/%d %s skipped (no instruct.sources in the config)", i, len(STAGES), name)
             continue
+        log.info("pipeline: stage %d/%d %s", i, len(STAGES), name)
         run(cfg, storage, force)
 
 

@@ -41,6 +41,14 @@ if not log.handlers:
 NOISE = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller|core_worker\.cc|graceful_shutdown")
 """Ray lines that say nothing to a user even at ERROR level (Ray Train's cleaner without a
 dashboard, the C++ core worker's notes, a replica's shutdown race)."""
+RAY_LINE = re.compile(
+    r"\t(DEBUG|INFO|WARNING|ERROR) \S+\.py:\d+ -- "                # Ray's loggers in this process
+    r"|^(DEBUG|INFO|WARNING|ERROR) \d{4}-\d\d-\d\d [\d:,]+ \S+ \d+ -- "  # Serve's
+    r"|^(\x1b\[\d+m)?\((raylet|autoscaler|gcs_server)\)"              # Ray's daemons
+    r"|^(\x1b\[\d+m)?\(.+? pid=\d+(, ip=[\d.]+)?\)"                 # a worker's line, as Ray prints it
+    r"|^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+\.cc:\d+"   # Ray's C++ core
+)
+"""A line on the terminal that Ray printed rather than the project (what ``ray_session`` keeps off it)."""
 SEVERE = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|Traceback \(most recent call last\)")
 
 
@@ -48,6 +56,16 @@ def setup_logging(level: int = logging.INFO) -> None:
     """The project's level, and other libraries' records (their warnings) in the same format."""
     log.setLevel(level)
     logging.basicConfig(level=level, format=FORMAT)
+
+
+def progress(done: float, total: float, elapsed_s: float, width: int = 20) -> str:
+    """``[#########...........] 45%, ETA 1m12s`` for a progress line (a bar that also reads well
+    in a log file)."""
+    share = min(1.0, done / total) if total else 1.0
+    filled = round(share * width)
+    eta = elapsed_s / done * (total - done) if done else 0.0
+    minutes, seconds = divmod(int(round(eta)), 60)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {share:4.0%}, ETA {f'{minutes}m' if minutes else ''}{seconds:02d}s"
 
 
 def log_dir(cfg: Config) -> Path:
@@ -103,8 +121,9 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
     """Ray joined or started (``init_ray``) for the commands inside. Unless ``verbose``: Ray's own
     log records, its workers' lines other than the project's and real errors, and what Ray's C++
     core writes to this process's stderr go to ``log_dir(cfg)/ray.log`` (yielded; None when
-    verbose); Ray Data's progress dumps and Hugging Face's progress bars are off. All but the
-    filter of worker lines is restored on exit."""
+    verbose); Ray Data's progress dumps and Hugging Face's progress bars are off. All is
+    restored on exit but the filters of workers' lines and of Ray's error messages: what comes
+    after the session (a shutdown's last words) is filtered too."""
     global _to_file
     if verbose:
         init_ray(cfg, address)
@@ -132,30 +151,51 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
     for h in ours:
         h.setStream(sys.stderr)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    show = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)  # Ray's own
+
+    def to_log(data: dict) -> None:
+        if not sink.closed:  # lines that arrive after the session (a shutdown's last words) are filtered all the same
+            who = data.get("actor_name") or data.get("task_name") or ""
+            sink.write("".join(f"({who} pid={data.get('pid')}) {line}\n" for line in data.get("lines", [])))
 
     def forward(data: dict) -> None:
         """Every worker line to the log; the user's share to the terminal, as Ray prints it."""
-        lines, who = data.get("lines", []), data.get("actor_name") or data.get("task_name") or ""
-        if not sink.closed:  # lines that arrive after the session (a shutdown's last words) are filtered all the same
-            sink.write("".join(f"({who} pid={data.get('pid')}) {line}\n" for line in lines))
+        to_log(data)
+        lines = data.get("lines", [])
+        if NOISE.search(data.get("actor_name") or ""):  # its tracebacks too (Ray Train's cleaner without a dashboard)
+            return
         start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), len(lines))
         ours = [line for line in lines[:start] if " retro_ray " in line]
         severe = [line for i, line in enumerate(lines) if (i >= start or for_terminal(line)) and line not in ours]
         if ours:  # they say what they are: no worker prefix
-            ray_worker.print_to_stdstream({**data, "lines": ours}, ignore_prefix=True)
+            show({**data, "lines": ours}, ignore_prefix=True)
         if severe:
-            ray_worker.print_to_stdstream({**data, "lines": severe}, ignore_prefix=False)
+            show({**data, "lines": severe}, ignore_prefix=False)
+
+    def errors(data: dict, ignore_prefix: bool) -> None:
+        """The errors Ray sends this driver (a worker died, a task failed): all but the noise."""
+        to_log(data)
+        kept = [line for line in data.get("lines", []) if not NOISE.search(line)]
+        if kept:
+            show({**data, "lines": kept}, ignore_prefix)
+
+    from transformers.utils import logging as hf_logging
 
     context = DataContext.get_current()
-    progress_bars = context.enable_progress_bars
+    progress_bars, hf_bars = context.enable_progress_bars, hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # model loading in this process (a GGUF file's conversion)
     try:
         init_ray(cfg, address)
         mute_ray_loggers()  # what ray.init configured
         context.enable_progress_bars = False
         dispatcher.handlers = [(n, forward if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
+        errors.__wrapped__ = show
+        ray_worker.print_to_stdstream = errors  # what Ray's error listener prints with
         yield path
     finally:
         context.enable_progress_bars = progress_bars
+        if hf_bars:
+            hf_logging.enable_progress_bar()
         for logger, handlers in _muted:
             logger.handlers = handlers
         _muted.clear()

@@ -24,7 +24,7 @@ import torch
 
 from retro_ray.config import Config, TrainConfig, config_hash
 from retro_ray.locks import locked
-from retro_ray.runtime import log
+from retro_ray.runtime import log, progress
 from retro_ray.storage import Manifest, Storage, finished_stage, join, open_stage
 
 STATE = "state.json"
@@ -171,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
         return math.exp(min(20.0, (total[0] / total[1]).item()))
 
     engine.train()
-    tick, tokens_seen = time.time(), 0
+    tick, tokens_seen, loop_start = time.time(), 0, time.time()
     for step in range(start_step, tc.max_steps):
         step_start = time.time()
         losses, step_tokens = [], 0
@@ -194,10 +194,10 @@ def train_loop_per_worker(config: dict) -> None:
             elapsed = time.time() - tick
             memory = (torch.cuda.max_memory_allocated() if gpu else _rss()) / 2**20
             if rank == 0:
-                log.info("train %s step %d/%d: loss %.4f%s, lr %.2e, %.0f tokens/s, %.0f MB", tc.run_name, done,
-                         tc.max_steps, record["loss"],
-                         f", val ppl {record['val_ppl']:.2f}" if "val_ppl" in record else "", record["lr"],
-                         tokens_seen / max(elapsed, 1e-9), memory)
+                log.info("train %s step %d/%d %s: loss %.4f%s, lr %.2e, %.0f tokens/s, %.0f MB", tc.run_name, done,
+                         tc.max_steps, progress(done - start_step, tc.max_steps - start_step, time.time() - loop_start),
+                         record["loss"], f", val ppl {record['val_ppl']:.2f}" if "val_ppl" in record else "",
+                         record["lr"], tokens_seen / max(elapsed, 1e-9), memory)
             tick, tokens_seen = time.time(), 0
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             with tempfile.TemporaryDirectory() as tmp:

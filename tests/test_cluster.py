@@ -1,9 +1,11 @@
 """The cluster path users take: `cluster/local-fake.yaml` (Ray's fake_multinode autoscaler) starts
-worker nodes for a `ray job submit` of `jobs/pipeline.py`, which runs every stage on them, Ray
-Train and DeepSpeed included."""
+worker nodes of the kind each stage asks for (its `resources:` labels) for a `ray job submit` of
+`jobs/pipeline.py`, which runs every stage on them, Ray Train and DeepSpeed included; a job
+stopped between stages and submitted again redoes none of the finished ones; idle nodes go."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +38,9 @@ def fake_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths have a length limit
     bin_dir = str(Path(sys.executable).parent)
     # RAY_AUTH_MODE=token: `ray job submit` sends the token (~/.ray/auth_token) only when it is set.
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # RAY_DEDUP_LOGS=0: the job's log keeps every training step's line (the node-loss drill counts them).
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token", "RAY_DEDUP_LOGS": "0",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     head = subprocess.Popen(
         # Free ports for every port with a fixed default: another Ray instance (the tests' own)
         # holds the dashboard agent's 52365, and the head's job agent would never come up.
@@ -65,29 +69,114 @@ def ray_cli(env: dict, *args: str, timeout: float) -> subprocess.CompletedProces
                           capture_output=True, text=True)
 
 
-def test_job_submit_runs_the_pipeline_on_autoscaled_workers(fake_cluster, tmp_path, wiki_parquet):
-    address, env = fake_cluster
-    cfg = tiny_config(tmp_path / "run", wiki_parquet, train={"max_steps": 2, "checkpoint_every": 2,
-                                                             "eval_every": 2})
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(cfg.to_yaml())
+def submit(env: dict, address: str, options: list[str], args: list[str], timeout: float = 900,
+           script: str = "pipeline.py"):
+    """``ray job submit OPTIONS -- python jobs/SCRIPT ARGS``, tried again while the head is
+    still starting (its job server answers first, its job agent a little later)."""
     deadline = time.time() + 180
-    while True:  # the head is starting: its job server answers first, its job agent a little later
+    while True:
         # No --working-dir on this one-machine cluster: see cluster/local-fake.yaml.
-        job = ray_cli(env, "job", "submit", f"--address={address}", "--", "python",
-                      str(ROOT / "jobs" / "pipeline.py"), "--config", str(config_file), "-v", timeout=900)
+        job = ray_cli(env, "job", "submit", f"--address={address}", *options, "--", "python",
+                      str(ROOT / "jobs" / script), *args, timeout=timeout)
         output = job.stdout + job.stderr
-        # Neither answer submitted anything: try again.
         not_up = "Failed to connect to Ray" in output or "No available agent to submit job" in output
         if not not_up or time.time() > deadline:
-            break
+            return job
         time.sleep(3)
-    assert job.returncode == 0 and "succeeded" in output, output[-5000:]
-    nodes = ray_cli(env, "list", "nodes", f"--address={address}", "--detail", "--format=json", timeout=60)
-    assert any(not node["is_head_node"] for node in json.loads(nodes.stdout)), (
-        "the autoscaler started no worker node, yet the head has no CPUs to run anything on")
+
+
+def nodes(env: dict, address: str) -> list[dict]:
+    listed = ray_cli(env, "list", "nodes", f"--address={address}", "--detail", "--format=json", timeout=60)
+    return json.loads(listed.stdout)
+
+
+def labelled(nodes_: list[dict], label: str) -> list[dict]:
+    return [n for n in nodes_ if label in (n.get("resources_total") or {})]
+
+
+def test_stages_run_on_their_node_types_and_a_resubmitted_job_redoes_nothing(fake_cluster, tmp_path, wiki_parquet):
+    address, env = fake_cluster
+    labels = {"chunk": "node_cpu", "embed": "node_embed", "index": "node_index", "train": "node_train"}
+    cfg = tiny_config(tmp_path / "run", wiki_parquet, train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 2},
+                      resources={stage: {label: 1} for stage, label in labels.items()})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(cfg.to_yaml())
     run = Path(cfg.workdir)
+
+    # Stopped once the database is built, before training.
+    first = submit(env, address, ["--no-wait", "--submission-id=first"], ["--config", str(config_file)], timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    deadline = time.time() + 600
+    while not (run / "db" / "_manifest.json").exists() or '"complete": true' not in (run / "db" / "_manifest.json").read_text():
+        assert time.time() < deadline, ray_cli(env, "job", "logs", f"--address={address}", "first", timeout=60).stdout[-3000:]
+        time.sleep(2)
+    ray_cli(env, "job", "stop", f"--address={address}", "first", timeout=120)
+    built = {stage: (run / stage / "_manifest.json").read_bytes() for stage in ("tokenizer", "db")}
+    assert not (run / "checkpoints" / "pretrain" / "_manifest.json").exists()
+
+    job = submit(env, address, [], ["--config", str(config_file), "-v"])
+    output = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in output, output[-5000:]
+    for stage, manifest in built.items():  # finished stages were skipped, not redone
+        assert (run / stage / "_manifest.json").read_bytes() == manifest, stage
     for stage in ("tokenizer", "db", "index", "samples"):
         assert '"complete": true' in (run / stage / "_manifest.json").read_text(), stage
     assert (run / "checkpoints" / "pretrain" / "model" / "model.safetensors").exists()
     assert "pretrain pretrain: 2 steps" in output
+
+    seen = nodes(env, address)  # the dead ones too: each stage's kind of node was started
+    for label in labels.values():
+        assert labelled(seen, label), f"no node with {label} was started: {seen}"
+
+    elastic_training_survives_losing_a_node(env, address, config_file, run)
+    # The embedding node has been idle since the database was built: the autoscaler removed it.
+    deadline = time.time() + 240  # idle_timeout_minutes: 1
+    while any(n["state"] == "ALIVE" for n in labelled(nodes(env, address), "node_embed")):
+        assert time.time() < deadline, "the idle embedding node was not removed"
+        time.sleep(5)
+
+
+def job_logs(env: dict, address: str, job_id: str) -> str:
+    return ray_cli(env, "job", "logs", f"--address={address}", job_id, timeout=60).stdout
+
+
+def elastic_training_survives_losing_a_node(env: dict, address: str, config_file: Path, run: Path) -> None:
+    """Training on ``num_workers: [1, 2]`` over two train nodes; one node's raylet is killed
+    mid-run. The run goes on with the remaining worker from the last checkpoint, and ends with
+    every step once in its history: none lost, and only the steps after that checkpoint redone."""
+    steps, every = 80, 10
+    settings = ["train.run_name=elastic", "train.num_workers=[1, 2]", f"train.max_steps={steps}",
+                f"train.checkpoint_every={every}", f"train.eval_every={steps}", "train.max_failures=3",
+                "train.log_every=1"]
+    job = submit(env, address, ["--no-wait", "--submission-id=elastic"],
+                 ["--config", str(config_file), "-v", *(a for kv in settings for a in ("--set", kv))],
+                 timeout=120, script="pretrain.py")
+    assert job.returncode == 0, job.stdout + job.stderr
+    deadline = time.time() + 600
+    while True:  # both workers are up and training is under way
+        logs = job_logs(env, address, "elastic")
+        two = logs.find("worker group of size 2")
+        if two >= 0 and re.search(rf"train elastic step (2\d|[3-9]\d)/{steps}", logs[two:]):
+            break
+        assert time.time() < deadline, logs[-3000:]
+        time.sleep(1)
+    victim = next(n for n in labelled(nodes(env, address), "node_train") if n["state"] == "ALIVE")
+    raylet = next(p for p in psutil.process_iter(["cmdline"])
+                  if f"--node_id={victim['node_id']}" in " ".join(p.info["cmdline"] or []))
+    killed_after = len(re.findall(rf"train elastic step \d+/{steps}", logs))
+    raylet.kill()
+    deadline = time.time() + 900
+    while (status := ray_cli(env, "job", "status", f"--address={address}", "elastic", timeout=60).stdout) and \
+            not any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        assert time.time() < deadline, job_logs(env, address, "elastic")[-3000:]
+        time.sleep(3)
+    logs = job_logs(env, address, "elastic")
+    assert "SUCCEEDED" in status, logs[-5000:]
+    history = json.loads((run / "checkpoints" / "elastic" / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, steps + 1))  # every step once: none lost, none twice
+    logged = [int(s) for s in re.findall(rf"train elastic step (\d+)/{steps}", logs)]
+    redone = len(logged) - steps
+    assert 0 <= redone <= every, f"{redone} steps redone after the node loss (checkpoints every {every})"
+    assert "worker group of size 1" in logs, "training did not go on with the remaining worker"
+    print(f"node loss after {killed_after} logged steps: {redone} steps redone; "
+          f"resized back to 2: {'from 1 -> 2 workers' in logs}")

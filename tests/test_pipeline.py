@@ -41,3 +41,37 @@ def test_changed_config_is_refused_without_force(ray_local, tmp_path, wiki_parqu
     config_file.write_text(yaml.safe_dump(data))
     assert main(["tokenizer", "--config", str(config_file)]) == 2
     assert main(["tokenizer", "--config", str(config_file), "--force"]) == 0
+
+
+def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_terminal(tmp_path, wiki_parquet):
+    """What `retro-ray pipeline` does on a fresh machine, on a tiny model: every stage, then the
+    app is asked a question over HTTP; the terminal shows the project's lines, not Ray's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from retro_ray.runtime import RAY_LINE
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = tiny_config(tmp_path / "run", wiki_parquet, index={"factory": "Flat", "shards": 2},
+                      neighbors={"seq_len": 512, "k_candidates": 8, "valid_fraction": 0.25},
+                      instruct={"sources": [{"name": "pydocs", "paths": [str(configs / "pydocs-instruct.jsonl")]}],
+                                "max_examples": 24, "max_steps": 2},
+                      eval={"qa": [{"name": "pydocs", "path": str(configs / "pydocs-qa.jsonl"), "max_questions": 4}],
+                            "max_new_tokens": 4, "ppl_samples": 2},
+                      serve={"question": "What is the Python module textwrap for?"})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    done = subprocess.run([str(Path(sys.executable).parent / "retro-ray"), "pipeline", "--config", str(config_file)],
+                          capture_output=True, text=True, timeout=900)
+    terminal = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0, "\n".join(terminal[-40:])
+    asked = next(i for i, line in enumerate(terminal) if line.startswith("retro-ray: asked http://127.0.0.1:"))
+    assert terminal[asked + 2].strip()  # the answer
+    passages = [line for line in terminal if line.startswith("  [") and ", chunk " in line]
+    assert len(passages) == 3  # serve.passages retrieved for the question, printed with their text
+    assert any(line.endswith("eval/qa.md") for line in terminal)
+    assert any("pipeline: stage 7/7 eval" in line for line in terminal)
+    assert [line for line in terminal if RAY_LINE.search(line)] == []  # Ray's own lines went to the log
+    ray_log = (tmp_path / "run" / "logs" / "ray.log").read_text()
+    assert "Started a local Ray instance" in ray_log and "Running Dataset" not in "\n".join(terminal)
