@@ -164,6 +164,9 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
         lines = data.get("lines", [])
         if NOISE.search(data.get("actor_name") or ""):  # its tracebacks too (Ray Train's cleaner without a dashboard)
             return
+        if data.get("pid") == "autoscaler":  # on a cluster: which kind of node comes and goes, for which stage
+            show(data, ignore_prefix=False)
+            return
         start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), len(lines))
         ours = [line for line in lines[:start] if " retro_ray " in line]
         severe = [line for i, line in enumerate(lines) if (i >= start or for_terminal(line)) and line not in ours]

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,8 +141,10 @@ def train_loop_per_worker(config: dict) -> None:
         if state and state["world_size"] == world:
             engine.load_checkpoint(d, tag="deepspeed")
         elif state:
-            for _ in range(start_step):
-                scheduler.step()  # keep the schedule where the run was
+            with warnings.catch_warnings():  # stepped before the optimizer on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                for _ in range(start_step):
+                    scheduler.step()  # keep the schedule where the run was
             log.warning("resumed at step %d with %d workers from a %d-worker checkpoint: weights restored, "
                         "optimizer state restarted", start_step, world, state["world_size"])
 
