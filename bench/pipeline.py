@@ -57,7 +57,7 @@ def main() -> None:
         if found:
             current[0] = found.group(1)
             marks.append((found.group(1), time.time()))
-        elif "serve: " in line and current[0] == "eval":  # the app starting after the last stage
+        elif "pipeline: serving" in line:  # the app, the question, the app taken down
             current[0] = "serve"
             marks.append(("serve", time.time()))
     proc.wait()

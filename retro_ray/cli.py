@@ -123,6 +123,7 @@ def _pipeline(cfg, storage: Storage, args) -> None:
     if not cfg.serve.question:
         return
     try:
+        log.info("pipeline: serving the run's model, to ask it: %s", cfg.serve.question)
         url = start(cfg)
         response = ask(url, cfg.serve.question, api_key(cfg.serve))
         print(f"\nretro-ray: asked {url}/v1/chat/completions: {cfg.serve.question}\n\n{answer_text(response)}\n",

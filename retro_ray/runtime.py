@@ -53,9 +53,9 @@ SEVERE = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|Traceback \(most recent call la
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """The project's level, and other libraries' records (their warnings) in the same format."""
+    """The project's level; other libraries' warnings (everything of theirs at DEBUG) in the same format."""
     log.setLevel(level)
-    logging.basicConfig(level=level, format=FORMAT)
+    logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING, format=FORMAT)
 
 
 def progress(done: float, total: float, elapsed_s: float, width: int = 20) -> str:
@@ -94,7 +94,9 @@ def init_ray(cfg: Config, address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
-    log.info("ray: %s", ray.cluster_resources())
+    have = ray.cluster_resources()
+    log.info("ray: %s (%d CPUs, %d GPUs, %.1f GiB object store)", address or "a local instance", have.get("CPU", 0),
+             have.get("GPU", 0), have.get("object_store_memory", 0) / 2**30)
 
 
 _to_file: logging.Handler | None = None
@@ -131,7 +133,10 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
         return
     from ray._private import worker as ray_worker
     from ray.data import DataContext
+    from transformers.utils import logging as hf_logging
 
+    context = DataContext.get_current()
+    progress_bars, hf_bars = context.enable_progress_bars, hf_logging.is_progress_bar_enabled()
     folder = log_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ray.log"
@@ -147,8 +152,8 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
     terminal_fd, saved_stderr = os.dup(2), sys.stderr
     sys.stderr = os.fdopen(terminal_fd, "w", buffering=1, encoding="utf-8", errors="replace")
     os.dup2(sink.fileno(), 2)
-    ours = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is saved_stderr]
-    for h in ours:
+    root_handlers = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is saved_stderr]
+    for h in root_handlers:
         h.setStream(sys.stderr)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     show = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)  # Ray's own
@@ -182,15 +187,11 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
         if kept:
             show({**data, "lines": kept}, ignore_prefix)
 
-    from transformers.utils import logging as hf_logging
-
-    context = DataContext.get_current()
-    progress_bars, hf_bars = context.enable_progress_bars, hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # model loading in this process (a GGUF file's conversion)
     try:
         init_ray(cfg, address)
         mute_ray_loggers()  # what ray.init configured
         context.enable_progress_bars = False
+        hf_logging.disable_progress_bar()  # model loading in this process (a GGUF file's conversion)
         dispatcher.handlers = [(n, forward if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
         errors.__wrapped__ = show
         ray_worker.print_to_stdstream = errors  # what Ray's error listener prints with
@@ -203,7 +204,7 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
             logger.handlers = handlers
         _muted.clear()
         _to_file = None
-        for h in ours:
+        for h in root_handlers:
             h.setStream(saved_stderr)
         sys.stderr.flush()
         os.dup2(sys.stderr.fileno(), 2)
