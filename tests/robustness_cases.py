@@ -101,11 +101,12 @@ def make_inputs(folder: Path) -> dict[str, str]:
 
 
 def snapshot(workdir: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``workdir`` but the lock folder, with its size and modification time."""
+    """Every file under ``workdir`` but the lock folder and the log (``logs/ray.log`` grows with
+    every command that starts Ray), with its size and modification time."""
     if not workdir.exists():
         return {}
     return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in workdir.rglob("*") if p.is_file() and "_locks" not in p.parts}
+            for p in workdir.rglob("*") if p.is_file() and not {"_locks", "logs"} & set(p.parts)}
 
 
 def hold_lock(workdir: Path, folder: str) -> Path:
