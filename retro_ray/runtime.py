@@ -76,9 +76,9 @@ def log_dir(cfg: Config) -> Path:
     return Path(cfg.workdir) / "logs"
 
 
-def for_terminal(line: str) -> bool:
-    """A worker's line the user sees: the project's own, or a real error; not Ray's notes."""
-    return " retro_ray " in line or (bool(SEVERE.search(line)) and not NOISE.search(line))
+def severe(line: str) -> bool:
+    """A real error, not one of Ray's notes."""
+    return bool(SEVERE.search(line)) and not NOISE.search(line)
 
 
 def init_ray(cfg: Config, address: str | None = None) -> None:
@@ -174,11 +174,11 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
             return
         start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), len(lines))
         ours = [line for line in lines[:start] if " retro_ray " in line]
-        severe = [line for i, line in enumerate(lines) if (i >= start or for_terminal(line)) and line not in ours]
+        failing = [line for line in lines[:start] if " retro_ray " not in line and severe(line)] + lines[start:]
         if ours:  # they say what they are: no worker prefix
             show({**data, "lines": ours}, ignore_prefix=True)
-        if severe:
-            show({**data, "lines": severe}, ignore_prefix=False)
+        if failing:
+            show({**data, "lines": failing}, ignore_prefix=False)
 
     def errors(data: dict, ignore_prefix: bool) -> None:
         """The errors Ray sends this driver (a worker died, a task failed): all but the noise."""

@@ -315,8 +315,8 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     workers = "-".join(map(str, tc.num_workers)) if isinstance(tc.num_workers, tuple) else tc.num_workers
-    log.info("%s %s: starting Ray Train (%s workers, DeepSpeed ZeRO-%d) for steps %d-%d of %s%s", stage, tc.run_name,
-             workers, tc.zero_stage, manifest.counts.get("steps", 0) + 1, tc.max_steps,
+    log.info("%s %s: starting Ray Train (%s workers, DeepSpeed ZeRO-%d) to step %d on %s%s", stage, tc.run_name,
+             workers, tc.zero_stage, tc.max_steps,
              "instruction data" if instruct_data else "the neighbour samples",
              f", from {init or cfg.model.base}" if init or cfg.model.base else " (a new model)")
     result = trainer.fit()

