@@ -43,6 +43,11 @@ class StorageConfig(Section):
     environment variables or profiles and are never written to logs or manifests."""
     s3_region: str | None = None
     """Region of the bucket; None lets the S3 client resolve it."""
+    cache_dir: str = "~/.cache/retro-ray/blocks"
+    """Local folder where files read from S3 by memory map (the database's token store, sample
+    blocks) are kept on each node after their first use."""
+    cache_gb: float = Field(20.0, gt=0)
+    """Size limit of ``cache_dir``; the files used longest ago are removed beyond it."""
 
 
 class FilesSection(Section):
@@ -108,7 +113,7 @@ class EmbedConfig(Section):
     """Encoder tokens per chunk; longer chunk texts are truncated (counted in the manifest)."""
     min_actors: int = Field(1, gt=0)
     max_actors: int = Field(2, gt=0)
-    """Size range of the embedding actor pool; Ray Data scales between the two."""
+    """Size range of the embedding actor pool: min start at once, more while blocks wait."""
     num_cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs reserved per actor; torch uses this many threads on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

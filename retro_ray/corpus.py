@@ -142,11 +142,13 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
 
 
 def read_source_file(
-    f, path: str, fmt: str, source: CorpusSource, batch_rows: int = 256, max_rows: int | None = None
+    f, path: str, fmt: str, source: CorpusSource, batch_rows: int = 256, max_rows: int | None = None,
+    row_groups: list[int] | None = None, first_row: int = 0,
 ) -> Iterator[pa.Table]:
     """Yield tables of ``SCHEMA`` rows for one open file ``f`` (streamed, never whole), stopping
-    after ``max_rows`` rows."""
-    for table in _read_rows(f, path, fmt, source, batch_rows):
+    after ``max_rows`` rows. Of a Parquet file, only ``row_groups`` when given, whose first row
+    is row ``first_row + 1`` of the file."""
+    for table in _read_rows(f, path, fmt, source, batch_rows, row_groups, first_row):
         if max_rows is not None and table.num_rows >= max_rows:
             yield table.slice(0, max_rows)
             return
@@ -155,7 +157,8 @@ def read_source_file(
         yield table
 
 
-def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int) -> Iterator[pa.Table]:
+def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int,
+               row_groups: list[int] | None, first_row: int) -> Iterator[pa.Table]:
     rows: list[dict] = []
 
     def emit(row: int, text: str | None, skip: str) -> None:
@@ -170,8 +173,8 @@ def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int) ->
         pf = pq.ParquetFile(f)
         if source.text_field not in pf.schema_arrow.names:  # checked up front; the file changed since
             raise _missing_column(source, path, pf.schema_arrow.names)
-        row = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[source.text_field]):
+        row = first_row
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=[source.text_field]):
             for text in batch.column(0).to_pylist():
                 row += 1
                 emit(row, text, "" if isinstance(text, str) else "missing_text_field")
@@ -240,19 +243,25 @@ def source_files(cfg: Config, storage: Storage) -> dict[str, list[str]]:
 def _check_parquet_columns(source: CorpusSource, paths: list[str], storage: Storage) -> None:
     """A Parquet file without the text column is a config mistake (``text_field``), not a bad
     row: found from the file footers before any work, not halfway through a build."""
+    for path, meta in parquet_footers(source, paths, storage).items():
+        names = meta.schema.to_arrow_schema().names
+        if source.text_field not in names:
+            raise _missing_column(source, path, names)
+
+
+def parquet_footers(source: CorpusSource, paths: list[str], storage: Storage) -> dict[str, pq.FileMetaData]:
+    """The footer of each Parquet file of ``paths`` (read 16 at a time: on S3 each is a request)."""
     from concurrent.futures import ThreadPoolExecutor
 
     parquet = [p for p in paths if detect_format(source, p) == "parquet"]
 
-    def columns(path: str) -> list[str]:
+    def footer(path: str) -> pq.FileMetaData:
         fs, fs_path = storage.resolve(path)
         with fs.open_input_file(fs_path) as f:
-            return pq.ParquetFile(f).schema_arrow.names
+            return pq.ParquetFile(f).metadata
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for path, names in zip(parquet, pool.map(columns, parquet)):
-            if source.text_field not in names:
-                raise _missing_column(source, path, names)
+        return dict(zip(parquet, pool.map(footer, parquet)))
 
 
 def _missing_column(source: CorpusSource, path: str, names: list[str]) -> BadInputError:

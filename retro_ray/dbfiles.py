@@ -2,12 +2,17 @@
 
     db/chunks/{start:012d}-{end:012d}.parquet      chunk_id, doc_id, doc_pos, tokens, text
     db/embeddings/{start:012d}-{end:012d}.parquet  chunk_id, embedding (float16 [d])
+    db/tokens/{start:012d}-{end:012d}.arrow        doc_id, tokens: the token store (Arrow IPC,
+                                                   uncompressed, memory-mapped by readers)
     db/_manifest.json                              blocks, counts, skipped inputs, timings
 
 Imports neither torch nor Ray, so index shards and data loaders read the database cheaply.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +41,10 @@ def block_range(name: str) -> tuple[int, int]:
 
 def chunks_uri(db: str, name: str) -> str:
     return join(db, "chunks", f"{name}.parquet")
+
+
+def tokens_uri(db: str, name: str) -> str:
+    return join(db, "tokens", f"{name}.arrow")
 
 
 def embeddings_uri(db: str, name: str) -> str:
@@ -75,40 +84,92 @@ def read_vectors(storage: Storage, db: str, blocks: list[str], ids: np.ndarray) 
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-class ChunkStore:
-    """Every chunk's tokens in memory, to lay out samples and fetch neighbour tokens.
+TOKEN_SCHEMA = pa.schema([("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
 
-    ``flat`` [total_tokens] int32 holds the chunks back to back, chunk c at
-    ``flat[offsets[c]:offsets[c + 1]]``; ``doc_ids`` [n_chunks] int64. About 4 bytes a token:
-    360 MB for 90 M tokens.
+
+def write_token_block(storage: Storage, db: str, name: str, block: pa.Table) -> str:
+    """The token store's file of a chunk block: its ``doc_id`` and ``tokens`` as an Arrow IPC
+    file, memory-mapped by readers; returns its SHA-256."""
+    return storage.write_arrow(tokens_uri(db, name), block.select(TOKEN_SCHEMA.names).cast(TOKEN_SCHEMA))
+
+
+class ChunkStore:
+    """Chunk tokens and document ids of a database, read on demand from its token store.
+
+    Each block's file is memory-mapped when first needed (at most ``open_blocks`` at a time), so
+    a reader's memory holds the pages it touches, not the database: samples, neighbour tokens
+    and training workers stay flat as the database grows. Within a block ``b``, ``flat``
+    [tokens] int32 holds its chunks back to back, chunk ``start + i`` at
+    ``flat[offsets[i]:offsets[i + 1]]``; ``doc_ids`` [rows] int64.
     """
 
-    def __init__(self, flat: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray):
-        self.flat, self.offsets, self.doc_ids = flat, offsets, doc_ids
+    def __init__(self, starts: np.ndarray, ends: np.ndarray, load, open_blocks: int = 256):
+        self.starts, self.ends, self._load = starts, ends, load  # [n_blocks] each; load(b) -> arrays
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self.open_blocks = open_blocks
 
     @classmethod
-    def load(cls, storage: Storage, db: str, blocks: list[str]) -> "ChunkStore":
-        flats, lengths, docs = [], [], []
-        for name in sorted(blocks):
-            table = storage.read_parquet(chunks_uri(db, name), columns=["doc_id", "tokens"])
-            tokens = table.column("tokens").combine_chunks()
-            flats.append(tokens.values.to_numpy().astype(np.int32))
-            lengths.append(np.diff(tokens.offsets.to_numpy()))
-            docs.append(table.column("doc_id").to_numpy())
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
-        return cls(np.concatenate(flats), offsets, np.concatenate(docs))
+    def open(cls, storage: Storage, db: str, blocks: list[str]) -> "ChunkStore":
+        names = sorted(blocks)
+        ranges = np.array([block_range(n) for n in names], dtype=np.int64).reshape(-1, 2)
+
+        def load(b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            batch = storage.open_arrow(tokens_uri(db, names[b])).combine_chunks().to_batches()[0]  # one batch
+            tokens = batch.column("tokens")  # views of the mapped file, not copies
+            return tokens.values.to_numpy(), tokens.offsets.to_numpy(), batch.column("doc_id").to_numpy()
+
+        return cls(ranges[:, 0], ranges[:, 1], load)
+
+    @classmethod
+    def from_arrays(cls, flat: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray) -> "ChunkStore":
+        """One in-memory block of chunks 0..n (for small tables and tests)."""
+        return cls(np.array([0]), np.array([len(doc_ids)]), lambda b: (flat, offsets, doc_ids))
 
     def __len__(self) -> int:
-        return len(self.doc_ids)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if b in self._open:
+            self._open.move_to_end(b)
+        else:
+            if len(self._open) >= self.open_blocks:
+                self._open.popitem(last=False)
+            self._open[b] = self._load(b)
+        return self._open[b]
+
+    def _find(self, c: int) -> tuple[int, int]:
+        b = int(np.searchsorted(self.starts, c, side="right")) - 1
+        return b, c - int(self.starts[b])
 
     def tokens(self, chunk_id: int) -> np.ndarray:
-        return self.flat[self.offsets[chunk_id]: self.offsets[chunk_id + 1]]
+        b, i = self._find(chunk_id)
+        flat, offsets, _ = self._block(b)
+        return flat[offsets[i]: offsets[i + 1]]
+
+    def doc_id(self, chunk_id: int) -> int:
+        b, i = self._find(chunk_id)
+        return int(self._block(b)[2][i])
+
+    def doc_ids_of(self, ids: np.ndarray) -> np.ndarray:
+        """The documents of chunk ``ids`` [...] (any order), -1 where an id is -1."""
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        real = ids >= 0
+        blocks = np.searchsorted(self.starts, ids[real], side="right") - 1
+        docs = np.empty(len(blocks), dtype=np.int64)
+        for b in np.unique(blocks):
+            at = blocks == b
+            docs[at] = self._block(int(b))[2][ids[real][at] - self.starts[b]]
+        out[real] = docs
+        return out
 
     def is_last_of_doc(self, chunk_id: int) -> bool:
-        return chunk_id + 1 == len(self) or self.doc_ids[chunk_id + 1] != self.doc_ids[chunk_id]
+        return chunk_id + 1 == len(self) or self.doc_id(chunk_id + 1) != self.doc_id(chunk_id)
+
+    def iter_blocks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Each block in order: (first chunk id, [rows] doc ids, [rows] token counts)."""
+        for b, start in enumerate(self.starts):
+            _, offsets, doc_ids = self._block(b)
+            yield int(start), doc_ids, np.diff(offsets)
 
     def neighbor_tokens(self, ids: np.ndarray, r: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbour ids [...] -> (tokens [..., r] int64, mask [..., r] bool).
@@ -121,8 +182,10 @@ class ChunkStore:
         for index, c in np.ndenumerate(ids):
             if c < 0:
                 continue
-            end = self.offsets[c + 1] if self.is_last_of_doc(c) else self.offsets[c + 2]
-            piece = self.flat[self.offsets[c]: min(end, self.offsets[c] + r)]
+            piece = self.tokens(c)
+            if len(piece) < r and not self.is_last_of_doc(c):
+                piece = np.concatenate([piece, self.tokens(c + 1)])
+            piece = piece[:r]
             out[index][: len(piece)] = piece
             mask[index][: len(piece)] = True
         return out, mask

@@ -1,8 +1,8 @@
-"""Chunk embeddings: a BERT-style encoder with mean pooling, run by a Ray Data actor pool.
+"""Chunk embeddings: a BERT-style encoder with mean pooling, run by a pool of Ray actors.
 
 ``Embedder`` imports no Ray, so the same model runs in a notebook or on a bare GPU box.
-``EmbedBlocks`` is the callable class Ray Data's ``map_batches`` runs in an
-``ActorPoolStrategy(min_size, max_size)`` pool (one GPU per actor when the cluster has GPUs):
+``EmbedBlocks`` is the actor class of ``EmbedPool`` (one GPU per actor when the cluster has
+GPUs), which the db stage feeds each block as soon as it is written, while chunking goes on:
 each call embeds whole database blocks, cut into batches from the block's first row, so a
 resumed build computes exactly the batches an uninterrupted one would, and writes
 ``db/embeddings/{block}.parquet`` (``chunk_id`` int64, ``embedding`` float16 [d]).
@@ -88,7 +88,7 @@ class Embedder:
 
 
 class EmbedBlocks:
-    """Ray Data actor: embeds the named database blocks and writes their embedding files."""
+    """Ray actor: embeds the named database blocks and writes their embedding files."""
 
     def __init__(self, cfg: Config, db_dir: str):
         self.cfg, self.db_dir = cfg, db_dir
@@ -118,46 +118,82 @@ class EmbedBlocks:
         return {k: np.array(v) for k, v in out.items()}
 
 
-def embed_blocks(cfg: Config, storage: Storage, manifest: Manifest, db_dir: str) -> None:
-    """Embedding pass: every chunk block without an embedding file yet, on an actor pool."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+class EmbedPool:
+    """The embedding actors of a database build, fed one block at a time as blocks are written.
 
-    todo = sorted(n for n, b in manifest.blocks.items() if "embeddings_sha256" not in b)
-    if not todo:
-        return
-    e = cfg.embed
-    gpus = 1 if e.device == "cuda" or (
-        e.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
-    total = sum(manifest.blocks[n]["rows"] for n in todo)
-    log.info("db: embedding %d chunks in %d blocks (%d-%d actors, %s)", total, len(todo),
-             e.min_actors, e.max_actors, "1 GPU each" if gpus else f"{e.num_cpus_per_actor} CPUs each")
-    DataContext.get_current().execution_options.preserve_order = False  # log blocks as they finish
-    ds = ray.data.from_items([{"block": n} for n in todo], override_num_blocks=len(todo)).map_batches(
-        EmbedBlocks,
-        fn_constructor_kwargs={"cfg": cfg, "db_dir": db_dir},
-        batch_size=1,
-        # One block in flight per actor, so waiting blocks make the pool grow to max_size.
-        compute=ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors,
-                                  max_tasks_in_flight_per_actor=1),
-        num_gpus=gpus,
-        num_cpus=e.num_cpus_per_actor,
-        resources=cfg.resources.embed,
-        # OMP_NUM_THREADS of Ray workers defaults to the task's CPUs; torch threads follow it.
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
-    start, done = time.time(), 0
-    for row in ds.iter_rows():
-        name = str(row["block"])
-        manifest.blocks[name].update(embeddings_sha256=str(row["sha256"]), embed_s=float(row["seconds"]))
-        manifest.counts["truncated"] = manifest.counts.get("truncated", 0) + int(row["truncated"])
-        manifest.save(storage, db_dir)
-        done += int(row["rows"])
-        elapsed = time.time() - start
-        log.info("db: embedded %d/%d chunks %s, %.1f chunks/s (block %s: %d chunks in %.1fs)", done, total,
-                 progress(done, total, elapsed), done / max(elapsed, 1e-9), name, row["rows"], row["seconds"])
-    manifest.timings["embed_s"] = manifest.timings.get("embed_s", 0.0) + time.time() - start
-    if manifest.counts.get("truncated"):
-        log.warning("db: %d chunk texts were longer than embed.max_length=%d encoder tokens and "
-                    "were truncated", manifest.counts["truncated"], e.max_length)
+    ``min_actors`` start at once; more, up to ``max_actors``, are added while blocks wait for an
+    actor (on a cluster, their pending GPUs make the autoscaler add nodes), and all are removed
+    when the pool closes, so their nodes go idle. The driver owns the loop: ``submit`` a written
+    block, ``dispatch`` what idle actors can take, ``finish`` each result.
+    """
+
+    def __init__(self, cfg: Config, db_dir: str):
+        import ray
+
+        e = cfg.embed
+        self.cfg, self.db_dir = cfg, db_dir
+        self.gpus = 1 if e.device == "cuda" or (e.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
+        self.actor_cls = ray.remote(EmbedBlocks).options(
+            num_cpus=e.num_cpus_per_actor, num_gpus=self.gpus, resources=cfg.resources.embed,
+            # OMP_NUM_THREADS of Ray workers defaults to the actor's CPUs; torch threads follow it.
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        self.idle: list = []
+        self.busy: dict = {}  # ref -> actor
+        self.actors: list = []
+        self.queue: list[str] = []
+        self.done = self.total = 0
+        self.start: float | None = None
+        self.seconds = 0.0
+
+    def cpus(self) -> float:
+        """CPUs the pool holds or is about to: what chunking leaves free."""
+        n = max(len(self.actors), self.cfg.embed.min_actors if self.queue or self.busy else 0)
+        return n * self.cfg.embed.num_cpus_per_actor
+
+    def submit(self, name: str, rows: int) -> None:
+        if self.start is None:
+            self.start = time.time()
+            e = self.cfg.embed
+            log.info("db: embedding blocks as they are written (%d-%d actors, %s)", e.min_actors, e.max_actors,
+                     "1 GPU each" if self.gpus else f"{e.num_cpus_per_actor} CPUs each")
+        self.queue.append(name)
+        self.total += rows
+
+    def dispatch(self) -> list[tuple]:
+        """Start waiting blocks on idle actors (adding actors up to ``max_actors``): (ref, block) pairs."""
+        e = self.cfg.embed
+        while self.queue and not self.idle and len(self.actors) < max(e.min_actors, min(
+                e.max_actors, len(self.busy) + len(self.queue))):
+            actor = self.actor_cls.remote(self.cfg, self.db_dir)
+            self.actors.append(actor)
+            self.idle.append(actor)
+        started = []
+        while self.queue and self.idle:
+            actor, name = self.idle.pop(), self.queue.pop(0)
+            ref = actor.__call__.remote({"block": np.array([name])})
+            self.busy[ref] = actor
+            started.append((ref, name))
+        return started
+
+    def finish(self, ref) -> dict:
+        """The result of a finished block: its manifest fields and how many texts were truncated."""
+        import ray
+
+        row = {k: v[0] for k, v in ray.get(ref).items()}
+        self.idle.append(self.busy.pop(ref))
+        self.done += int(row["rows"])
+        elapsed = time.time() - self.start
+        log.info("db: embedded %d/%d chunks written so far %s, %.1f chunks/s (block %s: %d chunks in %.1fs)",
+                 self.done, self.total, progress(self.done, self.total, elapsed), self.done / max(elapsed, 1e-9),
+                 row["block"], row["rows"], row["seconds"])
+        return {"embeddings_sha256": str(row["sha256"]), "embed_s": float(row["seconds"]),
+                "truncated": int(row["truncated"])}
+
+    def close(self) -> float:
+        """Remove the actors; the seconds the pool had work."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.idle = [], []
+        return time.time() - self.start if self.start is not None else 0.0

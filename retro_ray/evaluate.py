@@ -160,8 +160,8 @@ def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSourc
     """The copy's database: the run's tokenizer and full blocks (chunks and embeddings) copied,
     the extra documents chunked after the run's last chunk, and only the new blocks embedded.
     Resumes like the db stage."""
-    from retro_ray import chunks, embed, tokenizer
-    from retro_ray.dbfiles import chunks_uri, db_dir, embeddings_uri, finished_db
+    from retro_ray import chunks, tokenizer
+    from retro_ray.dbfiles import chunks_uri, db_dir, embeddings_uri, finished_db, tokens_uri
 
     if not storage.exists(join(tokenizer.stage_dir(copy), MANIFEST)):
         with tempfile.TemporaryDirectory() as tmp:
@@ -175,12 +175,11 @@ def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSourc
     if "chunks" not in manifest.counts:
         full = {n: b for n, b in base.blocks.items() if b["rows"] == cfg.db.block_size and n not in manifest.blocks}
         for name in full:
-            for uri_of in (chunks_uri, embeddings_uri):
+            for uri_of in (chunks_uri, embeddings_uri, tokens_uri):
                 storage.write_bytes(uri_of(db_dir(copy), name), storage.read_bytes(uri_of(db_dir(cfg), name)))
         manifest.blocks.update(full)
         manifest.save(storage, db_dir(copy))
-        chunks.append_documents(copy, storage, manifest, base, db_dir(cfg), extra, files)
-    embed.embed_blocks(copy, storage, manifest, db_dir(copy))
+    chunks.append_documents(copy, storage, manifest, base, db_dir(cfg), extra, files)
     manifest.complete = True
     manifest.save(storage, db_dir(copy))
 
@@ -274,7 +273,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
     from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
     from retro_ray.neighbors import RetroSamples
 
-    store = ChunkStore.load(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
+    store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
     valid = RetroSamples(cfg, storage, "valid", store)
     ec, m = cfg.eval, cfg.db.chunk_length
     n = min(ec.ppl_samples, len(valid))

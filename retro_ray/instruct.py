@@ -345,7 +345,7 @@ def passage_texts(retriever, found, i: int) -> list[str]:
     chunk of its document), the r = 2m tokens the encoder sees too."""
     store = retriever.store
     ids = [int(c) for c in found.chunk_ids[i] if c >= 0]
-    nxt = [c + 1 for c in ids if c + 1 < len(store) and store.doc_ids[c + 1] == store.doc_ids[c]]
+    nxt = [c + 1 for c in ids if not store.is_last_of_doc(c)]
     texts = retriever.chunk_texts.get(np.asarray(ids + nxt, dtype=np.int64))
     return [format_passage(texts[c] + texts.get(c + 1, "") if c + 1 in nxt else texts[c]) for c in ids]
 

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from retro_ray import index as index_stage
 from retro_ray import tokenizer
@@ -62,24 +64,24 @@ class Layout:
     lengths: np.ndarray
 
 
-def layout_split(store: ChunkStore, docs: np.ndarray, chunk_len: int, n_chunks: int) -> Layout:
-    """Pack the chunks of ``docs`` (sorted doc ids) into samples of ``n_chunks`` chunks."""
-    lengths_all = store.lengths()
+def layout_split(store: ChunkStore, in_split: np.ndarray, chunk_len: int, n_chunks: int) -> Layout:
+    """Pack the chunks of the documents ``in_split`` ([n_docs] bool) into samples of
+    ``n_chunks`` chunks, reading the token store a block at a time."""
     chunk_ids, doc_ids, lengths = [], [], []
-    in_split = np.isin(store.doc_ids, docs)
-    for c in np.flatnonzero(in_split):
-        doc = int(store.doc_ids[c])
-        chunk_ids.append(c)
-        doc_ids.append(doc)
-        if not store.is_last_of_doc(c):
-            lengths.append(int(lengths_all[c]))
-        elif lengths_all[c] < chunk_len:
-            lengths.append(int(lengths_all[c]) + 1)  # room for EOD in the last chunk
-        else:  # a full last chunk: EOD opens a chunk of its own
-            lengths.append(chunk_len)
-            chunk_ids.append(-1)
+    for start, block_docs, block_lengths in store.iter_blocks():
+        for i in np.flatnonzero(in_split[block_docs]):
+            c, doc, n = start + int(i), int(block_docs[i]), int(block_lengths[i])
+            chunk_ids.append(c)
             doc_ids.append(doc)
-            lengths.append(1)
+            if not store.is_last_of_doc(c):
+                lengths.append(n)
+            elif n < chunk_len:
+                lengths.append(n + 1)  # room for EOD in the last chunk
+            else:  # a full last chunk: EOD opens a chunk of its own
+                lengths.append(chunk_len)
+                chunk_ids.append(-1)
+                doc_ids.append(doc)
+                lengths.append(1)
     pad = -len(chunk_ids) % n_chunks
     chunk_ids += [-1] * pad
     doc_ids += [-1] * pad
@@ -179,13 +181,13 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         log.info("neighbors: %s is up to date", out)
         return manifest
     blocks = sorted(db_manifest.blocks)
-    store = ChunkStore.load(storage, db_dir(cfg), blocks)
+    store = ChunkStore.open(storage, db_dir(cfg), blocks)
     eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
-    all_docs = np.unique(store.doc_ids)
+    all_docs = np.arange(db_manifest.counts["docs"])  # doc ids are dense
     valid = np.array([is_valid_doc(int(d), nc.valid_fraction) for d in all_docs], dtype=bool)
     n_chunks = nc.seq_len // m
     splits = {"train": all_docs[~valid], "valid": all_docs[valid]}
-    layouts = {split: layout_split(store, docs, m, n_chunks) for split, docs in splits.items()}
+    layouts = {"train": layout_split(store, ~valid, m, n_chunks), "valid": layout_split(store, valid, m, n_chunks)}
     for split, layout in layouts.items():
         if len(layout.chunk_ids) == 0:
             raise EmptyStageError(
@@ -212,7 +214,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
             dropped = 0
             if nc.max_overlap is not None:
                 candidates, dropped = drop_near_copies(store, chunk_ids, candidates, 2 * m, nc.max_overlap)
-            candidate_docs = np.where(candidates >= 0, store.doc_ids[np.maximum(candidates, 0)], -1)
+            candidate_docs = store.doc_ids_of(candidates)
             neighbors = filter_neighbors(candidates, candidate_docs, layout.doc_ids[sl], nc.k)
             tokens = sample_tokens(store, chunk_ids, m, eod)
             sha = storage.write_parquet(join(out, f"{name}.parquet"),
@@ -234,13 +236,18 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     return manifest
 
 
-def read_split(storage: Storage, cfg: Config, split: str) -> pa.Table:
-    """All samples of a split, in sample order: the blocks the manifest lists, never a glob."""
+def split_blocks(storage: Storage, cfg: Config, split: str) -> list[tuple[str, int]]:
+    """(file, rows) of each block of a split, in sample order: what the manifest lists, never a glob."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     manifest = finished_stage(storage, stage_dir(cfg), "neighbors")
     names = sorted(n for n in manifest.blocks if n.startswith(f"{split}/"))
-    return pa.concat_tables([storage.read_parquet(join(stage_dir(cfg), f"{n}.parquet")) for n in names])
+    return [(join(stage_dir(cfg), f"{n}.parquet"), manifest.blocks[n]["rows"]) for n in names]
+
+
+def read_split(storage: Storage, cfg: Config, split: str) -> pa.Table:
+    """All samples of a split, in sample order (small splits: see ``RetroSamples``)."""
+    return pa.concat_tables([storage.read_parquet(uri) for uri, _ in split_blocks(storage, cfg, split)])
 
 
 class RetroSamples:
@@ -249,25 +256,52 @@ class RetroSamples:
     Item ``i``: ``tokens`` [seq_len] int64; ``neighbors`` [l, k, r] int64, each neighbour's chunk
     and continuation, EOD-padded; ``neighbor_mask`` [l, k, r] bool, False on padding and on
     absent (-1) neighbours; ``chunk_lengths`` [l] int64, the non-padding tokens per chunk.
+
+    Sample blocks are read on demand, ``cache_blocks`` at a time (on S3, through the node's file
+    cache), and neighbour tokens come from the memory-mapped token store: memory stays flat
+    however large the split and the database are.
     """
 
-    def __init__(self, cfg: Config, storage: Storage, split: str, store: ChunkStore | None = None):
-        table = read_split(storage, cfg, split)
-        self.tokens = _fixed_list_numpy(table.column("tokens"), 1)  # [n, seq_len]
-        self.neighbor_ids = _fixed_list_numpy(table.column("neighbors"), 2)  # [n, l, k]
-        self.chunk_lengths = _fixed_list_numpy(table.column("chunk_lengths"), 1)  # [n, l]
+    def __init__(self, cfg: Config, storage: Storage, split: str, store: ChunkStore | None = None,
+                 cache_blocks: int = 8):
+        blocks = split_blocks(storage, cfg, split)
+        self.storage = storage
+        self.uris = [uri for uri, _ in blocks]
+        self.starts = np.cumsum([0] + [rows for _, rows in blocks])  # [blocks + 1]
+        self._blocks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.cache_blocks = cache_blocks
         db_manifest = finished_db(cfg, storage)
-        self.store = store or ChunkStore.load(storage, db_dir(cfg), sorted(db_manifest.blocks))
+        self.store = store or ChunkStore.open(storage, db_dir(cfg), sorted(db_manifest.blocks))
         self.r = 2 * cfg.db.chunk_length
         self.eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return int(self.starts[-1])
+
+    def _sample_block(self, b: int) -> dict[str, np.ndarray]:
+        if b in self._blocks:
+            self._blocks.move_to_end(b)
+            return self._blocks[b]
+        if len(self._blocks) >= self.cache_blocks:
+            self._blocks.popitem(last=False)
+        table = pq.read_table(self.storage.local_path(self.uris[b]), columns=["tokens", "neighbors", "chunk_lengths"])
+        self._blocks[b] = {"tokens": _fixed_list_numpy(table.column("tokens"), 1),  # [n, seq_len]
+                           "neighbors": _fixed_list_numpy(table.column("neighbors"), 2),  # [n, l, k]
+                           "chunk_lengths": _fixed_list_numpy(table.column("chunk_lengths"), 1)}  # [n, l]
+        return self._blocks[b]
+
+    def row(self, i: int) -> dict[str, np.ndarray]:
+        """Sample ``i`` as stored: ``tokens`` [seq_len], ``neighbors`` [l, k] chunk ids, ``chunk_lengths`` [l]."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        b = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return {k: v[i - self.starts[b]] for k, v in self._sample_block(b).items()}
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        neighbors, mask = self.store.neighbor_tokens(self.neighbor_ids[i], self.r, self.eod)  # [l, k, r]
-        return {"tokens": self.tokens[i].astype(np.int64), "neighbors": neighbors,
-                "neighbor_mask": mask, "chunk_lengths": self.chunk_lengths[i].astype(np.int64)}
+        row = self.row(i)
+        neighbors, mask = self.store.neighbor_tokens(row["neighbors"], self.r, self.eod)  # [l, k, r]
+        return {"tokens": row["tokens"].astype(np.int64), "neighbors": neighbors,
+                "neighbor_mask": mask, "chunk_lengths": row["chunk_lengths"].astype(np.int64)}
 
 
 def _fixed_list_numpy(column: pa.ChunkedArray, depth: int) -> np.ndarray:
@@ -298,6 +332,6 @@ def show(cfg: Config, storage: Storage, sample_id: int, split: str = "train", wi
             continue
         lines.append(f"chunk {j}: {text(item['tokens'][j * m: j * m + length])}")
         for n, (ids, mask) in enumerate(zip(item["neighbors"][j], item["neighbor_mask"][j])):
-            cid = int(data.neighbor_ids[sample_id, j, n])
+            cid = int(data.row(sample_id)["neighbors"][j, n])
             lines.append(f"  neighbour {n} (chunk {cid}): {text(ids[mask]) if cid >= 0 else '(none)'}")
     return "\n".join(lines)

@@ -75,7 +75,7 @@ class Retriever:
         vectors = np.asarray(self.embed(texts), dtype=np.float32)  # [q, d]
         n_candidates = max(k, self.k_candidates) if exclude_docs else k
         scores, ids = self.searcher.search(vectors, n_candidates)  # [q, c] each
-        docs = np.where(ids >= 0, self.store.doc_ids[np.maximum(ids, 0)], -1)  # [q, c]
+        docs = self.store.doc_ids_of(ids)  # [q, c]
         if exclude_docs:
             width = max(1, max(len(e) for e in exclude_docs))
             excluded = np.full((len(texts), width), -1, dtype=np.int64)  # [q, e]
@@ -85,7 +85,7 @@ class Retriever:
             order = np.argmax(ids[:, None, :] == kept[:, :, None], axis=-1)  # [q, k] position among candidates
             scores = np.where(kept >= 0, np.take_along_axis(scores, order, axis=-1), -np.inf)
             ids = kept
-            docs = np.where(ids >= 0, self.store.doc_ids[np.maximum(ids, 0)], -1)
+            docs = self.store.doc_ids_of(ids)
         tokens, mask = self.store.neighbor_tokens(ids, self.r, self.pad_id)  # [q, k, r]
         found = self.chunk_texts.get(ids[ids >= 0])
         texts_out = [[found[int(c)] if c >= 0 else "" for c in row] for row in ids]
@@ -113,7 +113,7 @@ def run_retriever(cfg, storage, local: bool = True, router=None) -> Retriever:
     e = cfg.embed
     embedder = Embedder(e.model, max_length=e.max_length, normalize=e.normalize, device=e.device)
     tok = tokenizer.load_run_tokenizer(cfg, storage)
-    return Retriever(searcher, embedder, ChunkStore.load(storage, db_dir(cfg), blocks),
+    return Retriever(searcher, embedder, ChunkStore.open(storage, db_dir(cfg), blocks),
                      ChunkTexts(storage, db_dir(cfg), blocks), r=2 * cfg.db.chunk_length,
                      pad_id=tok.convert_tokens_to_ids(cfg.tokenizer.eod_token),
                      tokenizer_id=tokenizer.finished_tokenizer(cfg, storage).content_hash(),

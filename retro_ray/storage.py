@@ -191,12 +191,66 @@ class Storage:
         fs, path = self.resolve(uri)
         return pq.read_table(path, filesystem=fs, columns=columns)
 
-    def write_parquet(self, uri: str, table: pa.Table) -> str:
+    def write_parquet(self, uri: str, table: pa.Table, row_group_size: int | None = None) -> str:
         """Write ``table`` atomically; returns the SHA-256 of the file, for the manifest."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         self.write_bytes(uri, buf.getvalue())
         return hashlib.sha256(buf.getvalue()).hexdigest()
+
+    def write_arrow(self, uri: str, table: pa.Table) -> str:
+        """Write ``table`` atomically as an uncompressed Arrow IPC file, which readers memory-map
+        (``open_arrow``); returns its SHA-256."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(uri, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def open_arrow(self, uri: str) -> pa.Table:
+        """An Arrow IPC file, memory-mapped: its pages are read when touched and can be dropped
+        again, so a reader's memory does not grow with the file. A file on S3 is copied to the
+        node's cache (``cache_dir``, at most ``cache_gb``) on its first use."""
+        return pa.ipc.open_file(pa.memory_map(self.local_path(uri))).read_all()
+
+    def local_path(self, uri: str) -> str:
+        """A local path of ``uri``: itself, or for S3 a copy in the node's cache (``cache_dir``,
+        at most ``cache_gb``), made on first use and shared by the node's processes."""
+        if not is_s3(uri):
+            return os.path.abspath(uri)
+        cache = Path(self.cfg.cache_dir).expanduser()
+        local = cache / hashlib.sha256(uri.encode()).hexdigest()[:32]
+        if local.exists():
+            os.utime(local)  # last use, for eviction
+            return str(local)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(f".tmp-{uuid.uuid4().hex}")
+        fs, path = self.resolve(uri)
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            while data := src.read(1 << 24):
+                dst.write(data)
+        os.replace(tmp, local)  # atomic: processes of one node share the cache
+        self._evict(cache, keep=local)
+        return str(local)
+
+    def _evict(self, cache: Path, keep: Path) -> None:
+        """Remove the files used longest ago until the cache is within ``cache_gb``. A removed
+        file stays readable by a process that has it mapped (POSIX unlink)."""
+        files = []
+        for f in cache.iterdir():
+            try:
+                if ".tmp-" not in f.name:
+                    files.append((f.stat().st_mtime, f.stat().st_size, f))
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.cfg.cache_gb * 2**30:
+                break
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size
 
     def delete_dir(self, uri: str) -> None:
         fs, path = self.resolve(uri)
@@ -223,6 +277,11 @@ class Storage:
         return local_dir
 
 
+DERIVED = {"tokens_sha256"}
+"""Block fields of files derived from the block's own content (the db's token store): adding
+them to an older manifest changes nothing the next stage depends on."""
+
+
 class Manifest(BaseModel):
     """``_manifest.json`` of a stage folder: what was built, from what, and how it went."""
 
@@ -236,6 +295,9 @@ class Manifest(BaseModel):
     skipped: dict[str, int] = {}
     """Inputs skipped, per reason; nothing is dropped without a count here."""
     timings: dict[str, float] = {}
+    units: dict[str, dict[str, Any]] = {}
+    """Input units a pass has read and counted, while it runs (the db stage's chunk pass: files
+    and row groups in corpus order), so a killed pass reads only the rest again."""
     complete: bool = False
     updated: float = 0.0
 
@@ -243,7 +305,7 @@ class Manifest(BaseModel):
         """Fingerprint of what the stage wrote, for the next stage: its blocks (with their
         checksums where it has them) and the config it was built from, so a block list that
         looks the same (an index rebuilt with another factory string) still counts as changed."""
-        content = {name: {k: v for k, v in block.items() if not k.endswith("_s")}  # not timings
+        content = {name: {k: v for k, v in block.items() if not k.endswith("_s") and k not in DERIVED}
                    for name, block in self.blocks.items()}
         blob = json.dumps([self.config_hash, content], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -226,7 +226,7 @@ def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device):
     from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
     from retro_ray.neighbors import RetroSamples
 
-    store = ChunkStore.load(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
+    store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
     train, valid = (RetroSamples(cfg, storage, s, store) for s in ("train", "valid"))
     return train, valid, lambda items: make_batch(items, cfg.db.chunk_length, cfg.train.retrieval, device)
 

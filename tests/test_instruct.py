@@ -148,7 +148,7 @@ def test_max_overlap_drops_a_near_copy():
     query, copy, other = np.arange(32), np.arange(32), np.arange(500, 532)
     copy[30] = 999
     flat = np.concatenate([query, copy, other]).astype(np.int32)
-    store = ChunkStore(flat, np.array([0, 32, 64, 96]), np.array([0, 1, 2]))
+    store = ChunkStore.from_arrays(flat, np.array([0, 32, 64, 96]), np.array([0, 1, 2]))
     candidates = np.array([[[1, 2, -1]]])
     kept, dropped = drop_near_copies(store, np.array([[0]]), candidates, r=64, max_overlap=0.9)
     assert dropped == 1 and kept.tolist() == [[[-1, 2, -1]]]

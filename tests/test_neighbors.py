@@ -24,7 +24,7 @@ def retrieved(built_db):
     storage = Storage()
     index.run(cfg, storage, force=True)
     manifest = neighbors.run(cfg, storage, force=True)
-    store = ChunkStore.load(storage, db_dir(cfg), sorted(db_manifest.blocks))
+    store = ChunkStore.open(storage, db_dir(cfg), sorted(db_manifest.blocks))
     eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
     return cfg, manifest, store, eod
 
@@ -83,11 +83,11 @@ def test_neighbors_are_the_exact_top_k_outside_the_sample(retrieved):
                     assert (row == -1).all()
                     continue
                 scores = vectors @ vectors[c]
-                order = [i for i in np.argsort(-scores, kind="stable")[:8] if store.doc_ids[i] not in set(docs)]
+                order = [i for i in np.argsort(-scores, kind="stable")[:8] if store.doc_id(i) not in set(docs)]
                 expected = np.array((order + [-1, -1])[:2])
                 assert ((row < 0) == (expected < 0)).all()  # equal up to ties: compare scores
                 np.testing.assert_allclose(scores[row[row >= 0]], scores[expected[expected >= 0]], rtol=1e-5)
-                assert not set(store.doc_ids[row[row >= 0]]) & set(docs)
+                assert not set(store.doc_ids_of(row[row >= 0]).tolist()) & set(docs)
                 checked += 1
     assert checked > 50
 
@@ -107,7 +107,7 @@ def test_dataset_shapes_and_padding(retrieved):
     assert item["neighbors"].shape == item["neighbor_mask"].shape == (4, 2, 128)
     for j in range(4):
         for n in range(2):
-            c = data.neighbor_ids[0, j, n]
+            c = data.row(0)["neighbors"][j, n]
             toks, mask = item["neighbors"][j, n], item["neighbor_mask"][j, n]
             if c < 0:
                 assert not mask.any() and (toks == eod).all()
