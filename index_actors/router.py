@@ -51,11 +51,12 @@ class ShardedIndex:
     scan those lists, instead of every shard repeating the coarse search.
     """
 
-    def __init__(self, shards: list[list], metric: str, quantizer: bytes | None = None, nprobe: int = 16):
+    def __init__(self, shards: list[list], metric: str, quantizer: bytes | None = None, nprobe: int = 16,
+                 ef_search: int = 64):
         if not shards or any(not replicas for replicas in shards):
             raise ValueError("ShardedIndex needs at least one replica for every shard")
         self.shards, self.metric = shards, metric
-        self.quantizer_bytes, self.nprobe = quantizer, nprobe
+        self.quantizer_bytes, self.nprobe, self.ef_search = quantizer, nprobe, ef_search
         self._quantizer = None
         self._turn = 0
 
@@ -75,10 +76,19 @@ class ShardedIndex:
         else:
             if self._quantizer is None:
                 self._quantizer = faiss.deserialize_index(np.frombuffer(self.quantizer_bytes, dtype=np.uint8))
+                self._set_quantizer_search()
             list_dist, lists = self._quantizer.search(queries, self.nprobe)  # [q, nprobe] each
             lists_ref, dist_ref = ray.put(lists), ray.put(list_dist)
             refs = [shard.search_preassigned.remote(shared, k, lists_ref, dist_ref) for shard in replicas]
         return merge_topk(ray.get(refs), k, self.metric)
+
+    def _set_quantizer_search(self) -> None:
+        """An HNSW coarse quantizer (behind OPQ or not) searches with efSearch >= nprobe."""
+        inner = faiss.downcast_index(self._quantizer)
+        if isinstance(inner, faiss.IndexPreTransform):
+            inner = faiss.downcast_index(inner.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            inner.hnsw.efSearch = max(self.ef_search, self.nprobe)
 
     def ntotal(self) -> int:
         import ray
@@ -89,6 +99,9 @@ class ShardedIndex:
         import ray
 
         ray.get([r.set_search.remote(nprobe, ef_search) for replicas in self.shards for r in replicas])
+        self.nprobe, self.ef_search = nprobe, ef_search
+        if self._quantizer is not None:
+            self._set_quantizer_search()
 
     def close(self) -> None:
         """Stop every shard actor (they hold CPUs or GPUs until then)."""

@@ -55,10 +55,14 @@ def _on_gpu(index: faiss.Index) -> bool:
 
 
 def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
-    """Apply ``nprobe`` to IVF indexes and ``efSearch`` to HNSW ones; others ignore both."""
+    """Apply ``nprobe`` to IVF indexes and ``efSearch`` to HNSW ones (an HNSW coarse quantizer
+    searches with at least ``nprobe``); others ignore both."""
     ps = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
-    if faiss.try_extract_index_ivf(_unwrap(index)) is not None:
+    ivf = faiss.try_extract_index_ivf(_unwrap(index))
+    if ivf is not None:
         ps.set_index_parameter(index, "nprobe", nprobe)
+        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            ps.set_index_parameter(index, "quantizer_efSearch", max(ef_search, nprobe))
     if isinstance(_unwrap(index), faiss.IndexHNSW):
         ps.set_index_parameter(index, "efSearch", ef_search)
 
@@ -74,10 +78,29 @@ def load_index(storage: Storage, uri: str) -> faiss.Index:
 
 
 def coarse_quantizer(index: faiss.Index) -> bytes | None:
-    """The serialised coarse quantizer of a trained IVF index (None for other types). Shards
-    started from one trained index share it, so a router can assign queries to lists once."""
+    """The serialised coarse quantizer of a trained IVF index (None for other types), behind the
+    index's vector transforms (OPQ) when it has them, so it takes raw queries. Shards started
+    from one trained index share it, so a router can assign queries to lists once."""
     ivf = faiss.try_extract_index_ivf(index)
-    return None if ivf is None else faiss.serialize_index(ivf.quantizer).tobytes()
+    if ivf is None:
+        return None
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        chained = faiss.IndexPreTransform(quantizer)
+        for i in reversed(range(index.chain.size())):
+            chained.prepend_transform(index.chain.at(i))
+        quantizer = chained
+    return faiss.serialize_index(quantizer).tobytes()
+
+
+def apply_transforms(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """[q, d] vectors -> what the index's IVF part sees: after its transforms (OPQ), if any."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    return x
 
 
 def uses_gpu(factory: str) -> bool:
@@ -86,8 +109,10 @@ def uses_gpu(factory: str) -> bool:
 
 
 def to_gpu_if_present(index: faiss.Index) -> faiss.Index:
-    """A GPU copy of an IVF ``index`` when Faiss sees a GPU (HNSW and IDMap stay on the CPU)."""
-    if faiss.get_num_gpus() == 0 or faiss.try_extract_index_ivf(index) is None:
+    """A GPU copy of an IVF ``index`` with a flat coarse quantizer when Faiss sees a GPU (Faiss's
+    GPU IVF needs one; HNSW, HNSW-quantized IVF and IDMap stay on the CPU)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if faiss.get_num_gpus() == 0 or ivf is None or not isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat):
         return index
     return faiss.index_cpu_to_all_gpus(index)
 
@@ -119,9 +144,14 @@ class IndexShard:
         set_search_params(self.index, self.nprobe, self.ef_search)
 
     def train(self, vectors: np.ndarray) -> None:
-        """Train on [n, d] vectors (a no-op for indexes that need no training)."""
-        if not self.index.is_trained:
-            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        """Train on [n, d] vectors (a no-op for indexes that need no training). With a GPU, the
+        IVF k-means runs on it whatever the coarse quantizer (an HNSW one stays on the CPU)."""
+        if self.index.is_trained:
+            return
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and faiss.get_num_gpus() and not _on_gpu(self.index):
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
         """Add [n] chunk ids with their [n, d] vectors; returns the shard's size."""
@@ -144,7 +174,8 @@ class IndexShard:
         """IVF only: search the inverted lists ``lists`` [q, nprobe] (with their coarse distances)
         that the router chose once for all shards -> ([q, k] distances, [q, k] chunk ids)."""
         ivf = faiss.extract_index_ivf(self.index)
-        return ivf.search_preassigned(np.ascontiguousarray(queries, dtype=np.float32), k,
+        queries = apply_transforms(self.index, np.ascontiguousarray(queries, dtype=np.float32))
+        return ivf.search_preassigned(np.ascontiguousarray(queries), k,
                                       np.ascontiguousarray(lists, dtype=np.int64),
                                       np.ascontiguousarray(list_dist, dtype=np.float32))
 

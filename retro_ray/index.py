@@ -156,7 +156,7 @@ def open_router(cfg: Config, storage: Storage, name: str | None = None) -> Shard
     ]
     template = join(stage_dir(cfg), "trained.faiss")
     quantizer = coarse_quantizer(load_index(storage, template)) if storage.exists(template) else None
-    return ShardedIndex(shards, layout["metric"], quantizer=quantizer, nprobe=ic.nprobe)
+    return ShardedIndex(shards, layout["metric"], quantizer=quantizer, nprobe=ic.nprobe, ef_search=ic.ef_search)
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:

@@ -16,15 +16,15 @@ from retro_ray.storage import Storage
 D = 32
 
 
-def _data(n=3000, q=200, seed=0):
+def _data(n=3000, q=200, seed=0, d=D):
     rng = np.random.default_rng(seed)
-    xb = rng.standard_normal((n, D)).astype(np.float32)
+    xb = rng.standard_normal((n, d)).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-    return xb, xb[rng.choice(n, q, replace=False)] + 0.05 * rng.standard_normal((q, D)).astype(np.float32)
+    return xb, xb[rng.choice(n, q, replace=False)] + 0.05 * rng.standard_normal((q, d)).astype(np.float32)
 
 
 def _exact(xb, xq, k):
-    flat = faiss.IndexFlatIP(D)
+    flat = faiss.IndexFlatIP(xb.shape[1])
     flat.add(xb)
     return flat.search(xq, k)
 
@@ -156,23 +156,27 @@ def test_index_stage_resumes_only_unfinished_shards(built_db, tmp_path):
     assert resumed.blocks["shard-0001"] == first.blocks["shard-0001"]
 
 
-def test_ivf_router_assigns_lists_once_and_equals_one_index(ray_local, tmp_path):
+# The paper's family (OPQ64_128,IVF4194304_HNSW32,PQ64) at small scale: the router's coarse
+# quantizer sits behind the OPQ rotation, and shards scan the lists it picks in rotated space.
+@pytest.mark.parametrize("factory, d, n, nprobe", [("IVF32,Flat", D, 4000, 4),
+                                                   ("OPQ16_64,IVF256_HNSW32,PQ16", 64, 10_000, 16)])
+def test_ivf_router_assigns_lists_once_and_equals_one_index(ray_local, tmp_path, factory, d, n, nprobe):
     from index_actors.shard import coarse_quantizer, new_index, save_index
 
-    xb, xq = _data(n=4000)
-    template = new_index(D, "IVF32,Flat", "ip")
+    xb, xq = _data(n=n, d=d)
+    template = new_index(d, factory, "ip")
     template.train(xb)
     save_index(Storage(), str(tmp_path / "trained.faiss"), template)
-    whole = IndexShard(dim=D, factory="IVF32,Flat", metric="ip", uri=str(tmp_path / "whole.faiss"),
-                       template_uri=str(tmp_path / "trained.faiss"), nprobe=4)
+    whole = IndexShard(dim=d, factory=factory, metric="ip", uri=str(tmp_path / "whole.faiss"),
+                       template_uri=str(tmp_path / "trained.faiss"), nprobe=nprobe)
     whole.add(np.arange(len(xb)), xb)
     shards = []
     for s, part in enumerate(np.array_split(np.arange(len(xb)), 2)):
-        actor = shard_actor(name=None, num_cpus=0.5, dim=D, factory="IVF32,Flat", metric="ip",
-                            uri=str(tmp_path / f"s{s}.faiss"), template_uri=str(tmp_path / "trained.faiss"), nprobe=4)
+        actor = shard_actor(name=None, num_cpus=0.5, dim=d, factory=factory, metric="ip", nprobe=nprobe,
+                            uri=str(tmp_path / f"s{s}.faiss"), template_uri=str(tmp_path / "trained.faiss"))
         ray.get(actor.add.remote(part, xb[part]))
         shards.append([actor])
-    router = ShardedIndex(shards, "ip", quantizer=coarse_quantizer(template), nprobe=4)
+    router = ShardedIndex(shards, "ip", quantizer=coarse_quantizer(template), nprobe=nprobe)
     dist, ids = router.search(xq, 10)
     exp_dist, exp_ids = whole.search(xq, 10)
     np.testing.assert_allclose(dist, exp_dist, rtol=1e-5)
