@@ -73,6 +73,28 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--decoder-only", action="store_true",
                         help="without encoder and CCA, as a plain GPT-2 (or the retro-fitted base's) model that "
                              "AutoModelForCausalLM, vLLM or llama.cpp load with no project code")
+    plan = sub.add_parser("plan", parents=[common],
+                          help="size a database, its index and training on a cluster's node types, before starting")
+    size = plan.add_mutually_exclusive_group()
+    size.add_argument("--tokens", type=float, help="corpus size in tokens (e.g. 1.2e12)")
+    size.add_argument("--sample-docs", type=int, default=1000,
+                      help="else: tokenise this many documents of the config's corpus and scale by file sizes")
+    plan.add_argument("--paper", action="store_true",
+                      help="InstructRetro's inputs (1.2T tokens, BERT-large, OPQ64_128,IVF4194304_HNSW32,PQ64, "
+                           "A100s) and each figure against the paper's")
+    plan.add_argument("--embedder", help="bert-large, bert-base, all-MiniLM-L6-v2 or a Hugging Face folder "
+                                         "(default: embed.model)")
+    plan.add_argument("--factory", help="Faiss factory string (default: index.factory)")
+    plan.add_argument("--cluster", help="cluster launcher YAML whose node types to plan on "
+                                        "(default: this project's cluster/aws.yaml)")
+    for stage in ("embed", "index", "train"):
+        plan.add_argument(f"--{stage}-node", help=f"node type for {stage} (default: the one carrying "
+                                                  f"resources.{stage}'s labels, else the likeliest)")
+    plan.add_argument("--model-params", type=float, help="parameters of the model to train (default: the config's)")
+    plan.add_argument("--train-tokens", type=float, help="tokens to train on (default: the corpus)")
+    plan.add_argument("--days", type=float, default=7.0, help="wall-clock days for training")
+    plan.add_argument("--nprobe", type=int, help="IVF lists a neighbour query scans (default: index.nprobe)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     srv = sub.add_parser("serve", parents=[common],
                          help="serve the run's model behind an OpenAI-compatible API (Ray Serve) until Ctrl-C")
     srv.add_argument("--serve-config", help="a Serve config file (cluster/serve.yaml): replicas, autoscaling, "
@@ -133,6 +155,30 @@ def _pipeline(cfg, storage: Storage, args) -> None:
             _hold(url)
     finally:
         serve.shutdown()
+
+
+def _plan(cfg, args) -> None:
+    from retro_ray import plan
+
+    paper = plan.PAPER_INPUTS if args.paper else {}
+    embedder = args.embedder or paper.get("embedder") or cfg.embed.model or "all-MiniLM-L6-v2"
+    tokens, per_token = args.tokens or paper.get("tokens"), None
+    if tokens is None:
+        tokens, per_token = plan.sample_corpus(cfg, args.sample_docs)
+    m = cfg.model
+    params = args.model_params or paper.get("model_params") or 12 * m.n_layers * m.d_model**2
+    result = plan.make_plan(
+        cfg, plan.node_types(args.cluster or plan.QUICKSTART_CLUSTER), tokens, embedder=embedder,
+        factory=args.factory or paper.get("factory") or cfg.index.factory, dim=plan.encoder_shape(embedder)[1],
+        nprobe=args.nprobe or cfg.index.nprobe, model_params=params,
+        train_tokens=args.train_tokens or paper.get("train_tokens") or tokens, days=args.days,
+        chunks_per_token=per_token, embed_node=args.embed_node or paper.get("embed_node"),
+        index_node=args.index_node, train_node=args.train_node)
+    versus = plan.vs_paper(result) if args.paper else None
+    if args.json:
+        print(json.dumps({**result.model_dump(), **({"vs_paper": versus} if versus else {})}))
+    else:
+        print(plan.render(result, versus))
 
 
 def _export(cfg, storage: Storage, args) -> None:
@@ -204,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             _export(cfg, storage, args)
+            return 0
+        if args.command == "plan":  # no Ray: arithmetic, and a corpus sample read in this process
+            _plan(cfg, args)
             return 0
         with ray_session(cfg, args.address, args.verbose) as ray_log:
             if ray_log:
