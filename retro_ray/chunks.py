@@ -299,10 +299,19 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
         units = plan_units(cfg, storage, files)
         planner = planner or _Planner(cfg, manifest, units)
         tokenizer_json = ray.put(storage.read_bytes(join(tokenizer.stage_dir(cfg), "tokenizer.json")).decode())
-        unit_task = ray.remote(chunk_unit).options(num_cpus=1, resources=cfg.resources.chunk)
-        block_task = ray.remote(write_block).options(num_cpus=1, resources=cfg.resources.chunk)
+        # The embedding actors hold their CPUs from the start. Where they share nodes with
+        # chunking, unit tasks are never queued for more CPUs than the actors leave (else an
+        # actor can wait behind them), and where the actors would take every CPU, unit tasks
+        # reserve none (one at a time, sharing the cores) rather than wait for CPUs the actors
+        # never give back. Block tasks only copy staged rows: they reserve no CPU.
+        e = cfg.embed
+        reserved = 0 if cfg.resources.embed else e.max_actors * e.num_cpus_per_actor
+        shares = not cfg.resources.chunk and ray.cluster_resources().get("CPU", 0) - reserved < 1
+        unit_task = ray.remote(chunk_unit).options(num_cpus=0 if shares else 1, resources=cfg.resources.chunk)
+        block_task = ray.remote(write_block).options(num_cpus=0, resources=cfg.resources.chunk)
         log.info("db: chunking %d input units (files, Parquet row groups) from unit %d on", len(units),
                  planner.numbered)
+        pool.start()  # the models load while the first units are read
     start = time.time()
     pending: dict = {}  # ref -> (kind, what)
     results: dict[int, dict] = {}  # finished units not numbered yet
@@ -310,8 +319,8 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
     written = 0
     while True:
         if chunk_pass:
-            # Leave the embedding actors their CPUs: chunking never holds the whole cluster.
-            window = max(2, int(ray.cluster_resources().get("CPU", 0) - pool.cpus()))
+            free = int(ray.cluster_resources().get("CPU", 0) - reserved)
+            window = max(2 if cfg.resources.chunk else 1, 0 if shares else free)
             while (launched < len(units) and not planner.done()
                    and sum(kind == "unit" for kind, _ in pending.values()) < window):
                 ref = unit_task.remote(cfg, tokenizer_json, units[launched], planner.staged_uri(launched),
@@ -348,6 +357,8 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
             chunk_pass = False
             _finish_chunk_pass(cfg, storage, manifest, planner, written, time.time() - start)
     manifest.timings["embed_s"] = manifest.timings.get("embed_s", 0.0) + pool.close()
+    if pool.threads:
+        manifest.counts["embed_threads"] = pool.threads  # torch threads of each embedding actor
     if manifest.counts.get("truncated"):
         log.warning("db: %d chunk texts were longer than embed.max_length=%d encoder tokens and "
                     "were truncated", manifest.counts["truncated"], cfg.embed.max_length)

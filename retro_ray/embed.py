@@ -98,7 +98,8 @@ class EmbedBlocks:
                                  device=e.device, threads=max(1, int(e.num_cpus_per_actor)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"block": [], "rows": [], "seconds": [], "truncated": [], "sha256": []}
+        out: dict[str, list] = {"block": [], "rows": [], "seconds": [], "truncated": [], "sha256": [],
+                                "threads": []}
         for name in batch["block"]:
             start = time.time()
             table = self.storage.read_parquet(chunks_uri(self.db_dir, name), columns=["chunk_id", "text"])
@@ -115,6 +116,7 @@ class EmbedBlocks:
             out["seconds"].append(time.time() - start)
             out["truncated"].append(sum(t for _, t in parts))
             out["sha256"].append(sha)
+            out["threads"].append(torch.get_num_threads())
         return {k: np.array(v) for k, v in out.items()}
 
 
@@ -142,31 +144,35 @@ class EmbedPool:
         self.actors: list = []
         self.queue: list[str] = []
         self.done = self.total = 0
-        self.start: float | None = None
-        self.seconds = 0.0
+        self.start_time: float | None = None
+        self.threads = 0
 
-    def cpus(self) -> float:
-        """CPUs the pool holds or is about to: what chunking leaves free."""
-        n = max(len(self.actors), self.cfg.embed.min_actors if self.queue or self.busy else 0)
-        return n * self.cfg.embed.num_cpus_per_actor
+    def start(self) -> None:
+        """Start ``min_actors`` now (they load their model while the first blocks are written)."""
+        if self.start_time is not None:
+            return
+        self.start_time = time.time()
+        e = self.cfg.embed
+        log.info("db: embedding blocks as they are written (%d-%d actors, %s)", e.min_actors, e.max_actors,
+                 "1 GPU each" if self.gpus else f"{e.num_cpus_per_actor} CPUs each")
+        for _ in range(e.min_actors - len(self.actors)):
+            self._add_actor()
+
+    def _add_actor(self) -> None:
+        actor = self.actor_cls.remote(self.cfg, self.db_dir)
+        self.actors.append(actor)
+        self.idle.append(actor)
 
     def submit(self, name: str, rows: int) -> None:
-        if self.start is None:
-            self.start = time.time()
-            e = self.cfg.embed
-            log.info("db: embedding blocks as they are written (%d-%d actors, %s)", e.min_actors, e.max_actors,
-                     "1 GPU each" if self.gpus else f"{e.num_cpus_per_actor} CPUs each")
+        self.start()
         self.queue.append(name)
         self.total += rows
 
     def dispatch(self) -> list[tuple]:
         """Start waiting blocks on idle actors (adding actors up to ``max_actors``): (ref, block) pairs."""
         e = self.cfg.embed
-        while self.queue and not self.idle and len(self.actors) < max(e.min_actors, min(
-                e.max_actors, len(self.busy) + len(self.queue))):
-            actor = self.actor_cls.remote(self.cfg, self.db_dir)
-            self.actors.append(actor)
-            self.idle.append(actor)
+        while self.queue and not self.idle and len(self.actors) < min(e.max_actors, len(self.busy) + len(self.queue)):
+            self._add_actor()
         started = []
         while self.queue and self.idle:
             actor, name = self.idle.pop(), self.queue.pop(0)
@@ -182,7 +188,8 @@ class EmbedPool:
         row = {k: v[0] for k, v in ray.get(ref).items()}
         self.idle.append(self.busy.pop(ref))
         self.done += int(row["rows"])
-        elapsed = time.time() - self.start
+        self.threads = max(self.threads, int(row["threads"]))
+        elapsed = time.time() - self.start_time
         log.info("db: embedded %d/%d chunks written so far %s, %.1f chunks/s (block %s: %d chunks in %.1fs)",
                  self.done, self.total, progress(self.done, self.total, elapsed), self.done / max(elapsed, 1e-9),
                  row["block"], row["rows"], row["seconds"])
@@ -196,4 +203,4 @@ class EmbedPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.idle = [], []
-        return time.time() - self.start if self.start is not None else 0.0
+        return time.time() - self.start_time if self.start_time is not None else 0.0

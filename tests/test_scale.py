@@ -90,8 +90,8 @@ def test_parallel_chunk_pass_equals_one_process_reference(ray_local, tmp_path, w
         assert store.doc_id(c) == table.column("doc_id")[c].as_py()
 
 
-def slow_corpus(path: Path, groups: int = 16, rows: int = 200_000) -> dict:
-    """A large corpus of which a blend weight keeps about 40 short documents per row group:
+def slow_corpus(path: Path, groups: int = 12, rows: int = 150_000) -> dict:
+    """A large corpus of which a blend weight keeps about 30 short documents per row group:
     reading takes many seconds, embedding little, so a build spends most of its time chunking."""
     texts = pa.array([f"row {i} of a corpus that its blend weight mostly leaves out" for i in range(rows * groups)])
     pq.write_table(pa.table({"text": texts}), path, row_group_size=rows)
@@ -131,7 +131,7 @@ def test_embedding_overlaps_chunking_and_a_kill_midway_resumes_identically(built
         proc.wait()
     partial = json.loads(manifest_file.read_text())
     assert "chunks" not in partial["counts"], "embedding began only after the chunk pass"
-    assert partial["units"] and len(partial["units"]) < 16  # killed in the middle of the chunk pass
+    assert partial["units"] and len(partial["units"]) < 12  # killed in the middle of the chunk pass
     written = sorted(partial["blocks"])
     first_embedded = (tmp_path / "run" / "db" / "embeddings" / f"{written[0]}.parquet").stat().st_mtime
 
@@ -206,3 +206,24 @@ def test_a_reader_of_samples_holds_the_same_memory_when_the_database_grows_4x(bu
         grown[name] = [float(x) for x in out.stdout.split()]
     # loading all tokens and samples would hold some 40 MB more for the larger database
     assert grown["4n"][1] < grown["n"][1] + 15, grown
+
+
+def test_token_store_on_s3_is_read_through_a_bounded_node_cache(s3_endpoint, tmp_path):
+    from retro_ray.config import StorageConfig
+
+    cache = tmp_path / "cache"
+    storage = Storage(StorageConfig(s3_endpoint=s3_endpoint, cache_dir=str(cache), cache_gb=1.5e-6))  # ~1.6 KB
+    db, rng, blocks = "s3://retro/scale-cache/db", np.random.default_rng(0), []
+    expected = []
+    for start in range(0, 40, 10):  # 4 blocks of 10 chunks, about 700 bytes each
+        tokens = rng.integers(0, 500, (10, 8), dtype=np.int32)
+        table = pa.table({"doc_id": np.arange(start, start + 10), "tokens": pa.array(tokens.tolist(), pa.list_(pa.int32()))})
+        write_token_block(storage, db, block_name(start, start + 10), table)
+        blocks.append(block_name(start, start + 10))
+        expected += tokens.tolist()
+    store = ChunkStore.open(storage, db, blocks)
+    assert [store.tokens(c).tolist() for c in range(40)] == expected  # every block fetched once, mapped
+    assert store.doc_ids_of(np.array([[39, -1], [0, 25]])).tolist() == [[39, -1], [0, 25]]
+    cached = list(cache.iterdir())
+    assert 1 <= len(cached) < 4 and sum(f.stat().st_size for f in cached) <= 1.5e-6 * 2**30 + 1000
+    assert not [f for f in cached if ".tmp-" in f.name]
