@@ -22,6 +22,8 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -162,8 +164,7 @@ def main() -> None:
 
     import ray
 
-    from retro_ray import plan
-    from retro_ray.config import Config
+    from retro_ray import cli
     from retro_ray.runtime import setup_logging
 
     setup_logging()
@@ -173,12 +174,10 @@ def main() -> None:
     ray.shutdown()
     small = reader_memory(out, Path(cfg.workdir), args.chunks)
     large = reader_memory(out, Path(cfg.workdir), 4 * args.chunks)
-    paper = plan.make_plan(Config(), plan.node_types(plan.QUICKSTART_CLUSTER), plan.PAPER_INPUTS["tokens"],
-                           embedder="bert-large", factory=plan.PAPER_INPUTS["factory"], dim=1024, nprobe=16,
-                           model_params=plan.PAPER_INPUTS["model_params"],
-                           train_tokens=plan.PAPER_INPUTS["train_tokens"], days=7,
-                           embed_node=plan.PAPER_INPUTS["embed_node"])
-    versus = {k: round(v, 3) for k, v in plan.vs_paper(paper).items()}
+    answer = io.StringIO()
+    with contextlib.redirect_stdout(answer):  # the command a user runs: retro-ray plan --paper
+        cli.main(["plan", "--paper", "--json"])
+    versus = {k: round(v, 3) for k, v in json.loads(answer.getvalue())["vs_paper"].items()}
     print(f"reader memory, 4x database / database: {large['reader'] / small['reader']:.3f} "
           f"(loading every token: {large['load_all'] / small['load_all']:.2f}); plan / paper: {versus}")
     print(json.dumps({

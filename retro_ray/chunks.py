@@ -349,7 +349,7 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
             written += 1
             pool.submit(what, manifest.blocks[what]["rows"])
         else:
-            fields = pool.finish(ref)
+            fields = pool.finish(ref, what)
             manifest.counts["truncated"] = manifest.counts.get("truncated", 0) + fields.pop("truncated")
             manifest.blocks[what].update(fields)
             manifest.save(storage, db)

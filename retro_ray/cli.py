@@ -169,7 +169,7 @@ def _plan(cfg, args) -> None:
     params = args.model_params or paper.get("model_params") or 12 * m.n_layers * m.d_model**2
     result = plan.make_plan(
         cfg, plan.node_types(args.cluster or plan.QUICKSTART_CLUSTER), tokens, embedder=embedder,
-        factory=args.factory or paper.get("factory") or cfg.index.factory, dim=plan.encoder_shape(embedder)[1],
+        factory=args.factory or paper.get("factory") or cfg.index.factory,
         nprobe=args.nprobe or cfg.index.nprobe, model_params=params,
         train_tokens=args.train_tokens or paper.get("train_tokens") or tokens, days=args.days,
         chunks_per_token=per_token, embed_node=args.embed_node or paper.get("embed_node"),

@@ -11,7 +11,7 @@ Imports neither torch nor Ray, so index shards and data loaders read the databas
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -104,9 +104,8 @@ class ChunkStore:
     """
 
     def __init__(self, starts: np.ndarray, ends: np.ndarray, load, open_blocks: int = 256):
-        self.starts, self.ends, self._load = starts, ends, load  # [n_blocks] each; load(b) -> arrays
-        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
-        self.open_blocks = open_blocks
+        self.starts, self.ends = starts, ends  # [n_blocks] each
+        self._block = functools.lru_cache(maxsize=open_blocks)(load)  # block -> (flat, offsets, doc_ids)
 
     @classmethod
     def open(cls, storage: Storage, db: str, blocks: list[str]) -> "ChunkStore":
@@ -127,15 +126,6 @@ class ChunkStore:
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
-
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if b in self._open:
-            self._open.move_to_end(b)
-        else:
-            if len(self._open) >= self.open_blocks:
-                self._open.popitem(last=False)
-            self._open[b] = self._load(b)
-        return self._open[b]
 
     def _find(self, c: int) -> tuple[int, int]:
         b = int(np.searchsorted(self.starts, c, side="right")) - 1

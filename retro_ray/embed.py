@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from retro_ray.config import Config, EmbedConfig
 from retro_ray.dbfiles import chunks_uri, embedding_table, embeddings_uri
 from retro_ray.runtime import log, progress
-from retro_ray.storage import Manifest, Storage
+from retro_ray.storage import Storage
 
 
 def default_model_path() -> str:
@@ -88,7 +88,7 @@ class Embedder:
 
 
 class EmbedBlocks:
-    """Ray actor: embeds the named database blocks and writes their embedding files."""
+    """Ray actor: embeds database blocks and writes their embedding files."""
 
     def __init__(self, cfg: Config, db_dir: str):
         self.cfg, self.db_dir = cfg, db_dir
@@ -97,27 +97,18 @@ class EmbedBlocks:
         self.embedder = Embedder(e.model, max_length=e.max_length, normalize=e.normalize,
                                  device=e.device, threads=max(1, int(e.num_cpus_per_actor)))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"block": [], "rows": [], "seconds": [], "truncated": [], "sha256": [],
-                                "threads": []}
-        for name in batch["block"]:
-            start = time.time()
-            table = self.storage.read_parquet(chunks_uri(self.db_dir, name), columns=["chunk_id", "text"])
-            texts = table.column("text").to_pylist()
-            bs = self.cfg.embed.batch_size
-            parts = [self.embedder.embed(texts[i: i + bs]) for i in range(0, len(texts), bs)]
-            vectors = np.concatenate([v for v, _ in parts])  # [rows, d]
-            sha = self.storage.write_parquet(
-                embeddings_uri(self.db_dir, name),
-                embedding_table(table.column("chunk_id").to_numpy(), vectors),
-            )
-            out["block"].append(name)
-            out["rows"].append(len(texts))
-            out["seconds"].append(time.time() - start)
-            out["truncated"].append(sum(t for _, t in parts))
-            out["sha256"].append(sha)
-            out["threads"].append(torch.get_num_threads())
-        return {k: np.array(v) for k, v in out.items()}
+    def embed_block(self, name: str) -> dict:
+        """Embed block ``name``: its rows, seconds, truncated texts, file SHA-256 and torch threads."""
+        start = time.time()
+        table = self.storage.read_parquet(chunks_uri(self.db_dir, name), columns=["chunk_id", "text"])
+        texts = table.column("text").to_pylist()
+        bs = self.cfg.embed.batch_size
+        parts = [self.embedder.embed(texts[i: i + bs]) for i in range(0, len(texts), bs)]
+        vectors = np.concatenate([v for v, _ in parts])  # [rows, d]
+        sha = self.storage.write_parquet(embeddings_uri(self.db_dir, name),
+                                         embedding_table(table.column("chunk_id").to_numpy(), vectors))
+        return {"rows": len(texts), "seconds": time.time() - start, "truncated": sum(t for _, t in parts),
+                "sha256": sha, "threads": torch.get_num_threads()}
 
 
 class EmbedPool:
@@ -176,25 +167,24 @@ class EmbedPool:
         started = []
         while self.queue and self.idle:
             actor, name = self.idle.pop(), self.queue.pop(0)
-            ref = actor.__call__.remote({"block": np.array([name])})
+            ref = actor.embed_block.remote(name)
             self.busy[ref] = actor
             started.append((ref, name))
         return started
 
-    def finish(self, ref) -> dict:
-        """The result of a finished block: its manifest fields and how many texts were truncated."""
+    def finish(self, ref, name: str) -> dict:
+        """The result of finished block ``name``: its manifest fields and how many texts were truncated."""
         import ray
 
-        row = {k: v[0] for k, v in ray.get(ref).items()}
+        row = ray.get(ref)
         self.idle.append(self.busy.pop(ref))
         self.done += int(row["rows"])
-        self.threads = max(self.threads, int(row["threads"]))
+        self.threads = max(self.threads, row["threads"])
         elapsed = time.time() - self.start_time
         log.info("db: embedded %d/%d chunks written so far %s, %.1f chunks/s (block %s: %d chunks in %.1fs)",
                  self.done, self.total, progress(self.done, self.total, elapsed), self.done / max(elapsed, 1e-9),
-                 row["block"], row["rows"], row["seconds"])
-        return {"embeddings_sha256": str(row["sha256"]), "embed_s": float(row["seconds"]),
-                "truncated": int(row["truncated"])}
+                 name, row["rows"], row["seconds"])
+        return {"embeddings_sha256": row["sha256"], "embed_s": row["seconds"], "truncated": row["truncated"]}
 
     def close(self) -> float:
         """Remove the actors; the seconds the pool had work."""

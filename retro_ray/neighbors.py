@@ -24,9 +24,9 @@ c = k_candidates, r = 2 m neighbour length (chunk + continuation).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,8 +268,7 @@ class RetroSamples:
         self.storage = storage
         self.uris = [uri for uri, _ in blocks]
         self.starts = np.cumsum([0] + [rows for _, rows in blocks])  # [blocks + 1]
-        self._blocks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self.cache_blocks = cache_blocks
+        self._sample_block = functools.lru_cache(maxsize=cache_blocks)(self._read_block)
         db_manifest = finished_db(cfg, storage)
         self.store = store or ChunkStore.open(storage, db_dir(cfg), sorted(db_manifest.blocks))
         self.r = 2 * cfg.db.chunk_length
@@ -278,17 +277,11 @@ class RetroSamples:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _sample_block(self, b: int) -> dict[str, np.ndarray]:
-        if b in self._blocks:
-            self._blocks.move_to_end(b)
-            return self._blocks[b]
-        if len(self._blocks) >= self.cache_blocks:
-            self._blocks.popitem(last=False)
+    def _read_block(self, b: int) -> dict[str, np.ndarray]:
         table = pq.read_table(self.storage.local_path(self.uris[b]), columns=["tokens", "neighbors", "chunk_lengths"])
-        self._blocks[b] = {"tokens": _fixed_list_numpy(table.column("tokens"), 1),  # [n, seq_len]
-                           "neighbors": _fixed_list_numpy(table.column("neighbors"), 2),  # [n, l, k]
-                           "chunk_lengths": _fixed_list_numpy(table.column("chunk_lengths"), 1)}  # [n, l]
-        return self._blocks[b]
+        return {"tokens": _fixed_list_numpy(table.column("tokens"), 1),  # [n, seq_len]
+                "neighbors": _fixed_list_numpy(table.column("neighbors"), 2),  # [n, l, k]
+                "chunk_lengths": _fixed_list_numpy(table.column("chunk_lengths"), 1)}  # [n, l]
 
     def row(self, i: int) -> dict[str, np.ndarray]:
         """Sample ``i`` as stored: ``tokens`` [seq_len], ``neighbors`` [l, k] chunk ids, ``chunk_lengths`` [l]."""

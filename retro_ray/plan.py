@@ -206,7 +206,7 @@ def query_seconds(parts: dict, per_vector: float, n: float, nprobe: int, ef_sear
 
 
 def make_plan(cfg: Config, types: dict[str, NodeType], tokens: float, *, embedder: str, factory: str,
-              dim: int, nprobe: int, model_params: float, train_tokens: float, days: float,
+              nprobe: int, model_params: float, train_tokens: float, days: float,
               chunks_per_token: float | None = None, embed_node: str | None = None,
               index_node: str | None = None, train_node: str | None = None) -> Plan:
     m = cfg.db.chunk_length
@@ -219,7 +219,7 @@ def make_plan(cfg: Config, types: dict[str, NodeType], tokens: float, *, embedde
     else:
         rate, unit = CPU_GFLOPS_PER_CORE * 1e9 / flops * 3600, "CPU core-hours"
 
-    per_vector, fixed, parts = index_bytes(factory, dim)
+    per_vector, fixed, parts = index_bytes(factory, d)  # mean pooling: vectors of the hidden size
     ram = (chunks * per_vector + fixed) / 1e9
     index = pick_node(types, "index", cfg.resources.index, index_node)
     nodes = max(1, math.ceil(ram / (index.memory_gb * INDEX_RAM_USABLE)))

@@ -114,6 +114,30 @@ def tiny_config(workdir, *paths, **sections) -> Config:
     return Config.model_validate(data)
 
 
+def kill_db_at_first_embedding(cfg: Config, folder: Path, timeout_s: float = 300) -> dict:
+    """Run ``retro-ray db`` on ``cfg`` in a subprocess (its own Ray), SIGKILL it as soon as its
+    manifest records the first embedded block, and return that manifest."""
+    import signal
+
+    config_file = folder / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "retro_ray.cli", "db", "--config", str(config_file)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest_file = Path(cfg.workdir) / "db" / "_manifest.json"
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            if manifest_file.exists() and "embeddings_sha256" in manifest_file.read_text():
+                break
+            assert proc.poll() is None, "build ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return json.loads(manifest_file.read_text())
+
+
 @pytest.fixture(scope="session")
 def built_db(ray_local, tmp_path_factory, wiki_parquet):
     """Tokenizer and chunk database of ``wiki_parquet``: (config, db manifest)."""

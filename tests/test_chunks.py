@@ -1,24 +1,18 @@
 """The chunk database: boundaries, stable ids, resume after a kill, bad input, S3."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from retro_ray import chunks, dbfiles, tokenizer
 from retro_ray.config import StorageConfig
 from retro_ray.corpus import BadInputError
 from retro_ray.storage import StageMismatchError, Storage
 
-from conftest import tiny_config
+from conftest import kill_db_at_first_embedding, tiny_config
 
 
 def build(cfg, storage=None, force=False):
@@ -100,24 +94,7 @@ def test_killed_build_resumes_to_identical_output(built, tmp_path):
     cfg, _, manifest = built
     cfg = tiny_config(tmp_path / "run", *cfg.corpus.sources[0].paths)
     tokenizer.run(cfg, Storage())
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
-    cmd = [sys.executable, "-m", "retro_ray.cli", "db", "--config", str(config_file)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest_file = tmp_path / "run" / "db" / "_manifest.json"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # kill as soon as the first block is embedded
-            if manifest_file.exists() and "embeddings_sha256" in manifest_file.read_text():
-                break
-            assert proc.poll() is None, "build ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = yaml.safe_load(manifest_file.read_text())
+    partial = kill_db_at_first_embedding(cfg, tmp_path, timeout_s=240)
     done = [n for n, b in partial["blocks"].items() if "embeddings_sha256" in b]
     assert not partial["complete"] and 0 < len(done) < len(manifest.blocks)
 

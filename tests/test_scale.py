@@ -3,11 +3,8 @@ chunking goes on, resume after a kill mid-stream, and readers whose memory does 
 the database."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from retro_ray.config import CorpusSource
 from retro_ray.dbfiles import CHUNK_SCHEMA, ChunkStore, block_name, db_dir, write_token_block
 from retro_ray.storage import Manifest, Storage, join
 
-from conftest import WIKI, tiny_config
+from conftest import WIKI, kill_db_at_first_embedding, tiny_config
 
 
 def reference_blocks(cfg, storage: Storage, out: Path) -> dict[str, str]:
@@ -113,23 +110,7 @@ def test_embedding_overlaps_chunking_and_a_kill_midway_resumes_identically(built
                       embed={"max_length": 32})
     storage = Storage()
     copy_tokenizer(Path(built_db[0].workdir), tmp_path / "run")
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "retro_ray.cli", "db", "--config", str(config_file)], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest_file = tmp_path / "run" / "db" / "_manifest.json"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # stop it as soon as the first block is embedded
-            if manifest_file.exists() and "embeddings_sha256" in manifest_file.read_text():
-                break
-            assert proc.poll() is None, "build ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = json.loads(manifest_file.read_text())
+    partial = kill_db_at_first_embedding(cfg, tmp_path)
     assert "chunks" not in partial["counts"], "embedding began only after the chunk pass"
     assert partial["units"] and len(partial["units"]) < 12  # killed in the middle of the chunk pass
     written = sorted(partial["blocks"])
