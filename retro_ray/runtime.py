@@ -41,6 +41,13 @@ if not log.handlers:
 NOISE = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller|core_worker\.cc|graceful_shutdown")
 """Ray lines that say nothing to a user even at ERROR level (Ray Train's cleaner without a
 dashboard, the C++ core worker's notes, a replica's shutdown race)."""
+HARMLESS_TRACEBACK = re.compile(
+    r'placement_group_callback\.py", line \d+, in _stop_cleaner'
+    r'|autoscaling_coordinator_client\.py", line \d+, in send_resource_request')
+"""Tracebacks that Ray Train's controller logs when the machine is busy and that change nothing:
+its placement-group cleaner (a helper actor started with each run) did not confirm its stop within
+12 s after the run had finished, or a resource request to the autoscaling coordinator timed out
+(it is sent again at the next check). They stay in the log; every other traceback is shown."""
 RAY_LINE = re.compile(
     r"\t(DEBUG|INFO|WARNING|ERROR) \S+\.py:\d+ -- "                # Ray's loggers in this process
     r"|^(DEBUG|INFO|WARNING|ERROR) \d{4}-\d\d-\d\d [\d:,]+ \S+ \d+ -- "  # Serve's
@@ -79,6 +86,32 @@ def log_dir(cfg: Config) -> Path:
 def severe(line: str) -> bool:
     """A real error, not one of Ray's notes."""
     return bool(SEVERE.search(line)) and not NOISE.search(line)
+
+
+def worker_lines(lines: list[str]) -> tuple[list[str], list[str]]:
+    """A batch of a worker's lines -> (the project's lines, the failing ones: errors, and
+    everything from the first traceback on but ``HARMLESS_TRACEBACK`` blocks and the messages
+    logged with them)."""
+    start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), len(lines))
+    ours = [line for line in lines[:start] if " retro_ray " in line]
+    failing = [line for line in lines[:start] if " retro_ray " not in line and severe(line)]
+    i, message = start, None  # message: where the plain line just before a traceback went in failing
+    while i < len(lines):
+        if "Traceback (most recent call last)" not in lines[i]:
+            message = len(failing)
+            failing.append(lines[i])
+            i += 1
+            continue
+        end = i + 1  # the block: indented frames, through the exception's line
+        while end < len(lines) and lines[end][:1].isspace():
+            end += 1
+        block = lines[i: end + 1]
+        if not HARMLESS_TRACEBACK.search("\n".join(block)):
+            failing += block
+        elif message == len(failing) - 1 and lines[i - 1].strip():
+            failing.pop()  # the message that came with it
+        message, i = None, end + 1
+    return ours, failing
 
 
 def init_ray(cfg: Config, address: str | None = None) -> None:
@@ -172,9 +205,7 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
         if data.get("pid") == "autoscaler":  # on a cluster: which kind of node comes and goes, for which stage
             show(data, ignore_prefix=False)
             return
-        start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), len(lines))
-        ours = [line for line in lines[:start] if " retro_ray " in line]
-        failing = [line for line in lines[:start] if " retro_ray " not in line and severe(line)] + lines[start:]
+        ours, failing = worker_lines(lines)
         if ours:  # they say what they are: no worker prefix
             show({**data, "lines": ours}, ignore_prefix=True)
         if failing:
