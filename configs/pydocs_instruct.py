@@ -2,9 +2,11 @@
 Python documentation (``builtin:pydocs``) so that it needs no download.
 
 Every module docstring and ``pydoc`` topic gives one QA row: a question about the module or
-statement, answered by the first sentence of its documentation. The rows carry no context, so
-the instruct stage retrieves each question's passage from the run's index, as InstructRetro
-trains. Documents that ``pydocs-qa.jsonl`` asks about are left out: the QA set stays unseen.
+statement, answered by the first sentence of its documentation, with the document's opening
+(about 100 words, holding that sentence) as its gold context and the module or topic as its
+title, as InstructRetro tunes on QA rows with gold context. Documents that ``pydocs-qa.jsonl``
+asks about are left out: the QA set (and ``demo-questions.jsonl``, asked about the same
+documents) stays unseen.
 
     .venv/bin/python configs/pydocs_instruct.py
 """
@@ -21,6 +23,7 @@ from retro_ray.corpus import builtin_pydocs
 
 HERE = Path(__file__).resolve().parent
 MAX_WORDS = 40
+CONTEXT_WORDS = 100
 
 
 def first_sentence(title: str, text: str) -> str | None:
@@ -32,6 +35,14 @@ def first_sentence(title: str, text: str) -> str | None:
     if not sentence or sentence.startswith(("New in", "Changed in", "Deprecated")) or len(sentence.split()) < 4 or len(sentence.split()) > MAX_WORDS or "::=" in sentence:
         return None
     return sentence
+
+
+def opening(text: str, answer: str) -> str:
+    """The document's first CONTEXT_WORDS words, or as many more as reach the end of its answer."""
+    words = text.split()
+    before = " ".join(words).find(answer.rstrip(".:"))
+    end = len(" ".join(words)[:before].split()) + len(answer.split()) if before >= 0 else 0
+    return " ".join(words[: max(CONTEXT_WORDS, end)])
 
 
 def question(title: str, text: str) -> str:
@@ -50,7 +61,9 @@ def main() -> None:
             continue
         answer = first_sentence(doc["title"], doc["text"])
         if answer:
-            rows.append({"question": question(doc["title"], doc["text"]), "answer": answer})
+            context = opening(doc["text"], answer)
+            rows.append({"question": question(doc["title"], doc["text"]), "answer": answer, "title": doc["title"],
+                         "context": context})
     out = HERE / "pydocs-instruct.jsonl"
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"{len(rows)} rows -> {out}")

@@ -8,6 +8,7 @@ document boundary (the last chunk of a document may be shorter). Rows of ``db/ch
     doc_pos   int32, index of the chunk within its document
     tokens    list<int32>, at most chunk_length ids
     text      the document text of the chunk; a document's chunk texts concatenate to it
+    title     the document's title ("" when it has none)
 
 The continuation of chunk c is c + 1 when that chunk has the same ``doc_id``, else none.
 
@@ -39,7 +40,8 @@ import pyarrow.parquet as pq
 from retro_ray import corpus, tokenizer
 from retro_ray.config import Config, config_hash
 from retro_ray.corpus import BAD_INPUT, BadInputError, bad_rows, describe_skips
-from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, block_range, chunks_uri, db_dir, write_token_block
+from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, block_range, chunks_uri, write_token_block
+from retro_ray.layout import db_dir, tokenizer_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log
 from retro_ray.storage import EmptyStageError, Manifest, Storage, join, open_stage
@@ -47,7 +49,7 @@ from retro_ray.storage import EmptyStageError, Manifest, Storage, join, open_sta
 # What the chunking tasks emit: chunks of kept documents, and one row per skipped input row.
 _CHUNKED_SCHEMA = pa.schema(
     [("path", pa.string()), ("row", pa.int64()), ("skip", pa.string()),
-     ("doc_pos", pa.int32()), ("tokens", pa.list_(pa.int32())), ("text", pa.string())]
+     ("doc_pos", pa.int32()), ("tokens", pa.list_(pa.int32())), ("text", pa.string()), ("title", pa.string())]
 )
 
 
@@ -87,15 +89,15 @@ def chunk_documents(batch: pa.Table, tokenizer_json: str, chunk_length: int) -> 
         spans = chunk_spans(len(enc.ids), chunk_length) if enc is not None else []
         if not spans:
             out.append({"path": r["path"], "row": r["row"], "skip": r["skip"] or "empty",
-                        "doc_pos": -1, "tokens": [], "text": None})
+                        "doc_pos": -1, "tokens": [], "text": None, "title": None})
             continue
         # Character boundaries: chunk texts tile the document (a character whose bytes
         # two chunks share goes to the later one), so they concatenate to the original.
         ids, offsets = enc.ids, enc.offsets  # each access converts the whole list: once per doc
         bounds = [0] + [offsets[s][0] for s, _ in spans[1:]] + [len(r["text"])]
         for pos, (s, e) in enumerate(spans):
-            out.append({"path": r["path"], "row": r["row"], "skip": "", "doc_pos": pos,
-                        "tokens": ids[s:e], "text": r["text"][bounds[pos]: bounds[pos + 1]]})
+            out.append({"path": r["path"], "row": r["row"], "skip": "", "doc_pos": pos, "tokens": ids[s:e],
+                        "text": r["text"][bounds[pos]: bounds[pos + 1]], "title": r["title"]})
     return pa.Table.from_pylist(out, schema=_CHUNKED_SCHEMA)
 
 
@@ -160,7 +162,7 @@ def chunk_unit(cfg: Config, tokenizer_json: str, unit: Unit, staged_uri: str, ma
     chunked = chunked.filter(pa.array(kept))
     doc_pos = chunked.column("doc_pos").to_numpy()
     staged = pa.table([np.arange(chunked.num_rows, dtype=np.int64), np.cumsum(doc_pos == 0) - 1, chunked.column("doc_pos"),
-                       chunked.column("tokens"), chunked.column("text")], schema=CHUNK_SCHEMA)
+                       chunked.column("tokens"), chunked.column("text"), chunked.column("title")], schema=CHUNK_SCHEMA)
     storage.write_parquet(staged_uri, staged, row_group_size=cfg.db.block_size)
     return {"rows": n_rows, "first_bad": first_bad, "row_skip": row_skip,
             "row_chunks": np.bincount(local_row[kept], minlength=n_rows).astype(np.int32),
@@ -194,7 +196,8 @@ def write_block(cfg: Config, db: str, name: str, pieces: list[Piece]) -> dict:
     for uri, lo, hi, chunk_base, doc_base in pieces:
         t = _read_rows(storage, uri, lo, hi)
         parts.append(pa.table([pc.add(t.column("chunk_id"), chunk_base), pc.add(t.column("doc_id"), doc_base),
-                               t.column("doc_pos"), t.column("tokens"), t.column("text")], schema=CHUNK_SCHEMA))
+                               t.column("doc_pos"), t.column("tokens"), t.column("text"), t.column("title")],
+                              schema=CHUNK_SCHEMA))
     block = pa.concat_tables(parts).combine_chunks()
     start, end = block_range(name)
     if block.column("chunk_id").to_pylist() != list(range(start, end)):  # a planning error, never bad input
@@ -298,7 +301,7 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
     if chunk_pass:
         units = plan_units(cfg, storage, files)
         planner = planner or _Planner(cfg, manifest, units)
-        tokenizer_json = ray.put(storage.read_bytes(join(tokenizer.stage_dir(cfg), "tokenizer.json")).decode())
+        tokenizer_json = ray.put(storage.read_bytes(join(tokenizer_dir(cfg), "tokenizer.json")).decode())
         # The embedding actors hold their CPUs from the start. Where they share nodes with
         # chunking, unit tasks are never queued for more CPUs than the actors leave (else an
         # actor can wait behind them), and where the actors would take every CPU, unit tasks
@@ -315,6 +318,8 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
     start = time.time()
     pending: dict = {}  # ref -> (kind, what)
     results: dict[int, dict] = {}  # finished units not numbered yet
+    ready: list[tuple[str, list]] = []  # blocks whose units are numbered, waiting for a block task
+    block_window = max(2, int(ray.cluster_resources().get("CPU", 0)))  # block tasks reserve no CPU: bounded here
     launched = planner.numbered if chunk_pass else 0
     written = 0
     while True:
@@ -327,6 +332,9 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
                                        cfg.corpus.max_docs)
                 pending[ref] = ("unit", launched)
                 launched += 1
+        while ready and sum(kind == "block" for kind, _ in pending.values()) < block_window:
+            name, pieces = ready.pop(0)
+            pending[block_task.remote(cfg, db, name, pieces)] = ("block", name)
         pending.update({ref: ("embed", name) for ref, name in pool.dispatch()})
         if not pending:
             break
@@ -337,8 +345,7 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
             while planner.numbered in results and not planner.done():
                 planner.add(planner.numbered, results.pop(planner.numbered))
             manifest.save(storage, db)
-            for name, pieces in planner.ready_blocks():
-                pending[block_task.remote(cfg, db, name, pieces)] = ("block", name)
+            ready += planner.ready_blocks()
             if planner.done():
                 for other in [r for r, (k, _) in pending.items() if k == "unit"]:  # past max_docs
                     ray.cancel(other)
@@ -353,7 +360,8 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
             manifest.counts["truncated"] = manifest.counts.get("truncated", 0) + fields.pop("truncated")
             manifest.blocks[what].update(fields)
             manifest.save(storage, db)
-        if chunk_pass and planner.done() and not any(k in ("unit", "block") for k, _ in pending.values()):
+        writing = ready or any(k in ("unit", "block") for k, _ in pending.values())
+        if chunk_pass and planner.done() and not writing:
             chunk_pass = False
             _finish_chunk_pass(cfg, storage, manifest, planner, written, time.time() - start)
     manifest.timings["embed_s"] = manifest.timings.get("embed_s", 0.0) + pool.close()

@@ -10,15 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from retro_ray import index, neighbors, train
-from retro_ray.config import QUICKSTART, load_config
-from retro_ray.errors import find_user_error
-from retro_ray.pipeline import STAGES
-from retro_ray.preflight import check_config
-from retro_ray.runtime import log, mute_ray_loggers, ray_session, setup_logging
-from retro_ray.storage import Storage
+# Other libraries' progress bars (a GGUF file's conversion, "Writing model shards") stay off the
+# terminal, which shows the project's own progress lines: tqdm reads this once, when it is first
+# imported, so it is set before the stages are imported. -v brings them back.
+if not {"-v", "--verbose"} & set(sys.argv[1:]):
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+from retro_ray import index, neighbors, train  # noqa: E402
+from retro_ray.config import QUICKSTART, load_config  # noqa: E402
+from retro_ray.errors import find_user_error  # noqa: E402
+from retro_ray.pipeline import STAGES  # noqa: E402
+from retro_ray.preflight import check_config  # noqa: E402
+from retro_ray.runtime import log, mute_ray_loggers, quiet_libraries, ray_session, setup_logging  # noqa: E402
+from retro_ray.storage import Storage  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,8 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--file", help="a text file, one prompt per line")
-    gen.add_argument("--model", help="an exported model folder (default: the run's pretrained model)")
+    gen.add_argument("--model",
+                     help="an exported model folder (default: the run's tuned model, else its pretrained one)")
     gen.add_argument("--no-retrieval", action="store_true", help="decoder only: no index, no neighbours")
+    gen.add_argument("--retrieval", choices=["encoder", "prompt", "both", "question", "off"],
+                     help="encoder: neighbours retrieved for every completed chunk (default; both with --passages); "
+                          "question: the encoder reads the top-k passages retrieved for --query for every chunk, "
+                          "as InstructRetro answers questions; prompt/both: passages in the prompt too")
+    gen.add_argument("--query", help="what passages are retrieved for (default: the prompt)")
     gen.add_argument("--passages", type=int, default=0, help="also put this many retrieved passages in the prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -137,7 +150,7 @@ def _pipeline(cfg, storage: Storage, args) -> None:
     HTTP; the answer, its passages and the reports are printed."""
     from ray import serve
 
-    from retro_ray.pipeline import answer_text, ask, reports, run_pipeline
+    from retro_ray.pipeline import answer_text, ask, demo, demo_text, reports, run_pipeline
     from retro_ray.serve import api_key, start
 
     mute_ray_loggers()  # Serve's, configured as it was imported
@@ -147,9 +160,12 @@ def _pipeline(cfg, storage: Storage, args) -> None:
     try:
         log.info("pipeline: serving the run's model, to ask it: %s", cfg.serve.question)
         url = start(cfg)
-        response = ask(url, cfg.serve.question, api_key(cfg.serve))
+        key = api_key(cfg.serve)
+        response = ask(url, cfg.serve.question, key)
         print(f"\nretro-ray: asked {url}/v1/chat/completions: {cfg.serve.question}\n\n{answer_text(response)}\n",
               flush=True)
+        if cfg.serve.demo:
+            print(demo_text(demo(cfg, storage, url, key), cfg.serve.demo) + "\n", flush=True)
         print("reports:\n" + "\n".join(f"  {path}" for path in reports(cfg, storage)), flush=True)
         if args.keep_serving:
             _hold(url)
@@ -185,8 +201,8 @@ def _export(cfg, storage: Storage, args) -> None:
     import tempfile
 
     from retro_ray import tokenizer
-    from retro_ray.generate import load_model, model_path
-    from retro_ray.model.io import save_decoder_only, save_pretrained
+    from retro_ray.generate import model_path
+    from retro_ray.model.io import load_model, save_decoder_only, save_pretrained
 
     path = model_path(cfg, storage, args.model)
     model = load_model(storage, path)
@@ -207,11 +223,12 @@ def _generate(cfg, storage: Storage, args) -> None:
         raise UserError(f"--file {args.file}: no such file")
     prompts = [args.prompt] if args.prompt else [
         line for line in Path(args.file).read_text().splitlines() if line.strip()]
-    mode = "off" if args.no_retrieval else ("both" if args.passages else "encoder")
-    generator = run_generator(cfg, storage, args.model, retrieval=not args.no_retrieval)
+    mode = "off" if args.no_retrieval else args.retrieval or ("both" if args.passages else "encoder")
+    generator = run_generator(cfg, storage, args.model, retrieval=mode != "off")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop=args.stop, seed=args.seed)
-    for out in generator.generate(prompts, params, mode=mode, passages=args.passages):
+    queries = [args.query] * len(prompts) if args.query else None
+    for out in generator.generate(prompts, params, mode=mode, passages=args.passages, queries=queries):
         print(describe(out) + "\n")
 
 
@@ -238,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "neighbors" and args.action == "show" and args.sample_id is None:
         parser.error("neighbors show needs a SAMPLE_ID")
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        quiet_libraries()
     try:
         cfg = load_config(args.config or QUICKSTART, args.set)
         if args.command == "config":

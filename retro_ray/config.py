@@ -71,6 +71,10 @@ class CorpusSource(FilesSection):
     (one document per file)."""
     text_field: str = "text"
     """Column (Parquet) or key (JSONL) holding the document text."""
+    title_field: str | None = "title"
+    """Column (Parquet) or key (JSONL) holding the document title (Wikipedia's ``title``): kept in
+    the database, embedded with each chunk and shown with every passage (``title: .., source: ..``).
+    A row or file without it has an empty title; a text file's title is its file name. None: no titles."""
     weight: float = Field(1.0, gt=0.0, le=1.0)
     """Blend weight: the fraction of this corpus's documents kept, chosen by a stable hash of
     the document's file and row, so the same documents are kept on every rerun."""
@@ -120,6 +124,9 @@ class EmbedConfig(Section):
     """``auto`` takes one GPU per actor and bf16 when CUDA is present, else CPU and fp32."""
     normalize: bool = True
     """L2-normalise vectors (inner product = cosine), as sentence-transformers does."""
+    with_title: bool = True
+    """Embed each chunk with its document's title as a text pair (``[CLS] title [SEP] text``, as
+    DPR embeds passages), so a question that names the article finds chunks that do not."""
 
 
 class IndexConfig(Section):
@@ -197,6 +204,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(10, ge=0)
     max_steps: int = Field(30, gt=0)
     weight_decay: float = Field(0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's (beta1, beta2)."""
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(15, gt=0)
@@ -232,11 +241,30 @@ class InstructConfig(Section):
     sources: list[InstructSource] = []
     max_examples: int | None = Field(None, gt=0)
     """Use only the first this-many input rows of each source (bad rows included); None: all."""
-    template: Literal["retro", "chat"] = "retro"
-    """``retro``: InstructRetro's prompt (system line, ``title: .., source: ..`` passages,
-    ``User: ...\n\nAssistant:``); ``chat``: the tokenizer's own chat template."""
+    template: Literal["retro", "retro_sft", "chat"] = "retro"
+    """``retro``: InstructRetro's prompt (system line, ``title: .., source: ..`` passages, ``User:
+    Answer the following question with a short span. ...\n\nAssistant: The answer is``);
+    ``retro_sft``: the reference's Retro-tuning prompt (a short system line, ``User: ... Answer the
+    above question with a short phrase.``); ``chat``: the tokenizer's own chat template."""
+    context: Literal["gold", "retrieved"] = "gold"
+    """A QA row's context: ``gold``, its own when it has one and none otherwise (as the reference
+    tunes: a retrieved passage that lacks the answer teaches the model to ignore its context);
+    ``retrieved``: a row without context gets ``context_passages`` passages retrieved for its
+    question from the run's index."""
     context_passages: int = Field(1, ge=0)
-    """Passages retrieved from the run's index for a QA row that has no context."""
+    """Passages retrieved for a QA row without context (``context: retrieved``)."""
+    targets: Literal["final", "all"] = "final"
+    """Loss on the final assistant turn only (the reference's answer-only loss), or on every one."""
+    loss: Literal["example", "token"] = "example"
+    """``example``: every example weighs the same (the mean of per-example means, as the reference's
+    micro-batches of one example), whatever packing puts together; ``token``: the mean over all
+    target tokens (short answers count less than long completions)."""
+    batch_examples: int | None = Field(128, gt=0)
+    """Examples per optimizer step (the reference: 128), reached by gradient accumulation of
+    ``train.micro_batch_size`` packed rows per worker; None: ``train.grad_accum``."""
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    """The reference's AdamW settings for tuning."""
     seq_len: int | None = Field(None, gt=1)
     """Tokens per training row; None: ``neighbors.seq_len``. Longer examples are skipped and counted."""
     pack: bool = True
@@ -256,7 +284,10 @@ class EvalQASet(Section):
     max_questions: int | None = Field(None, gt=0)
     """The first this-many questions; None: all."""
     add_contexts: bool = False
-    """Add the set's own paragraphs (SQuAD ``context``) to the QA database copy."""
+    """Add the set's own paragraphs (SQuAD ``context``, with its article's title) to the QA database copy."""
+    context: Literal["retrieved", "gold"] = "retrieved"
+    """The passages of a question: retrieved from the database, or its own gold paragraph (SQuAD
+    as InstructRetro evaluates it; JSONL rows give ``context`` and ``title``)."""
 
 
 class EvalConfig(Section):
@@ -267,7 +298,16 @@ class EvalConfig(Section):
     """Documents added to a copy of the database (and its index) for QA retrieval, e.g. the
     SQuAD paragraphs: the evidence must be in the database. The run's own database is unchanged."""
     prompt_passages: int = Field(5, ge=0)
-    """Retrieved passages in a QA prompt (InstructRetro: 5)."""
+    """Retrieved passages in a QA prompt (InstructRetro: 5); the encoder reads the top k of them."""
+    search: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    """How questions find passages: by embedding, by BM25 over the chunks' titles and texts, or
+    both fused by reciprocal rank."""
+    passage_words: int | None = Field(None, gt=0)
+    """A passage is about this many words of its document around the retrieved chunk (DPR: 100);
+    None: the chunk and its continuation (what the encoder reads in training)."""
+    answer_coverage: bool = True
+    """Report the share of questions whose gold answer occurs anywhere in the QA database (a pass
+    over every document)."""
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
     """Questions decoded together."""
@@ -290,9 +330,15 @@ class ServeConfig(Section):
     index: Literal["local", "actors"] = "local"
     """Retrieve from the saved index files in the retriever replica, or from the index stage's
     shard actors (a database larger than one replica's memory)."""
-    retrieval: Literal["encoder", "prompt", "both", "off"] = "both"
-    """Default for requests without ``retrieval``: neighbours through the encoder, passages in
-    the prompt, both, or neither."""
+    retrieval: Literal["encoder", "prompt", "both", "question", "off"] = "question"
+    """Default for requests without ``retrieval``: neighbours retrieved for every chunk through the
+    encoder, passages in the prompt, both, ``question`` (passages in the prompt and the
+    encoder reading the top k of them for every chunk: InstructRetro), or neither."""
+    search: Literal["dense", "bm25", "hybrid"] = "dense"
+    """Default for requests without ``search``: how the request's text finds its passages (BM25
+    and hybrid build an in-memory BM25 index of the database at the first such request)."""
+    passage_words: int | None = Field(None, gt=0)
+    """Passages of about this many words around the retrieved chunk; None: chunk and continuation."""
     passages: int = Field(3, ge=0)
     """Default number of passages put in the prompt (``prompt`` and ``both``)."""
     api_key_env: str = "RETRO_RAY_API_KEY"
@@ -318,6 +364,9 @@ class ServeConfig(Section):
     question: str | None = None
     """What ``retro-ray pipeline`` asks the served model over HTTP after its last stage (the
     answer and its passages are printed); None: the pipeline does not serve."""
+    demo: str | None = None
+    """A JSONL file of ``{"question", "answer": [...]}`` rows that ``retro-ray pipeline`` also asks
+    (one line each, with whether the answer holds a gold one; ``eval/demo.json``)."""
 
 
 Labels = dict[str, Annotated[float, Field(gt=0)]]

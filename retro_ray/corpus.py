@@ -5,6 +5,7 @@ Every input row becomes one output row, good or bad, so nothing is dropped silen
     source  name of the corpus in the config
     path    the file (``s3://`` kept)
     row     1-based line (JSONL) or row (Parquet) in that file; 1 for a text file
+    title   the document's title (``title_field``; a text file's name), "" when it has none
     text    the document, or null when the row is skipped
     skip    "" for a document, else the reason (see ``BAD_INPUT``, plus ``blend_weight``)
 
@@ -36,7 +37,7 @@ BAD_INPUT = ("malformed_json", "missing_text_field", "non_utf8", "invalid_unicod
 """Skip reasons that are bad input: counted, or an error at the first one under ``strict``."""
 
 SCHEMA = pa.schema(
-    [("source", pa.string()), ("path", pa.string()), ("row", pa.int64()),
+    [("source", pa.string()), ("path", pa.string()), ("row", pa.int64()), ("title", pa.string()),
      ("text", pa.string()), ("skip", pa.string())]
 )
 
@@ -107,23 +108,29 @@ def detect_format(source: CorpusSource, path: str) -> str:
     return "text"
 
 
-def _parse_line(line: bytes, text_field: str) -> tuple[str | None, str]:
-    """(text, skip reason) of one JSONL line."""
+def _parse_line(line: bytes, source: CorpusSource) -> tuple[str | None, str, str]:
+    """(text, skip reason, title) of one JSONL line."""
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError:
-        return None, "non_utf8"
+        return None, "non_utf8", ""
     try:
         obj = json.loads(decoded)
     except json.JSONDecodeError:
-        return None, "malformed_json"
-    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-        return None, "missing_text_field"
+        return None, "malformed_json", ""
+    if not isinstance(obj, dict) or not isinstance(obj.get(source.text_field), str):
+        return None, "missing_text_field", ""
+    title = _title(obj.get(source.title_field) if source.title_field else None)
     try:  # valid JSON may still hold lone surrogates ("\ud800"), which no UTF-8 column can store
-        obj[text_field].encode("utf-8")
+        (obj[source.text_field] + title).encode("utf-8")
     except UnicodeEncodeError:
-        return None, "invalid_unicode"
-    return obj[text_field], ""
+        return None, "invalid_unicode", ""
+    return obj[source.text_field], "", title
+
+
+def _title(value) -> str:
+    """A title on one line; anything that is not a string is no title."""
+    return " ".join(value.split()) if isinstance(value, str) else ""
 
 
 def _iter_lines(f, read_size: int = 1 << 20) -> Iterator[bytes]:
@@ -161,30 +168,35 @@ def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int,
                row_groups: list[int] | None, first_row: int) -> Iterator[pa.Table]:
     rows: list[dict] = []
 
-    def emit(row: int, text: str | None, skip: str) -> None:
+    def emit(row: int, text: str | None, skip: str, title: str = "") -> None:
         if not skip and not (text and text.strip()):
             text, skip = None, "empty"
         if not skip and not kept_by_weight(source.name, path, row, source.weight):
             text, skip = None, "blend_weight"
-        rows.append({"source": source.name, "path": path, "row": row,
+        rows.append({"source": source.name, "path": path, "row": row, "title": title if not skip else "",
                      "text": text if not skip else None, "skip": skip})
 
     if fmt == "parquet":
         pf = pq.ParquetFile(f)
         if source.text_field not in pf.schema_arrow.names:  # checked up front; the file changed since
             raise _missing_column(source, path, pf.schema_arrow.names)
+        columns = [source.text_field]
+        if source.title_field and source.title_field in pf.schema_arrow.names:
+            columns.append(source.title_field)
         row = first_row
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=[source.text_field]):
-            for text in batch.column(0).to_pylist():
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=columns):
+            titles = batch.column(1).to_pylist() if len(columns) > 1 else [None] * batch.num_rows
+            for text, title in zip(batch.column(0).to_pylist(), titles):
                 row += 1
-                emit(row, text, "" if isinstance(text, str) else "missing_text_field")
+                emit(row, text, "" if isinstance(text, str) else "missing_text_field", _title(title))
             yield _rows_to_table(rows)
             rows.clear()
         return
-    if fmt == "text":  # one document per file
+    if fmt == "text":  # one document per file, titled by its name
         data = f.read()
+        title = _title(path.rsplit("/", 1)[-1].rsplit(".", 1)[0]) if source.title_field else ""
         try:
-            emit(1, data.decode("utf-8"), "")
+            emit(1, data.decode("utf-8"), "", title)
         except UnicodeDecodeError:
             emit(1, None, "non_utf8")
         yield _rows_to_table(rows)
@@ -194,7 +206,7 @@ def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int,
         if not line.strip():
             emit(row, None, "empty")
         else:
-            emit(row, *_parse_line(line, source.text_field))
+            emit(row, *_parse_line(line, source))
         if len(rows) >= batch_rows:
             yield _rows_to_table(rows)
             rows.clear()

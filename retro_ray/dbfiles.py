@@ -1,6 +1,6 @@
 """The chunk database's files: block names, schemas and readers, shared by every stage.
 
-    db/chunks/{start:012d}-{end:012d}.parquet      chunk_id, doc_id, doc_pos, tokens, text
+    db/chunks/{start:012d}-{end:012d}.parquet      chunk_id, doc_id, doc_pos, tokens, text, title
     db/embeddings/{start:012d}-{end:012d}.parquet  chunk_id, embedding (float16 [d])
     db/tokens/{start:012d}-{end:012d}.arrow        doc_id, tokens: the token store (Arrow IPC,
                                                    uncompressed, memory-mapped by readers)
@@ -18,16 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from retro_ray.config import Config
+from retro_ray.layout import db_dir
 from retro_ray.storage import Manifest, Storage, finished_stage, join
 
 CHUNK_SCHEMA = pa.schema(
     [("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("doc_pos", pa.int32()),
-     ("tokens", pa.list_(pa.int32())), ("text", pa.string())]
+     ("tokens", pa.list_(pa.int32())), ("text", pa.string()), ("title", pa.string())]
 )
-
-
-def db_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "db")
 
 
 def block_name(start: int, end: int) -> str:
@@ -182,27 +179,29 @@ class ChunkStore:
 
 
 class ChunkTexts:
-    """Chunk texts read on demand, a few blocks cached: what a retriever shows of a neighbour."""
+    """Chunk texts and their documents' titles read on demand, a few blocks cached: what a
+    retriever shows of a neighbour."""
 
     def __init__(self, storage: Storage, db: str, blocks: list[str], cache_blocks: int = 8):
         self.storage, self.db = storage, db
         self.blocks = sorted(blocks)
         self.starts = np.array([block_range(b)[0] for b in self.blocks])
-        self._cache: dict[str, list[str]] = {}
-        self.cache_blocks = cache_blocks
+        self._block = functools.lru_cache(maxsize=cache_blocks)(self._read)
 
-    def _block(self, name: str) -> list[str]:
-        if name not in self._cache:
-            if len(self._cache) >= self.cache_blocks:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[name] = self.storage.read_parquet(chunks_uri(self.db, name), columns=["text"]).column(
-                "text").to_pylist()
-        return self._cache[name]
+    def _read(self, name: str) -> dict[str, list[str]]:
+        table = self.storage.read_parquet(chunks_uri(self.db, name), columns=["text", "title"])
+        return {column: table.column(column).to_pylist() for column in ("text", "title")}
 
-    def get(self, ids: np.ndarray) -> dict[int, str]:
-        """The texts of chunk ``ids`` (any order), by id."""
+    def all(self) -> Iterator[tuple[str, str]]:
+        """(title, text) of every chunk in id order."""
+        for name in self.blocks:
+            block = self._block(name)
+            yield from zip(block["title"], block["text"])
+
+    def get(self, ids: np.ndarray, column: str = "text") -> dict[int, str]:
+        """The texts (or ``column="title"``: the titles) of chunk ``ids`` (any order), by id."""
         out = {}
         for c in np.unique(ids):
             name = self.blocks[int(np.searchsorted(self.starts, c, side="right")) - 1]
-            out[int(c)] = self._block(name)[int(c) - block_range(name)[0]]
+            out[int(c)] = self._block(name)[column][int(c) - block_range(name)[0]]
         return out

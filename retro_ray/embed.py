@@ -34,11 +34,12 @@ class EmbedOutput(BaseModel):
     model: str
     max_length: int
     normalize: bool
+    with_title: bool
 
 
 def output_config(cfg: EmbedConfig) -> EmbedOutput:
     return EmbedOutput(model=cfg.model or "all-MiniLM-L6-v2", max_length=cfg.max_length,
-                       normalize=cfg.normalize)
+                       normalize=cfg.normalize, with_title=cfg.with_title)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -72,10 +73,38 @@ class Embedder:
         """[n] texts -> [n, d] float16 vectors."""
         return self.embed(texts)[0]
 
+    def queries(self, texts: list[str]) -> np.ndarray:
+        """[n] query texts -> [n, d] float16 vectors, each the same whatever else is in the batch:
+        texts are embedded in groups of equal token length (padding changes a vector's last bits,
+        which can reorder near-tied neighbours), so a request retrieves the same alone or batched."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float16)  # [n, d]
+        for length in set(lengths):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            vectors[rows] = self._encode([texts[i] for i in rows])[0]
+        return vectors
+
+    def embed(self, texts: list[str], titles: list[str] | None = None) -> tuple[np.ndarray, int]:
+        """[n] texts (and their titles: a text with a title is embedded as the pair ``title [SEP]
+        text``, one without as itself) -> ([n, d] float16 vectors, how many were truncated to
+        max_length)."""
+        titled = [i for i, t in enumerate(titles or []) if t]
+        if not titled:
+            return self._encode(texts)
+        plain = [i for i in range(len(texts)) if not titles[i]]
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float16)  # [n, d]
+        truncated = 0
+        for rows, pairs in ((titled, [titles[i] for i in titled]), (plain, None)):
+            if rows:
+                vectors[rows], cut = self._encode([texts[i] for i in rows], pairs)
+                truncated += cut
+        return vectors, truncated
+
     @torch.inference_mode()
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """[n] texts -> ([n, d] float16 vectors, how many texts were truncated to max_length)."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+    def _encode(self, texts: list[str], titles: list[str] | None = None) -> tuple[np.ndarray, int]:
+        """[n] texts, or (titles, texts) pairs -> ([n, d] float16 vectors, truncated count)."""
+        first, second = (titles, texts) if titles is not None else (texts, None)
+        enc = self.tokenizer(first, second, padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         truncated = sum(bool(e.overflowing) for e in enc.encodings)
         enc = enc.to(self.device)
@@ -100,10 +129,11 @@ class EmbedBlocks:
     def embed_block(self, name: str) -> dict:
         """Embed block ``name``: its rows, seconds, truncated texts, file SHA-256 and torch threads."""
         start = time.time()
-        table = self.storage.read_parquet(chunks_uri(self.db_dir, name), columns=["chunk_id", "text"])
+        table = self.storage.read_parquet(chunks_uri(self.db_dir, name), columns=["chunk_id", "text", "title"])
         texts = table.column("text").to_pylist()
+        titles = table.column("title").to_pylist() if self.cfg.embed.with_title else [""] * len(texts)
         bs = self.cfg.embed.batch_size
-        parts = [self.embedder.embed(texts[i: i + bs]) for i in range(0, len(texts), bs)]
+        parts = [self.embedder.embed(texts[i: i + bs], titles[i: i + bs]) for i in range(0, len(texts), bs)]
         vectors = np.concatenate([v for v, _ in parts])  # [rows, d]
         sha = self.storage.write_parquet(embeddings_uri(self.db_dir, name),
                                          embedding_table(table.column("chunk_id").to_numpy(), vectors))

@@ -7,10 +7,15 @@ Writes ``{workdir}/eval/``:
   neighbours already contain (RETRO's leakage analysis: share of the chunk's 8-grams found in
   the neighbours of the chunk before it, the ones its tokens attend to); the share of training
   chunks with a near-copy neighbour (>= 90% of their 8-grams).
-- ``qa.json`` / ``qa.md`` / ``qa.png``: one row per model, one column per QA set, EM and F1 as
-  SQuAD scores them (normalised: lower case, no punctuation, no articles, single spaces; the
-  best over the gold answers), greedy decoding of at most ``eval.max_new_tokens`` tokens with
-  InstructRetro's prompt and the top ``eval.prompt_passages`` passages retrieved for the question.
+- ``qa.json`` / ``qa.md`` / ``qa.png``: one row per model, one column per QA set, scored two ways
+  (``scoring.py``): InstructRetro's own (Megatron's: the whole continuation up to the end of text;
+  F1 on the first gold answer) and the official SQuAD script's; greedy decoding of at most
+  ``eval.max_new_tokens`` tokens with the tuning template's prompt and the top
+  ``eval.prompt_passages`` passages (``title: .., source: ..``) retrieved for the question
+  (``eval.search``: dense, BM25 or both fused), or its gold passage (a set's ``context: gold``,
+  SQuAD as the paper runs it). Beside them: the share of questions whose answer is in the top
+  1, 5 and 20 passages (``answer_recall``) and anywhere in the database (``answer_coverage``),
+  and how many steps and examples each tuned model had.
 
 The evidence must be in the database: ``eval.extra_corpus`` and QA sets' own paragraphs
 (``add_contexts``) are added to a copy of it in ``eval/db`` (its full blocks are copied, only
@@ -19,90 +24,62 @@ the new documents are embedded), with its own index; the run's database is not c
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-import re
-import string
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from retro_ray import scoring
 from retro_ray.config import Config, CorpusSource, EvalQASet
 from retro_ray.errors import UserError
-from retro_ray.generate import load_model
+from retro_ray.evidence import AnswerMatcher, answer_recall
+from retro_ray.layout import db_dir, eval_dir, models, qa_workdir, tokenizer_dir
 from retro_ray.locks import locked
+from retro_ray.model.io import load_model
+from retro_ray.retrieval import format_passage
 from retro_ray.runtime import log, progress
 from retro_ray.storage import MANIFEST, Storage, finished_stage, join
 
 MODELS = ("gpt", "gpt_rag", "retro_decoder_only", "retro_encoder", "base_rag")
 """Rows of the QA table: the tuned GPT twin without passages, with passages in the prompt; the
-tuned Retro with passages, its encoder dropped or fed (2 neighbours per chunk); the base model
-the run started from, with passages."""
+tuned Retro with passages, its encoder dropped or reading the question's top-k passages for
+every chunk (InstructRetro); the base model the run started from, with passages."""
+RECALL_AT = (1, 5, 20)
 BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.01))
 BUCKET_NAMES = ("0-10%", "10-50%", "50-90%", ">=90%")
-PUNCTUATION = set(string.punctuation)
 
 
 class QADataError(UserError, ValueError):
     """A QA file that cannot be read at all; single bad questions are counted instead."""
 
 
-# -- scoring -------------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no a/an/the, whitespace collapsed."""
-    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, golds: list[str]) -> float:
-    return max((float(normalize_answer(prediction) == normalize_answer(g)) for g in golds), default=0.0)
-
-
-def f1_score(prediction: str, golds: list[str]) -> float:
-    """Unigram F1 of the normalised answers, the best over the golds."""
-    def f1(pred: list[str], gold: list[str]) -> float:
-        common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
-        if not pred or not gold:
-            return float(pred == gold)
-        if common == 0:
-            return 0.0
-        precision, recall = common / len(pred), common / len(gold)
-        return 2 * precision * recall / (precision + recall)
-
-    tokens = normalize_answer(prediction).split()
-    return max((f1(tokens, normalize_answer(g).split()) for g in golds), default=0.0)
-
-
-def extract_answer(text: str) -> str:
-    """The answer span of a generation: its first line, without a leading "The answer is"."""
-    line = text.strip().split("\n")[0].strip()
-    return re.sub(r"^(the answer is)\s*:?\s*", "", line, flags=re.IGNORECASE).strip()
-
-
 # -- QA data -------------------------------------------------------------------------------------
 
 
-def load_qa(storage: Storage, qa: EvalQASet) -> tuple[list[dict], list[dict], list[str]]:
-    """(questions {question, answers}, failed {where, reason}, paragraphs) of a SQuAD JSON or a
-    ``{"question", "answer"}`` JSONL file; the first ``max_questions`` in file order."""
+def load_qa(storage: Storage, qa: EvalQASet) -> tuple[list[dict], list[dict], list[dict]]:
+    """(questions {question, answers, context}, failed {where, reason}, paragraphs {title, text})
+    of a SQuAD JSON or a ``{"question", "answer"}`` JSONL file (optional ``context``: its gold
+    passage, and ``title``); the first ``max_questions`` in file order."""
     raw = storage.read_bytes(qa.path)
     questions, failed, paragraphs = [], [], []
 
-    def add(where: str, question, answers) -> None:
+    def add(where: str, question, answers, context=None, title=None) -> None:
         answers = [answers] if isinstance(answers, str) else answers
         golds = [a for a in answers or [] if isinstance(a, str) and a.strip()] if isinstance(answers, list) else []
         if not isinstance(question, str) or not question.strip():
             failed.append({"where": where, "reason": "no question"})
         elif not golds:
             failed.append({"where": where, "reason": "no answer"})
+        elif qa.context == "gold" and not (isinstance(context, str) and context.strip()):
+            failed.append({"where": where, "reason": "no context (context: gold)"})
         else:
-            questions.append({"question": question.strip(), "answers": golds})
+            titled = title if isinstance(title, str) else None
+            gold = format_passage(context, titled) if isinstance(context, str) else None
+            questions.append({"question": question.strip(), "answers": golds, "context": gold})
 
     if qa.path.endswith(".json"):
         try:
@@ -110,11 +87,12 @@ def load_qa(storage: Storage, qa: EvalQASet) -> tuple[list[dict], list[dict], li
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise QADataError(f"{qa.path}: not SQuAD-format JSON ({type(e).__name__}: {e})") from None
         for article in data:
+            title = str(article.get("title", "")).replace("_", " ")
             for p in article.get("paragraphs", []):
-                paragraphs.append(f"{article.get('title', '').replace('_', ' ')}\n\n{p.get('context', '')}")
+                paragraphs.append({"title": title, "text": p.get("context", "")})
                 for q in p.get("qas", []):
                     add(f"{qa.path}: id {q.get('id')}", q.get("question"),
-                        [a.get("text") for a in q.get("answers", []) if isinstance(a, dict)])
+                        [a.get("text") for a in q.get("answers", []) if isinstance(a, dict)], p.get("context"), title)
     else:
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -127,48 +105,50 @@ def load_qa(storage: Storage, qa: EvalQASet) -> tuple[list[dict], list[dict], li
             if not isinstance(row, dict):
                 failed.append({"where": f"{qa.path}:{i}", "reason": "not a JSON object"})
                 continue
-            add(f"{qa.path}:{i}", row.get("question"), row.get("answer", row.get("answers")))
+            add(f"{qa.path}:{i}", row.get("question"), row.get("answer", row.get("answers")), row.get("context"),
+                row.get("title"))
     return questions[: qa.max_questions], failed, paragraphs
 
 
 # -- the database the QA retrieval searches ----------------------------------------------------
 
 
-def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[str]]) -> Config:
+def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[dict]], force: bool = False) -> Config:
     """The config whose db and index QA retrieval uses: the run's own, or (with extra documents)
-    a copy in ``eval/db`` holding the run's database followed by them, with its own index."""
+    a copy in ``eval/db`` holding the run's database followed by them, with its own index
+    (``force`` rebuilds a copy made from other documents)."""
     from retro_ray import index
 
     extra = list(cfg.eval.extra_corpus)
-    for name, texts in paragraphs.items():
-        uri = join(cfg.workdir, "eval", "extra", f"{name}.jsonl")
-        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    for name, rows in paragraphs.items():
+        uri = join(eval_dir(cfg), "extra", f"{name}.jsonl")
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
         if not storage.exists(uri) or storage.read_bytes(uri) != data:  # unchanged: the copy stays up to date
             storage.write_bytes(uri, data)
         extra.append(CorpusSource(name=f"{name}-contexts", paths=[uri]))
     if not extra:
         return cfg
-    copy = cfg.model_copy(update={"workdir": join(cfg.workdir, "eval", "db"), "corpus": cfg.corpus.model_copy(
+    copy = cfg.model_copy(update={"workdir": qa_workdir(cfg), "corpus": cfg.corpus.model_copy(
         update={"sources": cfg.corpus.sources + extra})})
-    _extend(copy, storage, cfg, extra)
-    index.run(copy, storage)
+    _extend(copy, storage, cfg, extra, force)
+    index.run(copy, storage, force)
     return copy
 
 
 @locked("tokenizer", "db")  # the copy's folders
-def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSource]) -> None:
+def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSource], force: bool = False) -> None:
     """The copy's database: the run's tokenizer and full blocks (chunks and embeddings) copied,
     the extra documents chunked after the run's last chunk, and only the new blocks embedded.
     Resumes like the db stage."""
-    from retro_ray import chunks, tokenizer
-    from retro_ray.dbfiles import chunks_uri, db_dir, embeddings_uri, finished_db, tokens_uri
+    from retro_ray import chunks
+    from retro_ray.dbfiles import chunks_uri, embeddings_uri, finished_db, tokens_uri
 
-    if not storage.exists(join(tokenizer.stage_dir(copy), MANIFEST)):
+    tok_manifest, copied = join(tokenizer_dir(cfg), MANIFEST), join(tokenizer_dir(copy), MANIFEST)
+    if not storage.exists(copied) or storage.read_bytes(copied) != storage.read_bytes(tok_manifest):
         with tempfile.TemporaryDirectory() as tmp:
-            storage.upload_dir(storage.download_dir(tokenizer.stage_dir(cfg), tmp), tokenizer.stage_dir(copy))
-        tok_manifest = join(tokenizer.stage_dir(cfg), MANIFEST)  # expand() does not list it
-        storage.write_bytes(join(tokenizer.stage_dir(copy), MANIFEST), storage.read_bytes(tok_manifest))
-    manifest, files = chunks.open_db(copy, storage)
+            storage.upload_dir(storage.download_dir(tokenizer_dir(cfg), tmp), tokenizer_dir(copy))
+        storage.write_bytes(copied, storage.read_bytes(tok_manifest))  # expand() does not list it
+    manifest, files = chunks.open_db(copy, storage, force)
     if manifest.complete:
         return
     base = finished_db(cfg, storage)
@@ -185,18 +165,6 @@ def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSourc
 
 
 # -- models ------------------------------------------------------------------------------------
-
-
-def model_paths(cfg: Config) -> dict[str, str]:
-    """Exported model folders: pretrained ``gpt`` / ``retro`` and tuned ``gpt_instruct`` / ``retro_instruct``."""
-    from retro_ray.instruct import models, tuning_config
-    from retro_ray.train import MODEL_DIR, run_dir
-
-    paths = {}
-    for name, run_cfg in models(cfg).items():
-        paths[name] = join(run_dir(run_cfg), MODEL_DIR)
-        paths[f"{name}_instruct"] = join(run_dir(tuning_config(run_cfg)), MODEL_DIR)
-    return paths
 
 
 def base_model(cfg: Config):
@@ -270,7 +238,7 @@ def near_copy_share(samples, n: int, chunk_len: int, ngram: int, threshold: floa
 def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
     """Validation perplexity of every model (and of the base model a run was retro-fitted from);
     GPT's and Retro's per overlap bucket."""
-    from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
+    from retro_ray.dbfiles import ChunkStore, finished_db
     from retro_ray.neighbors import RetroSamples
 
     store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
@@ -308,12 +276,14 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
 def answer_questions(generator, tokenizer, questions: list[dict], passages: list[list[str]] | None, mode: str,
                      cfg: Config, label: str = "") -> tuple[list[dict], float]:
     """Greedy answers of every question (its passages in the prompt, as many as fit the
-    context) -> rows {question, prediction, em, f1, passages} and seconds per question."""
+    context; in mode ``question`` the encoder reads the top k of them for every chunk), decoded
+    to the end of text or ``eval.max_new_tokens`` as the reference does -> rows (the question,
+    both scorings) and seconds per question."""
     from retro_ray.generate import SamplingParams
     from retro_ray.instruct import fit_passages, qa_prompt
 
     ec, template = cfg.eval, cfg.instruct.template
-    params = SamplingParams(max_new_tokens=ec.max_new_tokens, stop=["\n"])
+    params = SamplingParams(max_new_tokens=ec.max_new_tokens)
     room = generator.cfg.max_seq_len - ec.max_new_tokens
     prompts = [fit_passages(lambda given: qa_prompt(q["question"], given, template, tokenizer),
                             passages[i] if passages else [], tokenizer, room)
@@ -321,11 +291,10 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     rows, start = [], time.perf_counter()
     for s in range(0, len(questions), ec.batch_size):
         batch = prompts[s: s + ec.batch_size]
-        outs = generator.generate([p for p, _, _ in batch], params, mode=mode)
+        neighbors = [passages[s + j][: generator.k] for j in range(len(batch))] if mode == "question" else None
+        outs = generator.generate([p for p, _, _ in batch], params, mode=mode, neighbor_passages=neighbors)
         for q, (_, used, _), out in zip(questions[s: s + ec.batch_size], batch, outs):
-            answer = extract_answer(out.text)
-            rows.append({"question": q["question"], "answers": q["answers"], "prediction": answer,
-                         "em": exact_match(answer, q["answers"]), "f1": f1_score(answer, q["answers"]),
+            rows.append({"question": q["question"], "answers": q["answers"], **scoring.score(out.text, q["answers"]),
                          "passages": used})
         elapsed = time.perf_counter() - start
         if s // ec.batch_size % 5 == 4 or len(rows) == len(questions):
@@ -334,34 +303,85 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     return rows, (time.perf_counter() - start) / max(len(questions), 1)
 
 
-def qa(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
-    """The QA table: every model of ``MODELS`` that the run has, on every ``eval.qa`` set."""
+def database_documents(cfg: Config, storage: Storage) -> Iterator[str]:
+    """Every document of the run's database, with its title, rebuilt from its chunks."""
+    from retro_ray.dbfiles import ChunkStore, ChunkTexts, finished_db
+
+    blocks = sorted(finished_db(cfg, storage).blocks)
+    doc_ids = (d for _, docs, _ in ChunkStore.open(storage, db_dir(cfg), blocks).iter_blocks() for d in docs)
+    current, parts = None, []
+    for doc, (title, text) in zip(doc_ids, ChunkTexts(storage, db_dir(cfg), blocks).all()):
+        if doc != current and parts:
+            yield "".join(parts)
+            parts = []
+        parts.append(text if parts else f"{title}\n\n{text}")
+        current = doc
+    if parts:
+        yield "".join(parts)
+
+
+def tuning_summary(storage: Storage, paths: dict[str, str]) -> dict:
+    """How long each tuned model was tuned: {model: {steps, examples, tokens}} from its history."""
+    out = {}
+    for name in ("retro_instruct", "gpt_instruct"):
+        history_file = join(paths[name].rsplit("/", 1)[0], "history.json")
+        if storage.exists(history_file):
+            last = storage.read_json(history_file)[-1]
+            out[name] = {"steps": last["step"], "examples": last.get("examples"), "tokens": last.get("tokens")}
+    return out
+
+
+SETUPS = {"gpt": ("gpt_instruct", False, "off"), "gpt_rag": ("gpt_instruct", True, "off"),
+          "retro_decoder_only": ("retro_instruct", True, "off"), "retro_encoder": ("retro_instruct", True, "question"),
+          "base_rag": ("base", True, "off")}
+"""Each row of ``MODELS``: (model, passages in the prompt, retrieval mode)."""
+
+
+def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False) -> dict:
+    """The QA table: every model of ``MODELS`` that the run has, on every ``eval.qa`` set, both
+    scorings; how well retrieval finds the answers, and how many the database holds."""
     from retro_ray import tokenizer as run_tokenizer
     from retro_ray.generate import Generator
-    from retro_ray.instruct import retrieve_passages
     from retro_ray.retrieval import run_retriever
 
+    ec = cfg.eval
     sets = {}
-    for qs in cfg.eval.qa:
+    for qs in ec.qa:
         questions, failed, paragraphs = load_qa(storage, qs)
-        sets[qs.name] = (questions, failed, paragraphs if qs.add_contexts else None)
-    db_cfg = qa_database(cfg, storage, {n: p for n, (_, _, p) in sets.items() if p})
+        sets[qs.name] = (qs, questions, failed, paragraphs if qs.add_contexts else None)
+    db_cfg = qa_database(cfg, storage, {n: p for n, (_, _, _, p) in sets.items() if p}, force)
     retriever = run_retriever(db_cfg, storage)
     tok = run_tokenizer.load_run_tokenizer(cfg, storage)
-    db = finished_stage(storage, join(db_cfg.workdir, "db"), "db")
-    report: dict = {"datasets": {}, "rows": {}, "failed": {}, "seconds_per_question": {},
+    db = finished_stage(storage, db_dir(db_cfg), "db")
+    report: dict = {"datasets": {}, "rows": {}, "failed": {}, "context": {}, "seconds_per_question": {},
+                    "answer_recall": {}, "answer_coverage": {}, "tuning": tuning_summary(storage, paths),
                     "database": {"workdir": db_cfg.workdir, "chunks": db.counts["chunks"], "docs": db.counts["docs"],
                                  "sources": [s.name for s in db_cfg.corpus.sources]},
-                    "prompt_passages": cfg.eval.prompt_passages, "examples": {}}
-    setups = {"gpt": ("gpt_instruct", False, "off"), "gpt_rag": ("gpt_instruct", True, "off"),
-              "retro_decoder_only": ("retro_instruct", True, "off"), "retro_encoder": ("retro_instruct", True, "encoder"),
-              "base_rag": ("base", True, "off")}
+                    "retrieval": {"search": ec.search, "passage_words": ec.passage_words},
+                    "prompt_passages": ec.prompt_passages, "examples": {}}
+    retrieved = {n: questions for n, (qs, questions, _, _) in sets.items() if qs.context == "retrieved"}
+    if retrieved and ec.answer_coverage:
+        matcher = AnswerMatcher([q["answers"] for questions in retrieved.values() for q in questions])
+        covered: set[int] = set()
+        for text in database_documents(db_cfg, storage):
+            covered |= matcher.found(text)
+        first = 0
+        for name, questions in retrieved.items():
+            report["answer_coverage"][name] = len(covered & set(range(first, first + len(questions)))) / max(
+                len(questions), 1)
+            first += len(questions)
     generators: dict = {}
-    for name, (questions, failed, _) in sets.items():
-        report["rows"][name] = len(questions)
-        report["failed"][name] = failed
-        passages = retrieve_passages(retriever, [q["question"] for q in questions], cfg.eval.prompt_passages)
-        for row, (model_key, with_passages, mode) in setups.items():
+    for name, (qs, questions, failed, _) in sets.items():
+        report["rows"][name], report["failed"][name], report["context"][name] = len(questions), failed, qs.context
+        if qs.context == "gold":
+            passages = [[q["context"]] for q in questions]
+        else:
+            depth = max(ec.prompt_passages, *RECALL_AT)
+            found = retriever.passages([q["question"] for q in questions], depth, ec.search, ec.passage_words)
+            passages = [[format_passage(p["text"], p["title"]) for p in rows] for rows in found]
+            report["answer_recall"][name] = answer_recall(passages, [q["answers"] for q in questions], RECALL_AT)
+            passages = [texts[: ec.prompt_passages] for texts in passages]
+        for row, (model_key, with_passages, mode) in SETUPS.items():
             if model_key not in generators:
                 model = base_model(cfg) if model_key == "base" else (
                     load_model(storage, paths[model_key]) if storage.exists(join(paths[model_key], "config.json")) else None)
@@ -371,31 +391,46 @@ def qa(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
                 continue
             rows, per_q = answer_questions(generator, tok, questions, passages if with_passages else None, mode, cfg,
                                            f"{name} {row}")
-            n = max(len(rows), 1)
-            report["datasets"].setdefault(name, {})[row] = {
-                "em": 100 * sum(r["em"] for r in rows) / n, "f1": 100 * sum(r["f1"] for r in rows) / n, "n": len(rows)}
+            scores = report["datasets"].setdefault(name, {})[row] = scoring.mean_scores(rows)
             report["seconds_per_question"].setdefault(name, {})[row] = per_q
             report["examples"].setdefault(name, {})[row] = rows[:5]
-            log.info("eval qa %s %s: EM %.1f F1 %.1f on %d questions (%.2f s/question)", name, row,
-                     report["datasets"][name][row]["em"], report["datasets"][name][row]["f1"], len(rows), per_q)
+            log.info("eval qa %s %s: EM %.1f F1 %.1f (squad: EM %.1f F1 %.1f) on %d questions (%.2f s/question)",
+                     name, row, scores["em"], scores["f1"], scores["em_squad"], scores["f1_squad"], len(rows), per_q)
     return report
 
 
 def qa_markdown(report: dict) -> str:
+    """The QA table (reference EM / F1, then SQuAD's), the sets, retrieval and tuning."""
     names = list(report["datasets"])
-    lines = ["| model | " + " | ".join(f"{n} EM | {n} F1" for n in names) + " |",
-             "| --- | " + " | ".join("---: | ---:" for _ in names) + " |"]
+    lines = ["| model | " + " | ".join(f"{n} EM | {n} F1 | {n} EM (squad) | {n} F1 (squad)" for n in names) + " |",
+             "| --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in names) + " |"]
     for model in MODELS:
         cells = []
         for n in names:
             r = report["datasets"][n].get(model)
-            cells.append(f"{r['em']:.1f} | {r['f1']:.1f}" if r else "- | -")
-        if any(c != "- | -" for c in cells):
+            cells.append(f"{r['em']:.1f} | {r['f1']:.1f} | {r['em_squad']:.1f} | {r['f1_squad']:.1f}" if r
+                         else "- | - | - | -")
+        if any(c != "- | - | - | -" for c in cells):
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines += [f"- {n}: {report['rows'][n]} questions, {len(report['failed'][n])} failed to parse" for n in names]
-    db = report["database"]
-    lines.append(f"- database: {db['chunks']} chunks of {db['docs']} documents ({', '.join(db['sources'])})")
+    lines.append("EM and F1: InstructRetro's scoring (Megatron's: the whole answer, F1 on the first gold answer); "
+                 "(squad): the official SQuAD script's on the first line of the answer.")
+    lines.append("")
+    for n in names:
+        line = f"- {n}: {report['rows'][n]} questions, {len(report['failed'][n])} failed to parse, " \
+               f"context {report['context'][n]}"
+        if n in report["answer_recall"]:
+            recall = report["answer_recall"][n]
+            line += "; answer in the top " + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in recall.items())
+        if n in report["answer_coverage"]:
+            line += f"; answer anywhere in the database: {100 * report['answer_coverage'][n]:.0f}%"
+        lines.append(line)
+    db, search = report["database"], report["retrieval"]
+    size = f"{search['passage_words']} words" if search["passage_words"] else "a chunk and its continuation"
+    lines.append(f"- database: {db['chunks']} chunks of {db['docs']} documents ({', '.join(db['sources'])}); "
+                 f"search {search['search']}, passages of {size}")
+    for name, t in report["tuning"].items():
+        lines.append(f"- {name}: tuned {t['steps']} steps on {t['examples']} examples")
     return "\n".join(lines) + "\n"
 
 
@@ -427,8 +462,8 @@ def _bars(groups: dict[str, dict[str, float]], ylabel: str, title: str, log_scal
 
 def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
     """The ``eval`` stage (always recomputed: it writes reports, not inputs of other stages)."""
-    paths = model_paths(cfg)
-    out = join(cfg.workdir, "eval")
+    paths = models(cfg)
+    out = eval_dir(cfg)
     ppl = perplexity(cfg, storage, paths)
     storage.write_json(join(out, "ppl.json"), ppl)
     buckets = {label: {m: ppl["buckets"][m][label]["ppl"] for m in ppl["buckets"]} for label in BUCKET_NAMES}
@@ -438,7 +473,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
              100 * ppl["near_copy_share"])
     result = {"ppl": ppl}
     if cfg.eval.qa:
-        report = qa(cfg, storage, paths)
+        report = qa(cfg, storage, paths, force)
         storage.write_json(join(out, "qa.json"), report)
         storage.write_bytes(join(out, "qa.md"), qa_markdown(report).encode())
         storage.write_bytes(join(out, "qa.png"), _bars(

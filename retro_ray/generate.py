@@ -12,9 +12,11 @@ inference and better:
   continuation tokens) are encoded once against that chunk's states at the first CCA layer. The
   token that completes chunk u is the first to see them, exactly as in ``Retro.forward``. The
   complete chunks of all prompts are one batched query; so are the chunks completed in a step.
-- Modes: ``encoder`` (neighbours through CCA), ``off`` (decoder only: the encoder dropped, as
-  InstructRetro finds works as well), ``prompt`` (retrieved passages placed before the prompt,
-  decoder only) and ``both``.
+- Modes: ``encoder`` (neighbours through CCA, retrieved for every completed chunk), ``off``
+  (decoder only: the encoder dropped, as InstructRetro finds works as well), ``prompt``
+  (retrieved passages placed before the prompt, decoder only), ``both``, and ``question``
+  (InstructRetro's QA setting, the reference's ``--reuse-top``: every chunk's neighbours are the
+  top-k passages retrieved for the question, ``title: .., source: ..`` tokenised and cut to r).
 - ``use_cache=False`` recomputes the whole sequence every step (same retrievals), the baseline
   that the tests and ``bench/generate.py`` compare the cache with.
 
@@ -34,9 +36,10 @@ import torch
 from retro_ray.errors import UserError
 from retro_ray.model.retro import Retro
 from retro_ray.model.retrofit import RetroFit
+from retro_ray.retrieval import format_passage
 
-Mode = Literal["encoder", "off", "prompt", "both"]
-MODES = ("encoder", "off", "prompt", "both")
+Mode = Literal["encoder", "off", "prompt", "both", "question"]
+MODES = ("encoder", "off", "prompt", "both", "question")
 
 
 class GenerationError(UserError, ValueError):
@@ -76,7 +79,8 @@ class Generation:
 
 
 def passages_prompt(passages: list[str], prompt: str) -> str:
-    """Retrieved passages before the prompt, as the ``prompt`` and ``both`` modes give them."""
+    """Retrieved passages (formatted: ``title: .., source: ..``) before the prompt, as the
+    ``prompt``, ``both`` and ``question`` modes give them."""
     return "".join(f"{p}\n\n" for p in passages) + prompt
 
 
@@ -295,10 +299,16 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None,
-                 mode: Mode = "encoder", passages: int = 0, keep_logits: bool = False) -> list[Generation]:
+                 mode: Mode = "encoder", passages: int = 0, keep_logits: bool = False,
+                 queries: list[str] | None = None,
+                 neighbor_passages: list[list[str]] | None = None) -> list[Generation]:
         """Continue every prompt; one batch, one prefill, then one token per sequence per step.
 
-        ``params``: one per prompt, or one for all (prompt i then samples with ``seed + i``)."""
+        ``params``: one per prompt, or one for all (prompt i then samples with ``seed + i``).
+        ``passages``: retrieved passages put before each prompt (modes ``prompt``, ``both``,
+        ``question``), retrieved for ``queries[i]`` (default: the prompt). Mode ``question``: the
+        encoder reads ``neighbor_passages[i]`` (formatted passages) for every chunk, or when not
+        given the top-k passages retrieved for the query."""
         if not isinstance(params, list):
             shared = params or SamplingParams()
             params = [replace(shared, seed=None if shared.seed is None else shared.seed + i)
@@ -307,16 +317,25 @@ class Generator:
             raise GenerationError(f"{len(params)} sampling settings for {len(prompts)} prompts")
         if mode not in MODES:
             raise GenerationError(f"retrieval mode {mode!r}: expected one of {', '.join(MODES)}")
-        if mode in ("prompt", "both") and self.retriever is None:
+        fetch = passages if mode in ("prompt", "both", "question") else 0
+        if mode == "question" and neighbor_passages is None:
+            fetch = max(fetch, self.k)
+        if fetch and self.retriever is None:
             raise GenerationError(f"retrieval mode {mode!r} needs an index; use mode 'off' for the decoder alone")
         shown, passage_rows = list(prompts), [[] for _ in prompts]
-        if mode in ("prompt", "both") and passages > 0:
-            found = self.retriever.retrieve(list(prompts), passages)
-            passage_rows = [found.describe(i) for i in range(len(prompts))]
-            shown = [passages_prompt([p["text"] for p in rows], prompt) for rows, prompt in zip(passage_rows, prompts)]
+        if fetch:
+            passage_rows = self.retriever.passages(list(queries or prompts), fetch)
+            if passages:
+                shown = [passages_prompt([format_passage(p["text"], p["title"]) for p in rows[:passages]], prompt)
+                         for rows, prompt in zip(passage_rows, prompts)]
+        fixed = None
+        if mode == "question":
+            neighbor_passages = neighbor_passages or [[format_passage(p["text"], p["title"]) for p in rows[: self.k]]
+                                                      for rows in passage_rows]
+            fixed = [self.passage_neighbors(texts) for texts in neighbor_passages]
         start = time.perf_counter()
         seqs = [self.encode_prompt(text, p) for text, p in zip(shown, params)]
-        state = self.start(seqs, params, [mode in ("encoder", "both")] * len(prompts))
+        state = self.start(seqs, params, [mode in ("encoder", "both", "question")] * len(prompts), fixed)
         for _ in state.steps(keep_logits):
             pass
         self.last_timings = {"retrieve_s": state.retrieval_s, "encode_s": state.encode_s,
@@ -340,23 +359,37 @@ class Generator:
                 f"model's context of {self.cfg.max_seq_len} tokens ({text[:40]!r}...)")
         return ids
 
-    def start(self, seqs: list[list[int]], params: list[SamplingParams], retrieve: list[bool]) -> "Decoding":
+    def passage_neighbors(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to k passages' texts -> the encoder's neighbours of a chunk: tokens, mask [k, r]
+        (each passage tokenised and cut to r; missing passages masked)."""
+        r = 2 * self.m
+        tokens = torch.full((self.k, r), self.pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((self.k, r), dtype=torch.bool, device=self.device)
+        for j, text in enumerate(texts[: self.k]):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:r]
+            tokens[j, : len(ids)], mask[j, : len(ids)] = torch.as_tensor(ids), True
+        return tokens, mask
+
+    def start(self, seqs: list[list[int]], params: list[SamplingParams], retrieve: list[bool],
+              fixed: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> "Decoding":
         """The decoding of a batch of prompts (token ids from ``encode_prompt``), for the caller to
         step (``Decoding.steps``): what serving uses to stream tokens and to drop a request
-        mid-way. ``retrieve[i]``: prompt i retrieves for its chunks through the encoder (no
-        effect on a model without one)."""
-        needs_index = self.cfg.retrieval and any(retrieve)
-        if needs_index and self.retriever is None:
+        mid-way. ``retrieve[i]``: prompt i feeds neighbours to the encoder (no effect on a model
+        without one): ``fixed[i]`` (``passage_neighbors``) for every chunk when given, else the
+        ones retrieved for each completed chunk."""
+        fixed = fixed or [None] * len(seqs)
+        if self.cfg.retrieval and any(r and f is None for r, f in zip(retrieve, fixed)) and self.retriever is None:
             raise GenerationError("retrieval mode 'encoder' needs an index; use mode 'off' for the decoder alone")
-        return Decoding(self, seqs, params, [bool(r and self.cfg.retrieval) for r in retrieve])
+        return Decoding(self, seqs, params, [bool(r and self.cfg.retrieval) for r in retrieve], fixed)
 
 
 class Decoding:
     """The decoding state of one batch of requests: ``steps`` samples one token per unfinished
     sequence; ``texts``, ``generated``, ``done`` and ``finish`` say where each one stands."""
 
-    def __init__(self, gen: Generator, seqs: list[list[int]], params: list[SamplingParams], retrieve: list[bool]):
-        self.gen, self.params, self.retrieve = gen, params, retrieve
+    def __init__(self, gen: Generator, seqs: list[list[int]], params: list[SamplingParams], retrieve: list[bool],
+                 fixed: list[tuple[torch.Tensor, torch.Tensor] | None]):
+        self.gen, self.params, self.retrieve, self.fixed = gen, params, retrieve, fixed
         self.encode = any(retrieve)
         self.prompts = [list(s) for s in seqs]
         self.seqs = [list(s) for s in seqs]
@@ -376,7 +409,12 @@ class Decoding:
     # -- retrieval ------------------------------------------------------------------------------
 
     def _retrieve(self, wanted: list[tuple[int, int]]) -> None:
-        """Neighbours of chunks (seq, u), one batched query, kept for the rest of the batch."""
+        """Neighbours of chunks (seq, u), one batched query, kept for the rest of the batch (a
+        sequence with fixed neighbours takes them instead)."""
+        for i, u in wanted:
+            if self.fixed[i] is not None:
+                self.neighbors[(i, u)] = self.fixed[i]
+        wanted = [(i, u) for i, u in wanted if self.fixed[i] is None]
         if not wanted:
             return
         start = time.perf_counter()
@@ -498,40 +536,28 @@ class Decoding:
             self.texts[i] = text
 
 
-def load_model(storage, uri: str) -> Retro | RetroFit:
-    """An exported model folder, local or on S3 (downloaded to a temporary folder first)."""
-    import tempfile
-
-    from retro_ray.model.io import load_pretrained
-
-    if "://" in uri:
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_pretrained(storage.download_dir(uri, tmp))
-    return load_pretrained(uri)
-
-
-def model_path(cfg, storage, given: str | None = None, tuned: bool = True) -> str:
-    """The model folder to load: ``given``, else the run's instruction-tuned model when it has been
-    exported (``tuned``), else its pretrained one; it must exist."""
-    from retro_ray.instruct import tuning_config
+def model_path(cfg, storage, given: str | None = None) -> str:
+    """The model folder to load: ``given``, else the run's instruction-tuned Retro when it has been
+    exported, else its pretrained one; it must exist."""
+    from retro_ray.layout import model_dir, tuned
     from retro_ray.storage import join
-    from retro_ray.train import MODEL_DIR, run_dir
 
-    tuned_path = join(run_dir(tuning_config(cfg)), MODEL_DIR)
-    path = given or (tuned_path if tuned and storage.exists(join(tuned_path, "config.json"))
-                     else join(run_dir(cfg), MODEL_DIR))
+    tuned_path = model_dir(tuned(cfg))
+    path = given or (tuned_path if storage.exists(join(tuned_path, "config.json")) else model_dir(cfg))
     if not storage.exists(join(path, "config.json")):
         raise GenerationError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
     return path
 
 
 def run_generator(cfg, storage, model: str | None = None, retrieval: bool = True) -> Generator:
-    """A generator over a run: its exported model (or ``model``, a folder local or on S3),
-    its tokenizer, and its saved index files loaded in this process (none with ``retrieval=False``)."""
+    """A generator over a run: its exported model (``model_path``: the tuned Retro, else the
+    pretrained one, or ``model``, a folder local or on S3), its tokenizer, and its saved index
+    files loaded in this process (none with ``retrieval=False``)."""
     from retro_ray import tokenizer
+    from retro_ray.model.io import load_model
     from retro_ray.retrieval import run_retriever
 
-    loaded = load_model(storage, model_path(cfg, storage, model, tuned=False))
+    loaded = load_model(storage, model_path(cfg, storage, model))
     retriever = run_retriever(cfg, storage) if retrieval else None
     return Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), retriever)
 

@@ -17,18 +17,15 @@ import numpy as np
 from index_actors.router import ShardedIndex, shard_actor
 from index_actors.shard import TrainingSampleError, coarse_quantizer, load_index, min_training_vectors, uses_gpu
 from retro_ray.config import Config, config_hash
-from retro_ray.dbfiles import block_range, db_dir, embeddings_uri, finished_db, read_vectors
+from retro_ray.dbfiles import block_range, embeddings_uri, finished_db, read_vectors
+from retro_ray.layout import db_dir, index_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log
 from retro_ray.storage import Manifest, Storage, join, open_stage
 
 
-def stage_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "index")
-
-
 def shard_uri(cfg: Config, shard: int) -> str:
-    return join(stage_dir(cfg), f"shard-{shard:04d}.faiss")
+    return join(index_dir(cfg), f"shard-{shard:04d}.faiss")
 
 
 def assign_blocks(blocks: list[str], n_shards: int) -> list[list[str]]:
@@ -70,7 +67,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     blocks = sorted(db_manifest.blocks)
     total = db_manifest.counts["chunks"]
     inputs = {"db": db_manifest.content_hash(), "chunks": total}
-    out = stage_dir(cfg)
+    out = index_dir(cfg)
     manifest = open_stage(storage, out, "index", _index_config_hash(cfg), inputs, force)
     if manifest.complete:
         log.info("index: %s is up to date (%d vectors)", out, manifest.counts["vectors"])
@@ -143,7 +140,7 @@ def open_router(cfg: Config, storage: Storage, name: str | None = None) -> Shard
 
     With ``name``, actors are named ``{name}-shard-S-R`` and reused when they already exist.
     """
-    layout = storage.read_json(join(stage_dir(cfg), "layout.json"))
+    layout = storage.read_json(join(index_dir(cfg), "layout.json"))
     ic = cfg.index
     shards = [
         [shard_actor(name=f"{name}-shard-{s}-{r}" if name else None, num_cpus=ic.num_cpus_per_shard,
@@ -154,7 +151,7 @@ def open_router(cfg: Config, storage: Storage, name: str | None = None) -> Shard
          for r in range(ic.replicas)]
         for s in range(len(layout["shards"]))
     ]
-    template = join(stage_dir(cfg), "trained.faiss")
+    template = join(index_dir(cfg), "trained.faiss")
     quantizer = coarse_quantizer(load_index(storage, template)) if storage.exists(template) else None
     return ShardedIndex(shards, layout["metric"], quantizer=quantizer, nprobe=ic.nprobe, ef_search=ic.ef_search)
 

@@ -9,10 +9,14 @@ Each becomes a conversation; the prompt is InstructRetro's (``template: retro``)
     User: Answer the following question with a short span. {question}\\n\\n
     Assistant: The answer is {answer}<eos>
 
-or the tokenizer's chat template (``template: chat``). A QA row without context gets the top
-``instruct.context_passages`` passages retrieved for its question from the run's index. Only
-answer tokens and the end-of-turn token are targets: the prompt and every other turn are
-tokenised as their own pieces (exactly as generation will see them) with target 0.
+or the reference's Retro-tuning prompt (``template: retro_sft``: a short system line, ``User:
+{question} Answer the above question with a short phrase.``), or the tokenizer's chat template
+(``template: chat``). As the reference tunes, a QA row keeps its own (gold) context and a row
+without one has none (``context: retrieved`` gives it passages retrieved for its question), and
+only the final answer and its end-of-turn token are targets (``targets: all``: every assistant
+turn): the prompt and every other turn are tokenised as their own pieces (exactly as generation
+will see them) with target 0. Each example weighs the same in the loss however packing groups
+them (``loss: example``; ``make_batch`` gives each target 1 / its example's target count).
 
 Rows of ``{workdir}/instruct/data/{train,valid}.parquet``: ``tokens`` (int32), ``targets`` (int8,
 1 = a token the loss counts) and ``positions`` (int32, restarting at 0 for each packed example, so
@@ -33,22 +37,38 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from retro_ray.config import Config, InstructSource, config_hash
+from retro_ray.config import Config, InstructConfig, InstructSource, config_hash
 from retro_ray.corpus import BadInputError, describe_skips
+from retro_ray.layout import index_dir, instruct_data_dir, pretrained_runs, run_dir, tuned
 from retro_ray.locks import locked
+from retro_ray.retrieval import format_passage
 from retro_ray.storage import MANIFEST, EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
 
 SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions based on the context. The assistant "
           "should also indicate when the answer cannot be found in the context.")
-QA_INSTRUCTION = "Answer the following question with a short span."
+SYSTEM_SFT = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
 ANSWER_PREFIX = " The answer is"
+
+
+@dataclass(frozen=True)
+class Template:
+    """The reference's text templates (``tools/retro/sft/dataset_conv.py``): a system line, and
+    how a short-answer question is put to the assistant."""
+
+    system: str
+    question: str  # formats {question}
+
+
+TEMPLATES = {
+    "retro": Template(SYSTEM, "Answer the following question with a short span. {question}"),  # reformat_prompt
+    "retro_sft": Template(SYSTEM_SFT, "{question} Answer the above question with a short phrase."),  # ..._retro
+}
+TUNING_ONLY = ("lr", "max_steps", "loss", "batch_examples", "weight_decay", "adam_betas")
+"""Instruct settings of the tuning run, not of its data: changing them keeps the data."""
 SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("targets", pa.list_(pa.int8())),
                     ("positions", pa.list_(pa.int32()))])
-
-
-def stage_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "instruct", "data")
 
 
 # -- rows -> conversations -------------------------------------------------------------------
@@ -111,45 +131,52 @@ def parse_row(row: dict, kind: str = "auto") -> Example:
         raise RowError("empty_messages", "empty question")
     if not answer:
         raise RowError("no_answer", "no answer")
-    context = row.get("context")
-    passages = [context] if isinstance(context, str) else [c for c in context or [] if isinstance(c, str)]
-    passages = [format_passage(p) for p in passages if p.strip()]
+    passages = context_passages(row)
     return Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                    passages, question=question, has_context=bool(passages))
 
 
-def format_passage(text: str, title: str | None = None) -> str:
-    """A context passage as InstructRetro writes it."""
-    return f"title: {title or ''}, source: {' '.join(text.split())}"
+def context_passages(row: dict) -> list[str]:
+    """A QA row's own context as passages: ``context`` is a text (titled by the row's ``title``),
+    a ``{"title", "text"}`` object, or a list of either; passages without text are dropped."""
+    context = row.get("context")
+    out = []
+    for c in context if isinstance(context, list) else [context]:
+        title, text = (c.get("title"), c.get("text")) if isinstance(c, dict) else (row.get("title"), c)
+        if isinstance(text, str) and text.strip():
+            out.append(format_passage(text, title if isinstance(title, str) else None))
+    return out
 
 
 # -- conversations -> text pieces ------------------------------------------------------------
 
 
-def pieces(example: Example, template: str = "retro", tokenizer=None) -> list[tuple[str, bool]]:
-    """The example as (text, is_target) pieces; the text of the answers is the target. With
-    ``template: retro`` the end of text is added by ``encode``; the chat template's own
-    end-of-turn text is part of the answer piece."""
+def pieces(example: Example, template: str = "retro", tokenizer=None, targets: str = "final") -> list[tuple[str, bool]]:
+    """The example as (text, is_target) pieces; the text of the final answer is the target (with
+    ``targets: all``, of every answer). With a ``retro`` template the end of text is added by
+    ``encode``; the chat template's own end-of-turn text is part of the answer piece."""
     messages = example.messages
     if template == "chat":
-        return _chat_pieces(example, tokenizer)
-    out: list[tuple[str, bool]] = [(_retro_head(example), False)]
+        return _chat_pieces(example, tokenizer, targets)
+    form = TEMPLATES[template]
+    out: list[tuple[str, bool]] = [(_retro_head(example, form), False)]
     for i, m in enumerate(messages):
+        last = i == len(messages) - 1
         if m["role"] == "assistant":
             answer_prefix = ANSWER_PREFIX if example.question is not None else ""
             out.append(("Assistant:" + answer_prefix, False))
-            out.append((" " + m["content"], True))
-            if i < len(messages) - 1:
+            out.append((" " + m["content"], last or targets == "all"))
+            if not last:
                 out.append(("\n\n", False))
         elif m["role"] == "user":
-            content = f"{QA_INSTRUCTION} {m['content']}" if example.question is not None else m["content"]
+            content = form.question.format(question=m["content"]) if example.question is not None else m["content"]
             out.append((f"User: {content}\n\n", False))
     return _merge(out)
 
 
-def _retro_head(example: Example) -> str:
+def _retro_head(example: Example, form: Template) -> str:
     """System line and context passages, each followed by a blank line."""
-    system = next((f"System: {m['content']}" for m in example.messages if m["role"] == "system"), SYSTEM)
+    system = next((f"System: {m['content']}" for m in example.messages if m["role"] == "system"), form.system)
     return system + "\n\n" + "".join(p + "\n\n" for p in example.passages)
 
 
@@ -184,7 +211,7 @@ def fit_passages(build: Callable[[list[str]], str], passages: list[str], tokeniz
         given.pop()
 
 
-def _chat_pieces(example: Example, tokenizer) -> list[tuple[str, bool]]:
+def _chat_pieces(example: Example, tokenizer, targets: str) -> list[tuple[str, bool]]:
     """Pieces from the tokenizer's chat template: the context goes into the first user turn, the
     system line is the template's system message; each assistant turn's rendered text is the target."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -196,7 +223,8 @@ def _chat_pieces(example: Example, tokenizer) -> list[tuple[str, bool]]:
     context = "".join(p + "\n\n" for p in example.passages)
     for m in example.messages:
         if m["role"] == "user":
-            content = f"{QA_INSTRUCTION} {m['content']}" if example.question is not None else m["content"]
+            content = (TEMPLATES["retro"].question.format(question=m["content"]) if example.question is not None
+                       else m["content"])
             messages.append({"role": "user", "content": context + content})
             context = ""
         elif m["role"] == "assistant":
@@ -213,7 +241,7 @@ def _chat_pieces(example: Example, tokenizer) -> list[tuple[str, bool]]:
         if not before.startswith(done) or not through.startswith(before):
             raise BadInputError("the tokenizer's chat template does not render a conversation as a prefix of "
                                 "its continuation; use instruct.template: retro")
-        out += [(before[len(done):], False), (through[len(before):], True)]
+        out += [(before[len(done):], False), (through[len(before):], i == len(messages) - 1 or targets == "all")]
         done = through
     return _merge(out)
 
@@ -264,9 +292,24 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, packed: bool
     return rows
 
 
-def make_batch(items: list[dict], device) -> dict[str, torch.Tensor]:
+def examples_in(row: dict) -> int:
+    """How many examples a packed row holds (each starts at position 0)."""
+    return sum(1 for p in row["positions"] if p == 0)
+
+
+def example_weights(targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """targets [b, n] bool, positions [b, n] (restarting at 0 per example) -> [b, n] float: each
+    target weighs 1 / its example's target count, so every example sums to 1."""
+    example = (positions == 0).long().cumsum(-1)  # [b, n] example index within its row (from 1)
+    counts = torch.zeros(targets.shape[0], targets.shape[1] + 1, device=targets.device)
+    counts.scatter_add_(1, example, targets.float())  # [b, n + 1] targets per example
+    return torch.where(targets, 1.0 / counts.gather(1, example).clamp(min=1.0), 0.0)
+
+
+def make_batch(items: list[dict], device, per_example: bool = False) -> dict[str, torch.Tensor]:
     """Rows -> model inputs, right-padded to the longest row: predict tokens[1:] from tokens[:-1]
-    where the target flag is set. Padding is its own example (positions from 0) and no target."""
+    where the target flag is set (``per_example``: weighted so that each example counts once,
+    ``example_weights``). Padding is its own example (positions from 0) and no target."""
     n = max(len(it["tokens"]) for it in items)
     tokens = torch.zeros(len(items), n, dtype=torch.long)  # [b, n]
     targets = torch.zeros(len(items), n, dtype=torch.bool)
@@ -277,7 +320,8 @@ def make_batch(items: list[dict], device) -> dict[str, torch.Tensor]:
         targets[i, :length] = torch.as_tensor(it["targets"]).bool()
         positions[i, :length] = torch.as_tensor(it["positions"])
         positions[i, length:] = torch.arange(n - length)
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": targets[:, 1:],
+    weights = example_weights(targets, positions) if per_example else targets  # [b, n]
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": weights[:, 1:],
              "positions": positions[:, :-1]}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -340,25 +384,6 @@ def _json_object(line: bytes) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def passage_texts(retriever, found, i: int) -> list[str]:
-    """Query ``i``'s retrieved chunks as passages: each chunk with its continuation (the next
-    chunk of its document), the r = 2m tokens the encoder sees too."""
-    store = retriever.store
-    ids = [int(c) for c in found.chunk_ids[i] if c >= 0]
-    nxt = [c + 1 for c in ids if not store.is_last_of_doc(c)]
-    texts = retriever.chunk_texts.get(np.asarray(ids + nxt, dtype=np.int64))
-    return [format_passage(texts[c] + texts.get(c + 1, "") if c + 1 in nxt else texts[c]) for c in ids]
-
-
-def retrieve_passages(retriever, questions: list[str], k: int, batch: int = 256) -> list[list[str]]:
-    """The top-k passages of each question (batched searches)."""
-    out: list[list[str]] = []
-    for s in range(0, len(questions), batch):
-        found = retriever.retrieve(questions[s: s + batch], k)
-        out += [passage_texts(retriever, found, i) for i in range(len(found.chunk_ids))]
-    return out
-
-
 def seq_len(cfg: Config) -> int:
     return cfg.instruct.seq_len or cfg.neighbors.seq_len
 
@@ -376,13 +401,12 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     for source in ic.sources:
         inputs.update({p: storage.fingerprint(p) for pattern in source.paths for p in storage.expand(pattern)})
     inputs["seq_len"] = seq_len(cfg)
-    from retro_ray import index
-
-    index_dir = index.stage_dir(cfg)  # what QA contexts are retrieved from
-    if ic.context_passages and storage.exists(join(index_dir, MANIFEST)):
-        inputs["index"] = finished_stage(storage, index_dir, "index").content_hash()
-    out = stage_dir(cfg)
-    data_settings = ic.model_copy(update={"lr": 1.0, "max_steps": 1})  # the tuning run's own settings
+    retrieved = ic.context == "retrieved" and ic.context_passages > 0
+    if retrieved and storage.exists(join(index_dir(cfg), MANIFEST)):  # what QA contexts come from
+        inputs["index"] = finished_stage(storage, index_dir(cfg), "index").content_hash()
+    out = instruct_data_dir(cfg)
+    defaults = InstructConfig()
+    data_settings = ic.model_copy(update={k: getattr(defaults, k) for k in TUNING_ONLY})
     manifest = open_stage(storage, out, "instruct-data", config_hash(data_settings), inputs, force)
     if manifest.complete and cfg.strict and manifest.skipped:
         raise BadInputError(f"{out} was built with bad rows skipped ({describe_skips(manifest.skipped)}), and strict "
@@ -408,19 +432,20 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
             examples += [(example, source.name, path, row_no)] * _copies(source, path, row_no)
             manifest.counts[f"rows_{source.name}"] = manifest.counts.get(f"rows_{source.name}", 0) + 1
     need = [e for e, *_ in examples if e.question is not None and not e.has_context]
-    if need and ic.context_passages:
+    if need and retrieved:
         from retro_ray.retrieval import run_retriever
 
         retriever = run_retriever(cfg, storage)
         questions = sorted({e.question for e in need})
-        found = dict(zip(questions, retrieve_passages(retriever, questions, ic.context_passages)))
+        found = dict(zip(questions, retriever.passages(questions, ic.context_passages)))
         for e in need:
-            e.passages = found[e.question]
+            e.passages = [format_passage(p["text"], p["title"]) for p in found[e.question]]
         manifest.counts["retrieved_contexts"] = len(need)
+    manifest.counts["gold_contexts"] = sum(e.has_context for e, *_ in examples)
     length, split_rows = seq_len(cfg), {"train": [], "valid": []}
-    add_eos = ic.template == "retro"
+    add_eos = ic.template != "chat"
     for example, source, path, row_no in examples:
-        tokens, targets = encode(pieces(example, ic.template, tok), tok, add_eos)
+        tokens, targets = encode(pieces(example, ic.template, tok, ic.targets), tok, add_eos)
         if len(tokens) > length:
             if cfg.strict:
                 raise BadInputError(f"{path}:{row_no}: too_long: {len(tokens)} tokens, instruct seq_len is {length} "
@@ -456,30 +481,19 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
 # -- the instruct stage ----------------------------------------------------------------------
 
 
-def tuned_name(cfg: Config) -> str:
-    return f"{cfg.train.run_name}-instruct"
-
-
 def tuning_config(cfg: Config) -> Config:
-    """The tuning run of a pretrained run's config: ``{run_name}-instruct``, InstructRetro's
-    constant learning rate, no retrieval; workers, batch and ZeRO stage as ``train``."""
-    ic, tc = cfg.instruct, cfg.train
+    """The tuning run of a pretrained run's config: ``{run_name}-instruct`` (``layout.tuned``),
+    InstructRetro's constant learning rate and AdamW settings, no retrieval; workers, micro-batch
+    and ZeRO stage as ``train`` (the step's size: ``instruct.batch_examples``)."""
+    ic, tc = cfg.instruct, tuned(cfg).train
     return cfg.model_copy(update={"train": tc.model_copy(update={
-        "run_name": tuned_name(cfg), "retrieval": False, "lr": ic.lr, "min_lr": ic.lr, "warmup_steps": 0,
+        "lr": ic.lr, "min_lr": ic.lr, "warmup_steps": 0, "weight_decay": ic.weight_decay, "adam_betas": ic.adam_betas,
         "max_steps": ic.max_steps, "eval_every": min(tc.eval_every, ic.max_steps),
         "checkpoint_every": min(tc.checkpoint_every, ic.max_steps), "seed": ic.seed})})
 
 
-def models(cfg: Config) -> dict[str, Config]:
-    """The pretrained runs that are tuned: the Retro run and its GPT twin."""
-    from retro_ray import train
-
-    retro = cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrieval": True})})
-    return {"retro": retro, "gpt": train.twin(cfg)}
-
-
-@locked("instruct", lambda cfg: f"checkpoints/{tuned_name(models(cfg)['retro'])}",
-        lambda cfg: f"checkpoints/{tuned_name(models(cfg)['gpt'])}")
+@locked("instruct", lambda cfg: f"checkpoints/{tuned(pretrained_runs(cfg)['retro']).train.run_name}",
+        lambda cfg: f"checkpoints/{tuned(pretrained_runs(cfg)['gpt']).train.run_name}")
 def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
     """The ``instruct`` stage: the instruction data, then the Retro run and its GPT twin (trained
     first if missing: the same samples and steps without retrieval), each tuned the same way
@@ -490,12 +504,13 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
 
     data = prepare(cfg, storage, force)
     results = {}
-    for name, run_cfg in models(cfg).items():
+    for name, run_cfg in pretrained_runs(cfg).items():
         pretrained = train.run(run_cfg, storage)
-        init = finished_stage(storage, train.run_dir(run_cfg), "pretrain")
-        inputs = {"data": data.content_hash(), "pretrained": init.content_hash()}
+        init = finished_stage(storage, run_dir(run_cfg), "pretrain")
+        inputs = {"data": data.content_hash(), "pretrained": init.content_hash(),
+                  "loss": f"{cfg.instruct.loss}, {cfg.instruct.batch_examples} examples a step"}
         results[name] = train.fit(tuning_config(run_cfg), storage, "instruct", inputs, force,
-                                  instruct_data=stage_dir(cfg), init=pretrained["model"])
+                                  instruct_data=instruct_data_dir(cfg), init=pretrained["model"])
     storage.write_bytes(join(cfg.workdir, "instruct", "loss.png"),
                         train.plot_curves({f"{n}-instruct": r["history"] for n, r in results.items()}))
     log.info("instruct: tuned %s", ", ".join(f"{n} -> {r['model']}" for n, r in results.items()))

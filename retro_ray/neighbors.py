@@ -36,17 +36,14 @@ import pyarrow.parquet as pq
 from retro_ray import index as index_stage
 from retro_ray import tokenizer
 from retro_ray.config import Config, config_hash
-from retro_ray.dbfiles import ChunkStore, db_dir, finished_db, read_vectors
+from retro_ray.dbfiles import ChunkStore, finished_db, read_vectors
 from retro_ray.errors import UserError
+from retro_ray.layout import db_dir, index_dir, samples_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log, progress
 from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
 
 SPLITS = ("train", "valid")
-
-
-def stage_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "samples")
 
 
 def is_valid_doc(doc_id: int, fraction: float) -> bool:
@@ -173,9 +170,9 @@ def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     nc, m = cfg.neighbors, cfg.db.chunk_length
     db_manifest = finished_db(cfg, storage)
-    index_manifest = finished_stage(storage, index_stage.stage_dir(cfg), "index")
+    index_manifest = finished_stage(storage, index_dir(cfg), "index")
     inputs = {"db": db_manifest.content_hash(), "index": index_manifest.content_hash()}
-    out = stage_dir(cfg)
+    out = samples_dir(cfg)
     manifest = open_stage(storage, out, "neighbors", config_hash(cfg.neighbors, cfg.tokenizer), inputs, force)
     if manifest.complete:
         log.info("neighbors: %s is up to date", out)
@@ -240,9 +237,9 @@ def split_blocks(storage: Storage, cfg: Config, split: str) -> list[tuple[str, i
     """(file, rows) of each block of a split, in sample order: what the manifest lists, never a glob."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    manifest = finished_stage(storage, stage_dir(cfg), "neighbors")
+    manifest = finished_stage(storage, samples_dir(cfg), "neighbors")
     names = sorted(n for n in manifest.blocks if n.startswith(f"{split}/"))
-    return [(join(stage_dir(cfg), f"{n}.parquet"), manifest.blocks[n]["rows"]) for n in names]
+    return [(join(samples_dir(cfg), f"{n}.parquet"), manifest.blocks[n]["rows"]) for n in names]
 
 
 def read_split(storage: Storage, cfg: Config, split: str) -> pa.Table:

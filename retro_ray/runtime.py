@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from retro_ray.config import Config
+from retro_ray.layout import log_dir
 
 log = logging.getLogger("retro_ray")
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -38,9 +39,11 @@ if not log.handlers:
     log.setLevel(logging.INFO)
     log.propagate = False
 
-NOISE = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller|core_worker\.cc|graceful_shutdown")
+NOISE = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller|core_worker\.cc|graceful_shutdown"
+                   r"|PYTHON worker processes have been started")
 """Ray lines that say nothing to a user even at ERROR level (Ray Train's cleaner without a
-dashboard, the C++ core worker's notes, a replica's shutdown race)."""
+dashboard, the C++ core worker's notes, a replica's shutdown race, the raylet's count of the
+worker processes it started)."""
 HARMLESS_TRACEBACK = re.compile(
     r'placement_group_callback\.py", line \d+, in _stop_cleaner'
     r'|autoscaling_coordinator_client\.py", line \d+, in send_resource_request')
@@ -65,6 +68,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING, format=FORMAT)
 
 
+def quiet_libraries() -> None:
+    """Notices of other libraries that say nothing to a user off the terminal: DeepSpeed's
+    "Setting accelerator to CPU ... unable to detect" on a machine without CUDA (its accelerator
+    is named instead of detected) and Hugging Face's progress bars."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    hf_logging.disable_progress_bar()
+
+
 def progress(done: float, total: float, elapsed_s: float, width: int = 20) -> str:
     """``[#########...........] 45%, ETA 1m12s`` for a progress line (a bar that also reads well
     in a log file)."""
@@ -73,14 +88,6 @@ def progress(done: float, total: float, elapsed_s: float, width: int = 20) -> st
     eta = elapsed_s / done * (total - done) if done else 0.0
     minutes, seconds = divmod(int(round(eta)), 60)
     return f"[{'#' * filled}{'.' * (width - filled)}] {share:4.0%}, ETA {f'{minutes}m' if minutes else ''}{seconds:02d}s"
-
-
-def log_dir(cfg: Config) -> Path:
-    """Where a run's log files go: ``{workdir}/logs``; a local folder named after the run when
-    the run directory is on S3 (a log is appended to line by line)."""
-    if "://" in cfg.workdir:
-        return Path.home() / ".cache" / "retro-ray" / "logs" / cfg.workdir.split("://", 1)[1].replace("/", "_")
-    return Path(cfg.workdir) / "logs"
 
 
 def severe(line: str) -> bool:

@@ -14,8 +14,10 @@ Three deployments:
   request gets a 4xx in OpenAI's error format.
 
 Beyond OpenAI's fields a request may give ``retrieval`` (``encoder``, ``prompt``, ``both``,
-``off``) and ``passages`` (how many go in the prompt); each choice carries the ``passages`` it
-was given and the ``neighbors`` its chunks retrieved.
+``question``, ``off``), ``passages`` (how many go in the prompt), ``search`` (``dense``, ``bm25``,
+``hybrid``) and, for chat, ``short_answer`` (the question is asked as the model was tuned to
+answer one: InstructRetro's QA prompt, ending "Assistant: The answer is"); each choice carries
+the ``passages`` it was given (``title``, ``text``) and the ``neighbors`` its chunks retrieved.
 
 ``cluster/serve.yaml`` deploys ``retro_ray.serve:app`` with ``serve run`` / ``serve deploy``;
 ``retro-ray serve`` (``start``) does the same from a run config.
@@ -42,6 +44,7 @@ from starlette.exceptions import HTTPException
 from retro_ray.config import Config, ServeConfig, format_errors, load_config
 from retro_ray.errors import UserError
 from retro_ray.generate import GenerationError, SamplingParams, passages_prompt, settled
+from retro_ray.retrieval import format_passage
 from retro_ray.runtime import log
 from retro_ray.storage import Storage
 
@@ -105,8 +108,9 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    retrieval: Literal["encoder", "prompt", "both", "off"] | None = None
+    retrieval: Literal["encoder", "prompt", "both", "question", "off"] | None = None
     passages: int | None = Field(None, ge=0)
+    search: Literal["dense", "bm25", "hybrid"] | None = None
     ignore_eos: bool = False
     """Decode past the end of text up to ``max_tokens`` (vLLM's field of the same name)."""
 
@@ -137,12 +141,15 @@ class Message(_Strict):
 class ChatRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    short_answer: bool = False
+    """Ask the last user message as a short-answer question, in the tuning template's QA form."""
 
 
 class RetrieveRequest(_Strict):
     query: str | list[str]
     k: int | None = Field(None, ge=1)
     model: str | None = None
+    search: Literal["dense", "bm25", "hybrid"] | None = None
 
 
 async def read_json(request: Request, limit: int, schema: type[BaseModel]) -> Any:
@@ -184,6 +191,9 @@ class RetrieverServer:
     def retrieve(self, texts: list[str], k: int):
         return self.retriever.retrieve(texts, k)
 
+    def passages(self, texts: list[str], k: int, search: str, words: int | None) -> list[list[dict]]:
+        return self.retriever.passages(texts, k, search, words)
+
 
 class RemoteRetriever:
     """The ``Retriever`` interface over the Retriever deployment, for a ``Generator`` that
@@ -203,6 +213,8 @@ class Job:
     prompt: str
     params: SamplingParams
     retrieve: bool
+    neighbors: list[str] | None = None
+    """Passages the encoder reads for every chunk (mode ``question``); None: retrieved per chunk."""
     stream: bool = True
     """Send every step's text as it comes; False: only the whole text at the end."""
     cancelled: bool = False
@@ -241,7 +253,8 @@ class GeneratorServer:
 
     def __init__(self, cfg: Config, model: str, retriever=None):
         from retro_ray import tokenizer
-        from retro_ray.generate import Generator, load_model
+        from retro_ray.generate import Generator
+        from retro_ray.model.io import load_model
 
         storage = Storage(cfg.storage)
         loaded = load_model(storage, model)
@@ -295,7 +308,9 @@ class GeneratorServer:
                    for j in jobs]
             if not ok:
                 return
-        decoding = self.generator.start([ids[id(j)] for j in ok], [j.params for j in ok], [j.retrieve for j in ok])
+        fixed = [None if j.neighbors is None else self.generator.passage_neighbors(j.neighbors) for j in ok]
+        decoding = self.generator.start([ids[id(j)] for j in ok], [j.params for j in ok], [j.retrieve for j in ok],
+                                        fixed)
         place = {id(j): i for i, j in enumerate(ok)}
         reported: set[int] = set()
         steps, loop = decoding.steps(), asyncio.get_running_loop()
@@ -422,6 +437,7 @@ class Ingress:
         self.tokenizer = tokenizer.load_run_tokenizer(cfg, storage)
         model_cfg = storage.read_json(f"{model.rstrip('/')}/{CONFIG}")["retro"]
         self.context, self.encoder = model_cfg["max_seq_len"], bool(model_cfg.get("retrieval", True))
+        self.k = model_cfg["k"]  # the encoder's neighbours per chunk
         self.key = api_key(cfg.serve)
         self.created = int(time.time())
         log.info("serve: model %s (%s), API key %s", self.name, model, "required" if self.key else "not required")
@@ -442,7 +458,7 @@ class Ingress:
                            "model_not_found")
 
     def _settings(self, req: _Generation, max_tokens: int | None, prompts: int) -> tuple[str, int, int]:
-        """(retrieval mode, passages, max_tokens) of a request, within the limits."""
+        """(retrieval mode, passages in the prompt, max_tokens) of a request, within the limits."""
         sc = self.sc
         self._check_model(req.model)
         max_tokens = max_tokens or sc.default_max_tokens
@@ -456,20 +472,24 @@ class Ingress:
             raise APIError(400, f"passages={passages} exceeds the limit of {sc.max_passages}", "passages")
         if mode != "off" and self.retriever is None and (mode != "encoder" or self.encoder):
             raise APIError(400, f"retrieval {mode!r}: this server has no index; use retrieval 'off'", "retrieval")
-        return mode, passages if mode in ("prompt", "both") else 0, max_tokens
+        return mode, passages if mode in ("prompt", "both", "question") else 0, max_tokens
 
-    async def _passages(self, query: str, k: int) -> list[dict]:
+    async def _passages(self, req: _Generation, query: str, mode: str, k: int) -> list[dict]:
+        """The passages of a request's query: ``k`` for the prompt, at least the encoder's k in
+        mode ``question`` ({chunk_id, doc_id, score, title, text}, best first)."""
+        k = max(k, self.k) if mode == "question" and self.encoder else k
         if k == 0:
             return []
-        found = await self.retriever.retrieve.remote([query], k)
-        return found.describe(0)
+        found = await self.retriever.passages.remote([query], k, req.search or self.sc.search, self.sc.passage_words)
+        return found[0]
 
     def _fit(self, build, passages: list[dict], max_tokens: int, param: str) -> tuple[str, list[dict], int]:
         """The prompt with as many passages as fit; checked against the prompt and context limits."""
         from retro_ray.instruct import fit_passages
 
         room = min(self.sc.max_prompt_tokens, self.context - max_tokens)
-        prompt, used, n = fit_passages(build, [p["text"] for p in passages], self.tokenizer, room)
+        texts = [format_passage(p["text"], p["title"]) for p in passages]
+        prompt, used, n = fit_passages(build, texts, self.tokenizer, room)
         if n == 0:
             raise APIError(400, "the prompt is empty", param)
         if n > self.sc.max_prompt_tokens:
@@ -480,11 +500,15 @@ class Ingress:
                            f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
         return prompt, passages[:used], n
 
-    def _jobs(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str]) -> list[Job]:
+    def _jobs(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str],
+              found: list[dict]) -> list[Job]:
+        """The request's n sequences; in mode ``question`` the encoder reads the top k of ``found``."""
+        neighbors = [format_passage(p["text"], p["title"]) for p in found[: self.k]] if mode == "question" else None
         return [Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                            stop=stop, seed=None if req.seed is None else req.seed + j,
                                            ignore_eos=req.ignore_eos),
-                    retrieve=mode in ("encoder", "both"), stream=req.stream) for j in range(req.n)]
+                    retrieve=mode in ("encoder", "both", "question"), neighbors=neighbors, stream=req.stream)
+                for j in range(req.n)]
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -511,8 +535,8 @@ class Ingress:
         queries = [req.query] if isinstance(req.query, str) else req.query
         if not queries or len(queries) > self.sc.max_n or not all(q.strip() for q in queries):
             raise APIError(400, f"give 1 to {self.sc.max_n} non-empty queries", "query")
-        found = await self.retriever.retrieve.remote(queries, k)
-        return {"object": "list", "data": [{"query": q, "passages": found.describe(i)} for i, q in enumerate(queries)]}
+        found = await self.retriever.passages.remote(queries, k, req.search or self.sc.search, self.sc.passage_words)
+        return {"object": "list", "data": [{"query": q, "passages": rows} for q, rows in zip(queries, found)]}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -524,16 +548,16 @@ class Ingress:
         mode, k, max_tokens = self._settings(req, req.max_tokens, len(texts))
         stop, jobs, choices = req.stops(), [], []
         for text in texts:
-            found = await self._passages(text, k)
-            prompt, used, n = self._fit(lambda given, text=text: passages_prompt(given, text), found, max_tokens,
+            found = await self._passages(req, text, mode, k)
+            prompt, used, n = self._fit(lambda given, text=text: passages_prompt(given, text), found[:k], max_tokens,
                                         "prompt")
-            jobs += self._jobs(prompt, req, mode, max_tokens, stop)
+            jobs += self._jobs(prompt, req, mode, max_tokens, stop, found)
             choices += [{"prompt": len(choices) // req.n, "passages": used, "prompt_tokens": n}] * req.n
         return await self._respond(req, "text_completion", jobs, choices)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        from retro_ray.instruct import chat_prompt, format_passage
+        from retro_ray.instruct import chat_prompt, qa_prompt
 
         self._authorize(request)
         req = await read_json(request, self.sc.max_body_bytes, ChatRequest)
@@ -542,13 +566,17 @@ class Ingress:
                     for m in req.messages]
         if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             raise APIError(400, "messages: the last message must be the user's, with text", "messages")
-        template = self.cfg.instruct.template
-        found = await self._passages(messages[-1]["content"], k)
-        prompt, used, n = self._fit(
-            lambda given: chat_prompt(messages, [format_passage(p) for p in given], template, self.tokenizer),
-            found, max_tokens, "messages")
-        stop = req.stops() + (["\n\nUser:"] if template == "retro" else [])
-        jobs = self._jobs(prompt, req, mode, max_tokens, stop)
+        template, question = self.cfg.instruct.template, messages[-1]["content"]
+        found = await self._passages(req, question, mode, k)
+
+        def build(given: list[str]) -> str:  # short_answer: the QA form the model was tuned on, one line
+            if req.short_answer:
+                return qa_prompt(question, given, template, self.tokenizer)
+            return chat_prompt(messages, given, template, self.tokenizer)
+
+        prompt, used, n = self._fit(build, found[:k], max_tokens, "messages")
+        stop = req.stops() + (["\n\nUser:"] if template != "chat" else []) + (["\n"] if req.short_answer else [])
+        jobs = self._jobs(prompt, req, mode, max_tokens, stop, found)
         return await self._respond(req, "chat.completion", jobs,
                                    [{"prompt": 0, "passages": used, "prompt_tokens": n}] * req.n)
 
@@ -629,8 +657,8 @@ def build(cfg: Config, options: dict[str, dict] | None = None):
 
     import ray
 
-    from retro_ray import index
     from retro_ray.generate import model_path
+    from retro_ray.layout import index_dir
     from retro_ray.storage import MANIFEST, join
 
     options, storage = copy.deepcopy(options or {}), Storage(cfg.storage)
@@ -651,10 +679,10 @@ def build(cfg: Config, options: dict[str, dict] | None = None):
             env = actor.setdefault("runtime_env", {}).setdefault("env_vars", {})
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     retriever = None
-    if storage.exists(join(index.stage_dir(cfg), MANIFEST)):
+    if storage.exists(join(index_dir(cfg), MANIFEST)):
         retriever = RetrieverServer.options(**options["Retriever"]).bind(cfg)
     else:
-        log.warning("serve: the run has no index at %s: requests decode without retrieval", index.stage_dir(cfg))
+        log.warning("serve: the run has no index at %s: requests decode without retrieval", index_dir(cfg))
     generator = GeneratorServer.options(**options["Generator"]).bind(cfg, model, retriever)
     return Ingress.options(**options["Ingress"]).bind(cfg, model, generator, retriever)
 

@@ -16,16 +16,13 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from retro_ray.config import Config, ConfigError, config_hash
+from retro_ray.layout import tokenizer_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log
-from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
+from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, open_stage
 
 if TYPE_CHECKING:  # transformers is imported where used: Ray tasks that only chunk never pay for it
     from transformers import PreTrainedTokenizerFast
-
-
-def stage_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "tokenizer")
 
 
 def load_pretrained(path: str) -> "PreTrainedTokenizerFast":
@@ -66,7 +63,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> str:
     """Tokenizer stage: write ``tokenizer/`` (Hugging Face layout) and its manifest."""
     from retro_ray import corpus
 
-    out = stage_dir(cfg)
+    out = tokenizer_dir(cfg)
     inputs = {"tokenizer": cfg.tokenizer.path} if cfg.tokenizer.path else {
         path: storage.fingerprint(path)
         for paths in corpus.source_files(cfg, storage).values() for path in paths
@@ -126,10 +123,10 @@ def _training_sample(cfg: Config, storage: Storage) -> tuple[list[str], Counter[
 
 def finished_tokenizer(cfg: Config, storage: Storage) -> Manifest:
     """The tokenizer stage's manifest, which must be complete."""
-    return finished_stage(storage, stage_dir(cfg), "tokenizer")
+    return finished_stage(storage, tokenizer_dir(cfg), "tokenizer")
 
 
 def load_run_tokenizer(cfg: Config, storage: Storage) -> "PreTrainedTokenizerFast":
     """The tokenizer the run's ``tokenizer`` stage saved."""
     with tempfile.TemporaryDirectory() as tmp:
-        return load_pretrained(str(storage.download_dir(stage_dir(cfg), tmp)))
+        return load_pretrained(str(storage.download_dir(tokenizer_dir(cfg), tmp)))

@@ -18,18 +18,21 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from retro_ray.config import Config, TrainConfig, config_hash
+from retro_ray.layout import MODEL_DIR, db_dir, eval_dir, model_dir, pretrained_runs, run_dir, samples_dir
 from retro_ray.locks import locked
 from retro_ray.runtime import log, progress
 from retro_ray.storage import Manifest, Storage, finished_stage, join, open_stage
 
 STATE = "state.json"
-MODEL_DIR = "model"
 
 
 def lr_at(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
@@ -75,12 +78,12 @@ def make_batch(items: list[dict], chunk_len: int, retrieval: bool, device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def deepspeed_config(cfg: Config, world: int, gpu: bool) -> dict:
+def deepspeed_config(cfg: Config, world: int, gpu: bool, accum: int) -> dict:
     tc = cfg.train
     return {
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
-        "gradient_accumulation_steps": tc.grad_accum,
-        "train_batch_size": tc.micro_batch_size * tc.grad_accum * world,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": tc.micro_batch_size * accum * world,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": {"stage": tc.zero_stage},
         "bf16": {"enabled": gpu and torch.cuda.is_bf16_supported()},
@@ -121,7 +124,12 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = device.type == "cuda"
     torch.manual_seed(tc.seed)
     storage = Storage(cfg.storage)
-    train_data, valid_data, to_batch = _datasets(cfg, storage, config.get("instruct_data"), device)
+    data = _datasets(cfg, storage, config.get("instruct_data"), device)
+    train_data, valid_data, to_batch = data.train, data.valid, data.to_batch
+    accum = grad_accum(cfg, data, world, tuning=bool(config.get("instruct_data")))
+    if rank == 0 and accum > 1:
+        log.info("train %s: %d micro-batches of %d rows a step on %d workers", tc.run_name, accum,
+                 tc.micro_batch_size, world)
     model = _initial_model(cfg, storage, config.get("init"))
 
     start_step, history = 0, []
@@ -133,11 +141,11 @@ def train_loop_per_worker(config: dict) -> None:
             start_step, history = state["step"], state["history"]
             if state["world_size"] != world:  # another world size: consolidated weights, fresh optimizer
                 load_weights(model, Path(d) / MODEL_DIR)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.adam_betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_at(s, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr) / tc.lr)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(cfg, world, gpu))
+                                               config=deepspeed_config(cfg, world, gpu, accum))
         if state and state["world_size"] == world:
             engine.load_checkpoint(d, tag="deepspeed")
         elif state:
@@ -145,15 +153,19 @@ def train_loop_per_worker(config: dict) -> None:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
                 for _ in range(start_step):
                     scheduler.step()  # keep the schedule where the run was
-            log.warning("resumed at step %d with %d workers from a %d-worker checkpoint: weights restored, "
-                        "optimizer state restarted", start_step, world, state["world_size"])
+    if state and rank == 0:  # a restart (a resumed run, a resized or failed worker group) says where it went on
+        other = state["world_size"] != world
+        (log.warning if other else log.info)(
+            "train %s: resumed at step %d on %d workers%s", tc.run_name, start_step, world,
+            f" from a {state['world_size']}-worker checkpoint: weights restored, optimizer state restarted"
+            if other else "")
 
     order = np.random.default_rng(tc.seed).permutation(len(train_data))
 
-    def micro_batch(step: int, a: int) -> dict:
-        first = (step * tc.grad_accum + a) * tc.micro_batch_size * world + rank * tc.micro_batch_size
-        idx = [order[(first + i) % len(order)] for i in range(tc.micro_batch_size)]
-        return to_batch([train_data[int(i)] for i in idx])
+    def micro_rows(step: int, a: int, r: int) -> list[dict]:
+        """The rows of micro-batch ``a`` of ``step`` on rank ``r``."""
+        first = (step * accum + a) * tc.micro_batch_size * world + r * tc.micro_batch_size
+        return [train_data[int(order[(first + i) % len(order)])] for i in range(tc.micro_batch_size)]
 
     def loss_of(batch: dict) -> torch.Tensor:
         return engine(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"), batch["targets"],
@@ -177,19 +189,27 @@ def train_loop_per_worker(config: dict) -> None:
     tick, tokens_seen, loop_start = time.time(), 0, time.time()
     for step in range(start_step, tc.max_steps):
         step_start = time.time()
-        losses, step_tokens = [], 0
-        for a in range(tc.grad_accum):
-            batch = micro_batch(step, a)
-            loss = loss_of(batch)
-            engine.backward(loss)
+        batches = [to_batch(micro_rows(step, a, rank)) for a in range(accum)]
+        weights = [batch["loss_mask"].sum().float() for batch in batches]  # per micro-batch
+        step_weight = torch.stack(weights).sum()
+        torch.distributed.all_reduce(step_weight)  # every rank's: the step's loss is one weighted mean
+        total, step_tokens = 0.0, 0
+        for batch, weight in zip(batches, weights):
+            loss = loss_of(batch)  # the micro-batch's weighted mean
+            # DeepSpeed divides by accum and averages over ranks: scaled so that the step's gradient is
+            # that of the mean over all its weighted targets (per example: each example weighs 1)
+            engine.backward(loss * weight * accum * world / step_weight)
             engine.step()
-            losses.append(loss.item())
+            total += loss.item() * weight.item()
             step_tokens += batch["tokens"].numel() * world
         tokens_seen += step_tokens
         done = step + 1
-        record = {"step": done, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
-                  "step_s": round(time.time() - step_start, 4),
-                  "tokens": (history[-1].get("tokens", 0) if history else 0) + step_tokens}
+        step_examples = sum(data.examples(row) for a in range(accum) for r in range(world)
+                            for row in micro_rows(step, a, r))
+        record = {"step": done, "loss": total / max(sum(w.item() for w in weights), 1e-9),
+                  "lr": scheduler.get_last_lr()[0], "step_s": round(time.time() - step_start, 4),
+                  "tokens": (history[-1].get("tokens", 0) if history else 0) + step_tokens,
+                  "examples": (history[-1].get("examples", 0) if history else 0) + step_examples}
         if done % tc.eval_every == 0 or done == tc.max_steps:
             record["val_ppl"] = validate()
         history.append(record)
@@ -215,20 +235,43 @@ def train_loop_per_worker(config: dict) -> None:
             os.kill(os.getpid(), 9)
 
 
-def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device):
-    """(train rows, valid rows, rows -> batch): the neighbour stage's samples for pretraining
-    (neighbours fed when ``train.retrieval``), or the packed instruction rows (answer-only loss)."""
+@dataclass
+class TrainData:
+    """What a training run reads: its rows, how rows become a batch, and how many examples a row holds."""
+
+    train: Any  # rows by index: RetroSamples or InstructSamples
+    valid: Any
+    to_batch: Callable[[list[dict]], dict]
+    examples: Callable[[dict], int]
+
+
+def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device) -> TrainData:
+    """The neighbour stage's samples for pretraining (neighbours fed when ``train.retrieval``), or
+    the packed instruction rows (answer-only loss, per example or per token: ``instruct.loss``)."""
     if instruct_data:
         from retro_ray import instruct
 
         train, valid = (instruct.InstructSamples(storage, instruct_data, s) for s in ("train", "valid"))
-        return train, valid, lambda items: instruct.make_batch(items, device)
-    from retro_ray.dbfiles import ChunkStore, db_dir, finished_db
+        per_example = cfg.instruct.loss == "example"
+        return TrainData(train, valid, lambda items: instruct.make_batch(items, device, per_example),
+                         instruct.examples_in)
+    from retro_ray.dbfiles import ChunkStore, finished_db
     from retro_ray.neighbors import RetroSamples
 
     store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
     train, valid = (RetroSamples(cfg, storage, s, store) for s in ("train", "valid"))
-    return train, valid, lambda items: make_batch(items, cfg.db.chunk_length, cfg.train.retrieval, device)
+    return TrainData(train, valid, lambda items: make_batch(items, cfg.db.chunk_length, cfg.train.retrieval, device),
+                     lambda item: 1)
+
+
+def grad_accum(cfg: Config, data: TrainData, world: int, tuning: bool) -> int:
+    """Micro-batches per step: ``train.grad_accum``, or when ``tuning`` with ``instruct.batch_examples``
+    as many as make a step of about that many examples on ``world`` ranks (rows pack several)."""
+    tc, target = cfg.train, cfg.instruct.batch_examples
+    if not (tuning and target):
+        return tc.grad_accum
+    per_row = sum(data.examples(data.train[i]) for i in range(len(data.train))) / max(len(data.train), 1)
+    return max(1, round(target / (tc.micro_batch_size * world * per_row)))
 
 
 def _initial_model(cfg: Config, storage: Storage, init: str | None):
@@ -237,7 +280,7 @@ def _initial_model(cfg: Config, storage: Storage, init: str | None):
     from retro_ray import tokenizer
 
     if init:
-        from retro_ray.generate import load_model
+        from retro_ray.model.io import load_model
 
         return load_model(storage, init)
     vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
@@ -256,10 +299,6 @@ RESUMABLE = ("max_steps", "num_workers", "cpus_per_worker", "log_every", "eval_e
 worker count resumes from the consolidated weights."""
 
 
-def run_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "checkpoints", cfg.train.run_name)
-
-
 def open_training(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool) -> Manifest:
     """The manifest of the training run ``train.run_name``: its config hash leaves out the
     ``RESUMABLE`` settings, and ``inputs`` are the content hashes of the stages it reads."""
@@ -274,12 +313,12 @@ def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int |
 
     A run already trained for ``max_steps`` on the same inputs is recognised from its manifest
     without starting Ray Train; changed inputs (samples, database, tokenizer) are an error."""
-    from retro_ray import neighbors, tokenizer
+    from retro_ray import tokenizer
     from retro_ray.dbfiles import finished_db
 
     inputs = {"tokenizer": tokenizer.finished_tokenizer(cfg, storage).content_hash(),
               "db": finished_db(cfg, storage).content_hash(),
-              "samples": finished_stage(storage, neighbors.stage_dir(cfg), "neighbors").content_hash()}
+              "samples": finished_stage(storage, samples_dir(cfg), "neighbors").content_hash()}
     return fit(cfg, storage, "pretrain", inputs, force, crash_at_step=crash_at_step)
 
 
@@ -297,7 +336,7 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
     if manifest.complete and manifest.counts["steps"] >= tc.max_steps:
         log.info("%s %s: %s is up to date (%d steps)", stage, tc.run_name, out, manifest.counts["steps"])
         return {"step": manifest.counts["steps"], "history": storage.read_json(join(out, "history.json")),
-                "model": join(out, MODEL_DIR)}
+                "model": model_dir(cfg)}
     manifest.complete = False
     manifest.save(storage, out)
     start = time.time()
@@ -322,7 +361,7 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
-        storage.upload_dir(Path(d) / MODEL_DIR, join(out, MODEL_DIR))
+        storage.upload_dir(Path(d) / MODEL_DIR, model_dir(cfg))
     history = state["history"]
     storage.write_json(join(out, "history.json"), history)
     storage.write_bytes(join(out, "loss.png"), plot_curves({tc.run_name: history}))
@@ -331,7 +370,7 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
     manifest.complete = True
     manifest.save(storage, out)
     log.info("%s %s: %d steps, final loss %.4f -> %s", stage, tc.run_name, state["step"], history[-1]["loss"], out)
-    return {"step": state["step"], "history": history, "model": join(out, MODEL_DIR)}
+    return {"step": state["step"], "history": history, "model": model_dir(cfg)}
 
 
 def _cluster_has_gpus() -> bool:
@@ -366,23 +405,15 @@ def plot_curves(histories: dict[str, list[dict]]) -> bytes:
     return buf.getvalue()
 
 
-def twin(cfg: Config) -> Config:
-    """The config of the GPT twin of the run: the same model, samples and steps, no retrieval,
-    trained as ``{run_name}-gpt``."""
-    return cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"retrieval": False, "run_name": f"{cfg.train.run_name}-gpt"})})
-
-
 def compare(cfg: Config, storage: Storage, force: bool = False) -> dict:
     """GPT vs Retro on the same samples, steps and tokens: ``eval/gpt_vs_retro.{json,png}``.
     Retro is the ``pretrain`` run itself; its twin is trained (or found) as ``{run_name}-gpt``."""
-    retro_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrieval": True})})
-    results = {"gpt": run(twin(cfg), storage, force), "retro": run(retro_cfg, storage, force)}
+    results = {name: run(run_cfg, storage, force) for name, run_cfg in pretrained_runs(cfg).items()}
     table = {name: {"val_ppl": r["history"][-1].get("val_ppl"), "final_loss": r["history"][-1]["loss"],
                     "steps": r["step"]} for name, r in results.items()}
     table["ppl_ratio"] = table["retro"]["val_ppl"] / table["gpt"]["val_ppl"]
-    storage.write_json(join(cfg.workdir, "eval", "gpt_vs_retro.json"), table)
-    storage.write_bytes(join(cfg.workdir, "eval", "gpt_vs_retro.png"),
+    storage.write_json(join(eval_dir(cfg), "gpt_vs_retro.json"), table)
+    storage.write_bytes(join(eval_dir(cfg), "gpt_vs_retro.png"),
                         plot_curves({n: r["history"] for n, r in results.items()}))
     log.info("GPT vs Retro: val ppl %.2f vs %.2f (ratio %.3f)", table["gpt"]["val_ppl"],
              table["retro"]["val_ppl"], table["ppl_ratio"])

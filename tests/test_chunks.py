@@ -58,6 +58,7 @@ def test_chunks_follow_documents_exactly(built, wiki_docs):
         assert all(length == 64 for length in lengths[:-1]) and 0 < lengths[-1] <= 64
         assert sum((rows["tokens"][i] for i in idx), []) == tok(doc["text"])["input_ids"]
         assert "".join(rows["text"][i] for i in idx) == doc["text"]
+        assert {rows["title"][i] for i in idx} == {doc["title"]}  # each chunk knows its document's title
     nxt = chunks.continuation_ids(np.array(rows["chunk_id"]), np.array(rows["doc_id"]))
     for c, after in enumerate(nxt):
         assert after == (c + 1 if c + 1 < n and rows["doc_id"][c + 1] == rows["doc_id"][c] else -1)

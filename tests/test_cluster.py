@@ -166,7 +166,7 @@ def elastic_training_survives_losing_a_node(env: dict, address: str, config_file
     raylet = next(p for p in psutil.process_iter(["cmdline"])
                   if f"--node_id={victim['node_id']}" in " ".join(p.info["cmdline"] or []))
     killed_after = max(int(s) for s in re.findall(rf"train elastic step (\d+)/{steps}", logs))
-    before_kill = len(logs)  # the job's log only grows: what comes after this is after the kill
+    killed_at = time.strftime("%Y-%m-%d %H:%M:%S")  # the clock of the project's log lines
     raylet.kill()
     deadline = time.time() + 900
     while not any(s in (status := ray_cli(env, "job", "status", f"--address={address}", "elastic",
@@ -185,8 +185,13 @@ def elastic_training_survives_losing_a_node(env: dict, address: str, config_file
     assert restarts, "no restart: the node loss went unnoticed"
     for before, after in restarts:  # each restart went back to its last checkpoint, no further
         assert before - after + 1 <= every, f"restart after step {before} went back to step {after}"
-    # Training went on with the workers that exist after the loss: the one left, or two again if
-    # the autoscaler brought a replacement node in time; either way from the last checkpoint.
-    regrouped = re.findall(r"Started training worker group of size (\d+)", logs[before_kill:])
-    assert regrouped and set(regrouped) <= {"1", "2"}, "training did not start again after the node loss"
+    # After the loss, training went on from the last checkpoint before it, with the workers that
+    # exist: the one left, or two again if the autoscaler brought a replacement node in time.
+    resumed = {(at, int(step), int(workers)) for at, step, workers in re.findall(
+        r"(\S+ \S+) retro_ray (?:INFO|WARNING) train elastic: resumed at step (\d+) on (\d+) workers", logs)
+        if at >= killed_at}
+    assert resumed, "training did not start again after the node loss"
+    first = min(resumed)
+    assert first[1] > killed_after - every and first[1] % every == 0, first  # the last checkpoint, no earlier
+    assert {workers for _, _, workers in resumed} <= {1, 2}
     print(f"node lost after step {killed_after}; restarts (last step, next step): {restarts}")

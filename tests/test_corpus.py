@@ -62,3 +62,17 @@ def test_builtin_corpus_is_python_documentation():
     titles = {d["title"] for d in docs}
     assert {"assignment", "json", "collections"} <= titles
     assert sum(len(d["text"]) for d in docs) > 500_000
+
+
+def test_titles_come_from_the_title_field_and_a_missing_one_is_empty():
+    rows = _rows(b'{"text": "a", "title": "  Ada\\nLovelace "}\n{"text": "b"}\n{"text": "c", "title": 7}\n', "jsonl")
+    assert [r["title"] for r in rows] == ["Ada Lovelace", "", ""]
+    assert [r["title"] for r in _rows(b'{"text": "a", "name": "Ada"}\n', "jsonl", title_field="name")] == ["Ada"]
+    assert [r["title"] for r in _rows(b'{"text": "a", "title": "Ada"}\n', "jsonl", title_field=None)] == [""]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["a doc", "another"], "title": ["First", None]}), buf)
+    assert [r["title"] for r in _rows(buf.getvalue(), "parquet")] == ["First", ""]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["a doc"]}), buf)  # no title column: no titles, no error
+    assert [r["title"] for r in _rows(buf.getvalue(), "parquet")] == [""]
+    assert [r["title"] for r in _rows(b"one doc", "text")] == ["f"]  # a text file: its name

@@ -15,9 +15,13 @@ def test_actor_output_equals_a_direct_call(ray_local, tmp_path, wiki_parquet):
     tokenizer.run(cfg, Storage())
     manifest = chunks.run(cfg, Storage())
     name = sorted(manifest.blocks)[-1]
-    texts = pq.read_table(tmp_path / "db" / "chunks" / f"{name}.parquet").column("text").to_pylist()
+    block = pq.read_table(tmp_path / "db" / "chunks" / f"{name}.parquet")
+    texts, titles = block.column("text").to_pylist(), block.column("title").to_pylist()
     ids, vectors = read_embeddings(Storage(), str(tmp_path / "db" / "embeddings" / f"{name}.parquet"))
-    direct = Embedder(max_length=cfg.embed.max_length)(texts)  # one batch, not the actor's batches of 8
+    embedder = Embedder(max_length=cfg.embed.max_length)
+    direct = embedder.embed(texts, titles)[0]  # one batch, not the actor's batches of 8
+    assert all(titles)  # each chunk is embedded with its document's title, as DPR embeds passages
+    assert not np.allclose(embedder(texts).astype(np.float32), direct.astype(np.float32), atol=2e-3)
     assert vectors.dtype == np.float16 and vectors.shape == direct.shape == (len(texts), 384)
     np.testing.assert_allclose(vectors.astype(np.float32), direct.astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)

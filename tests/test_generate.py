@@ -153,3 +153,61 @@ def test_generate_command_prints_the_continuation_and_each_chunks_neighbours(run
     assert "neighbour" not in capsys.readouterr().out
     assert main(["generate", "--config", str(config_file), "--prompt", PROMPT]) == 2  # no pretrained model yet
     assert "no exported model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["retro", "llama"])
+def test_question_mode_feeds_the_questions_top_k_passages_to_every_chunk(run, kind):
+    """InstructRetro's QA setting (the reference's --reuse-top): the encoder reads the top-k
+    passages retrieved for the question, for every chunk, decoded with the KV cache exactly as a
+    full forward pass with those neighbours at every chunk gives it."""
+    from retro_ray.retrieval import format_passage
+
+    cfg, tok, retriever = run
+    model = make_model(kind, len(tok), tok.eos_token_id).eval()
+    gen = Generator(model, tok, retriever)
+    question = "Python is a programming language"
+    params = SamplingParams(max_new_tokens=3 * M)
+    out = gen.generate([PROMPT], params, mode="question", queries=[question], keep_logits=True)[0]
+    top = [format_passage(p["text"], p["title"]) for p in retriever.passages([question], gen.k)[0]]
+    assert out.retrieved == []  # no chunk searched for itself
+    assert [p["chunk_id"] for p in out.passages] == [p["chunk_id"] for p in retriever.passages([question], gen.k)[0]]
+    given = gen.generate([PROMPT], params, mode="question", neighbor_passages=[top], keep_logits=True)[0]
+    assert given.tokens == out.tokens  # the same passages, given or retrieved
+    tokens, mask = gen.passage_neighbors(top)  # [k, r]
+    assert mask[0].any() and tok.decode(tokens[0][mask[0]]).startswith(top[0][:20])
+    ids = torch.as_tensor([tok(PROMPT, add_special_tokens=False)["input_ids"] + out.tokens[:-1]])  # [1, n]
+    l = ids.shape[1] // M
+    with torch.no_grad():
+        logits = model(ids, tokens.expand(1, l, *tokens.shape), mask.expand(1, l, *mask.shape))[0][0]  # [n, V]
+    n_prompt = out.prompt_tokens
+    for step, cached in enumerate(out.logits):
+        assert np.allclose(cached, logits[n_prompt - 1 + step].numpy(), atol=1e-4), (kind, step)
+    encoder = gen.generate([PROMPT], params, mode="encoder", keep_logits=True)[0]
+    assert not np.allclose(encoder.logits[-1], out.logits[-1], atol=1e-3)  # other neighbours than per chunk
+
+
+def test_questions_find_passages_by_title_words_and_bm25(run):
+    cfg, tok, retriever = run
+    title, text = next(iter(retriever.chunk_texts.all()))
+    assert title  # the database keeps each document's title
+    words = [w for w in title.split() if len(w) > 3] or title.split()
+    query = f"What is known about {' '.join(words)}?"
+    for search in ("bm25", "hybrid"):
+        found = retriever.retrieve([query], k=5, search=search)
+        assert title in found.titles[0], search  # the article the question names
+    dense = retriever.retrieve([query], k=5).chunk_ids
+    scores, ids = retriever.search([query], 5, "hybrid")
+    assert set(ids[0]) <= set(retriever.search([query], 20, "bm25")[1][0]) | set(retriever.search([query], 20)[1][0])
+    assert (np.diff(scores[0]) <= 0).all() and dense.shape == ids.shape
+
+
+def test_passages_are_titled_and_hold_about_n_words_of_their_document(run):
+    cfg, tok, retriever = run
+    [rows] = retriever.passages([PROMPT], 3)
+    [windows] = retriever.passages([PROMPT], 3, words=100)
+    for row, window in zip(rows, windows):
+        assert row["chunk_id"] == window["chunk_id"] and row["title"] == window["title"] != ""
+        chunk = retriever.chunk_texts.get(np.array([row["chunk_id"]]))[row["chunk_id"]]
+        assert row["text"].startswith(chunk)  # the chunk and its continuation
+        assert " ".join(chunk.split()[1:-1]) in window["text"]  # the chunk's whole words, centred
+        assert len(window["text"].split()) <= 100

@@ -11,31 +11,10 @@ from retro_ray import evaluate, index, instruct, neighbors, tokenizer
 from retro_ray.config import EvalQASet, InstructSource, StorageConfig
 from retro_ray.corpus import BadInputError
 from retro_ray.dbfiles import ChunkStore
-from retro_ray.evaluate import exact_match, extract_answer, f1_score
 from retro_ray.instruct import SYSTEM, encode, format_passage, pack, parse_row, pieces, qa_prompt, read_rows
 from retro_ray.model import Retro, RetroConfig
 from retro_ray.neighbors import drop_near_copies, ngram_overlap
 from retro_ray.storage import Storage
-
-
-@pytest.mark.parametrize("prediction, golds, em, f1", [
-    ("The Eiffel Tower", ["eiffel tower"], 1.0, 1.0),             # article and case
-    ("Paris, France.", ["paris france"], 1.0, 1.0),               # punctuation
-    ("an   apple", ["Apple"], 1.0, 1.0),                          # article, spaces
-    ("in Paris", ["Paris", "Lyon"], 0.0, 2 / 3),                  # P 1/2, R 1
-    ("Lyon", ["Paris", "lyon"], 1.0, 1.0),                        # the best of several golds
-    ("New York City", ["New York", "NYC"], 0.0, 0.8),             # P 2/3, R 1
-    ("", ["Paris"], 0.0, 0.0),
-    ("the", ["a"], 1.0, 1.0),                                     # both normalise to nothing
-])
-def test_em_and_f1_as_squad_scores_them(prediction, golds, em, f1):
-    assert exact_match(prediction, golds) == em
-    assert f1_score(prediction, golds) == pytest.approx(f1)
-
-
-def test_the_answer_is_taken_from_the_first_line():
-    assert extract_answer(" Paris.\nUser: next") == "Paris."
-    assert extract_answer("The answer is: 1066") == "1066"
 
 
 def test_qa_prompt_with_0_1_and_5_passages():
@@ -81,7 +60,7 @@ def test_loss_mask_covers_only_answers_and_eos_with_packing(bpe):
             parse_row({"prompt": "Name a city.", "completion": "Paris"}),
             parse_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                                     {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]})]
-    encoded = [encode(pieces(e), bpe, add_eos=True) for e in rows]
+    encoded = [encode(pieces(e, targets="all"), bpe, add_eos=True) for e in rows]
     packed = pack(encoded, seq_len=10_000)
     assert len(packed) == 1 and len(packed[0]["tokens"]) == sum(len(t) for t, _ in encoded)
     row = packed[0]
@@ -103,6 +82,36 @@ def test_loss_mask_covers_only_answers_and_eos_with_packing(bpe):
     batch = instruct.make_batch(packed, "cpu")
     assert torch.equal(batch["targets"][0][batch["loss_mask"][0]], torch.as_tensor(sum(spans, [])))
     assert len(pack(encoded, seq_len=10_000, packed=False)) == 3
+    # by default only the final answer is a target, as the reference tunes
+    final = encode(pieces(rows[2]), bpe, add_eos=True)
+    assert bpe.decode([t for t, g in zip(*final) if g]) == " ok<|endoftext|>"
+
+
+def test_each_example_weighs_the_same_however_it_is_packed(bpe):
+    """The per-example loss mean survives packing: a packed batch and the same examples one by
+    one give the same loss (a short answer counts as much as a long completion)."""
+    torch.manual_seed(0)
+    model = Retro(RetroConfig(vocab_size=len(bpe), d_model=32, n_layers=2, n_heads=4, max_seq_len=1024,
+                              chunk_length=16, retrieval=False)).eval()
+    rows = [parse_row({"question": "Who wrote Hamlet?", "answer": "Shakespeare"}),
+            parse_row({"prompt": "Name a city.", "completion": "Paris is a city. The answer is Paris. " * 3}),
+            parse_row({"question": "Q?", "answer": "A"})]
+    encoded = [encode(pieces(e), bpe, add_eos=True) for e in rows]
+
+    def loss(batch):
+        with torch.no_grad():
+            return model(batch["tokens"], None, None, batch["targets"], batch["loss_mask"],
+                         positions=batch["positions"])[1]
+
+    alone = torch.stack([loss(instruct.make_batch(pack([e], 10_000), "cpu", per_example=True)) for e in encoded])
+    packed = instruct.make_batch(pack(encoded, 10_000), "cpu", per_example=True)  # one row of three
+    padded = instruct.make_batch(pack(encoded[:2], 10_000, packed=False) + pack(encoded[2:], 10_000), "cpu",
+                                 per_example=True)  # padding, three rows
+    assert torch.allclose(loss(packed), alone.mean(), atol=1e-6)
+    assert torch.allclose(loss(padded), alone.mean(), atol=1e-6)
+    assert packed["loss_mask"].sum() == pytest.approx(3.0)  # each example sums to one
+    per_token = loss(instruct.make_batch(pack(encoded, 10_000), "cpu"))  # the long completion dominates
+    assert not torch.allclose(per_token, alone.mean(), atol=1e-3)
 
 
 def test_packed_examples_do_not_see_each_other():
@@ -166,6 +175,9 @@ def run(built_db, tmp_path_factory, wiki_docs):
     root = tmp_path_factory.mktemp("instruct")
     shutil.copytree(cfg.workdir, root / "run", ignore=shutil.ignore_patterns("_locks"))
     qa_rows = [{"question": f"What is article {i} about?", "answer": [d["title"]]} for i, d in enumerate(wiki_docs)]
+    for i, row in enumerate(qa_rows[:4]):  # gold context: a titled text, a {title, text} object
+        row.update({"context": wiki_docs[i]["text"][:300], "title": wiki_docs[i]["title"]} if i % 2 else
+                   {"context": {"title": wiki_docs[i]["title"], "text": wiki_docs[i]["text"][:300]}})
     bad = [b'{"question": "no answer here", "answer": []}', b'{"prompt": "p", "completion": ""}',
            b'{"messages": []}', b"{not json", b'{"something": "else"}',
            json.dumps({"prompt": "Write a long story.", "completion": "once upon a time " * 400}).encode()]
@@ -192,6 +204,7 @@ def run(built_db, tmp_path_factory, wiki_docs):
             "max_steps": 2, "lr": 1e-4, "valid_fraction": 0.1}),
         "eval": cfg.eval.model_copy(update={
             "qa": [EvalQASet(name="squad", path=str(squad), add_contexts=True),
+                   EvalQASet(name="squad-gold", path=str(squad), context="gold"),
                    EvalQASet(name="jsonl", path=str(data), max_questions=8)],
             "prompt_passages": 2, "max_new_tokens": 8, "ppl_samples": 4}),
     })
@@ -206,8 +219,13 @@ def test_bad_rows_are_counted_and_strict_names_the_row(run):
     assert manifest.skipped == {"empty_messages": 1, "malformed_json": 1, "no_answer": 2, "too_long": 1,
                                 "unknown_format": 1}
     c = manifest.counts
-    assert c["rows_qa"] == 13 and c["rows_chat"] == 4 and c["retrieved_contexts"] == 12
+    assert c["rows_qa"] == 13 and c["rows_chat"] == 4
+    assert c["gold_contexts"] == 4 and "retrieved_contexts" not in c  # gold context or none, as the reference
     assert c["train_examples"] + c["valid_examples"] == 12 + 2 * 4  # chat weight 2: each twice
+    retrieved = run.model_copy(update={"workdir": run.workdir + "-retrieved",
+                                       "instruct": run.instruct.model_copy(update={"context": "retrieved"})})
+    shutil.copytree(run.workdir, retrieved.workdir, ignore=shutil.ignore_patterns("_locks", "instruct"))
+    assert instruct.prepare(retrieved, Storage()).counts["retrieved_contexts"] == 8  # the rows without one
     strict = run.model_copy(update={"strict": True, "workdir": run.workdir + "-strict"})
     shutil.copytree(run.workdir, strict.workdir, ignore=shutil.ignore_patterns("_locks", "instruct"))
     with pytest.raises(BadInputError, match=r"qa\.jsonl:13: no_answer"):
@@ -224,45 +242,71 @@ def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     for name in ("pretrain-instruct", "pretrain-gpt-instruct"):
         config = json.loads(open(f"{workdir}/checkpoints/{name}/model/config.json").read())
         assert config["retro"]["retrieval"] == (name == "pretrain-instruct")  # Retro keeps its encoder
+    from retro_ray.generate import model_path
+
+    assert model_path(run, storage) == f"{workdir}/checkpoints/pretrain-instruct/model"  # generate, export, serve
     report = evaluate.run(run, storage)
     assert evaluate.run(run, storage)["qa"]["database"] == report["qa"]["database"]  # a rerun reuses the copy
     assert set(report["ppl"]["models"]) == {"retro", "gpt", "retro_instruct", "gpt_instruct"}
     assert set(report["ppl"]["buckets"]["retro"]) == {"0-10%", "10-50%", "50-90%", ">=90%"}
     qa = report["qa"]
-    assert set(qa["datasets"]) == {"squad", "jsonl"}
+    assert set(qa["datasets"]) == {"squad", "squad-gold", "jsonl"}
     assert set(qa["datasets"]["squad"]) == {"gpt", "gpt_rag", "retro_decoder_only", "retro_encoder"}
-    assert qa["rows"] == {"squad": 6, "jsonl": 8} and len(qa["failed"]["jsonl"]) == 6
+    assert set(qa["datasets"]["squad"]["gpt"]) == {"em", "f1", "em_squad", "f1_squad", "n"}
+    assert qa["rows"] == {"squad": 6, "squad-gold": 6, "jsonl": 8} and len(qa["failed"]["jsonl"]) == 6
+    assert qa["context"] == {"squad": "retrieved", "squad-gold": "gold", "jsonl": "retrieved"}
     assert qa["database"]["sources"] == ["wiki", "squad-contexts"]
+    assert set(qa["answer_recall"]) == {"squad", "jsonl"} and set(qa["answer_recall"]["squad"]) == {"1", "5", "20"}
+    assert qa["answer_coverage"]["squad"] == 1.0  # its paragraphs were added
+    assert qa["answer_recall"]["squad"]["20"] == 1.0  # the database is small: every paragraph is in the top 20
+    for name in ("retro_instruct", "gpt_instruct"):  # how much each model was tuned
+        assert qa["tuning"][name]["steps"] == 2 and qa["tuning"][name]["examples"] > 0
+    gold = qa["examples"]["squad-gold"]["gpt_rag"][0]
+    assert gold["passages"] == 1  # its own paragraph, as the paper evaluates SQuAD
     # the copy holds the run's chunks under the same ids, then the paragraphs (one chunk each here)
     import pyarrow.parquet as pq
 
     def chunk_rows(db: str) -> list[dict]:
-        return pq.read_table(f"{db}/chunks", columns=["chunk_id", "doc_id", "text"]).sort_by("chunk_id").to_pylist()
+        return pq.read_table(f"{db}/chunks", columns=["chunk_id", "doc_id", "title", "text"]).sort_by(
+            "chunk_id").to_pylist()
 
     original, copied = chunk_rows(f"{workdir}/db"), chunk_rows(f"{qa['database']['workdir']}/db")
     assert copied[: len(original)] == original
-    assert [r["text"].split("\n\n")[1] for r in copied[len(original):]] == [
-        f"The secret word of {d['title']} is zebra{i}." for i, d in enumerate(wiki_docs[:6])]
+    assert [(r["title"], r["text"]) for r in copied[len(original):]] == [
+        (d["title"], f"The secret word of {d['title']} is zebra{i}.") for i, d in enumerate(wiki_docs[:6])]
     assert [r["doc_id"] for r in copied[len(original):]] == list(range(original[-1]["doc_id"] + 1,
                                                                       original[-1]["doc_id"] + 7))
     # the SQuAD paragraphs are in the copy and retrieved for their questions
     top = qa["examples"]["squad"]["gpt_rag"][0]
     assert top["passages"] >= 1
-    from retro_ray.instruct import retrieve_passages
     from retro_ray.retrieval import run_retriever
 
     db_cfg = run.model_copy(update={"workdir": qa["database"]["workdir"]})
-    paragraph = f"The secret word of {top['question'].removeprefix('What is the secret word of ').rstrip('?')} is zebra0."
-    found = retrieve_passages(run_retriever(db_cfg, storage), [paragraph], 1)[0][0]
-    assert "zebra0" in found
+    title = top["question"].removeprefix("What is the secret word of ").rstrip("?")
+    [[found]] = run_retriever(db_cfg, storage).passages([f"The secret word of {title} is zebra0."], 1)
+    assert "zebra0" in found["text"] and found["title"] == title
     for name in ("qa.json", "qa.md", "qa.png", "ppl.json", "ppl.png"):
         assert (storage.read_bytes(f"{workdir}/eval/{name}"))
     assert "| gpt_rag |" in storage.read_bytes(f"{workdir}/eval/qa.md").decode()
+    # another evidence corpus: its database copy is refused as stale, and rebuilt with --force
+    from retro_ray.config import CorpusSource
+    from retro_ray.storage import StageMismatchError
+
+    extra = f"{workdir}/more.jsonl"
+    storage.write_bytes(extra, json.dumps({"title": "Zebra", "text": "A zebra is striped."}).encode() + b"\n")
+    more = run.model_copy(update={"eval": run.eval.model_copy(update={
+        "extra_corpus": [CorpusSource(name="more", paths=[extra])]})})
+    paragraphs = {"squad": evaluate.load_qa(storage, run.eval.qa[0])[2]}
+    with pytest.raises(StageMismatchError, match="rerun with --force"):
+        evaluate.qa_database(more, storage, paragraphs)
+    rebuilt = evaluate.qa_database(more, storage, paragraphs, force=True)
+    assert [s.name for s in rebuilt.corpus.sources] == ["wiki", "more", "squad-contexts"]
+    assert evaluate.qa_database(more, storage, paragraphs).corpus == rebuilt.corpus  # and then up to date
     # the tuned InstructRetro without its encoder, as a plain Hugging Face model
     from transformers import AutoModelForCausalLM
 
     from retro_ray.cli import main
-    from retro_ray.generate import load_model
+    from retro_ray.model.io import load_model
 
     config = f"{workdir}/config.yaml"
     storage.write_bytes(config, run.to_yaml().encode())

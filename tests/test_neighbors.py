@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from retro_ray import index, neighbors, tokenizer
-from retro_ray.dbfiles import ChunkStore, db_dir, read_vectors
+from retro_ray.dbfiles import ChunkStore, read_vectors
 from retro_ray.errors import UserError
+from retro_ray.layout import db_dir, index_dir
 from retro_ray.storage import Storage
 
 SEQ = 256  # 4 chunks of 64
@@ -37,7 +38,7 @@ def _split(cfg, split):
 
 def test_index_layout_and_exact_recall(retrieved):
     cfg, *_ = retrieved
-    layout = json.loads((Storage().read_bytes(index.stage_dir(cfg) + "/layout.json")))
+    layout = json.loads((Storage().read_bytes(index_dir(cfg) + "/layout.json")))
     assert layout["factory"] == "Flat" and len(layout["shards"]) == 2
     assert sum(s["rows"] for s in layout["shards"]) == layout["shards"][-1]["range"][1]
     assert index.verify(cfg, Storage(), queries=50, k=5)["recall_at_5"] == 1.0

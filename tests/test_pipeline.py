@@ -59,7 +59,8 @@ def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_te
                                 "max_examples": 24, "max_steps": 2},
                       eval={"qa": [{"name": "pydocs", "path": str(configs / "pydocs-qa.jsonl"), "max_questions": 4}],
                             "max_new_tokens": 4, "ppl_samples": 2},
-                      serve={"question": "What is the Python module textwrap for?"})
+                      serve={"question": "What is the Python module textwrap for?",
+                             "demo": str(configs / "demo-questions.jsonl")})
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.to_yaml())
     done = subprocess.run([str(Path(sys.executable).parent / "retro-ray"), "pipeline", "--config", str(config_file)],
@@ -69,8 +70,13 @@ def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_te
     asked = next(i for i, line in enumerate(terminal) if line.startswith("retro-ray: asked http://127.0.0.1:"))
     assert terminal[asked + 2].strip()  # the answer
     passages = [line for line in terminal if line.startswith("  [") and ", chunk " in line]
-    assert len(passages) == 3  # serve.passages retrieved for the question, printed with their text
+    assert 1 <= len(passages) <= 3  # serve.passages retrieved for the question (as many as fit the context)
+    assert all(line.split("): ", 1)[1].split(": ", 1)[0] for line in passages)  # each printed with its title
     assert any(line.endswith("eval/qa.md") for line in terminal)
+    demo = json.loads((tmp_path / "run" / "eval" / "demo.json").read_text())  # the demo questions, each asked
+    assert demo["asked"] == 11 and len(demo["rows"]) == 11 and all(r["answer"] is not None for r in demo["rows"])
+    shown = next(line for line in terminal if line.startswith("demo questions ("))
+    assert shown.endswith(f"{demo['correct']} of 11 answers hold a gold answer")
     assert any("pipeline: stage 7/7 eval" in line for line in terminal)
     assert [line for line in terminal if RAY_LINE.search(line)] == []  # Ray's own lines went to the log
     ray_log = (tmp_path / "run" / "logs" / "ray.log").read_text()

@@ -14,7 +14,8 @@ import pytest
 
 from retro_ray import chunks, corpus, neighbors, tokenizer
 from retro_ray.config import CorpusSource
-from retro_ray.dbfiles import CHUNK_SCHEMA, ChunkStore, block_name, db_dir, write_token_block
+from retro_ray.dbfiles import CHUNK_SCHEMA, ChunkStore, block_name, write_token_block
+from retro_ray.layout import db_dir, tokenizer_dir
 from retro_ray.storage import Manifest, Storage, join
 
 from conftest import WIKI, kill_db_at_first_embedding, tiny_config
@@ -23,7 +24,7 @@ from conftest import WIKI, kill_db_at_first_embedding, tiny_config
 def reference_blocks(cfg, storage: Storage, out: Path) -> dict[str, str]:
     """The database's chunk blocks as one process numbers them (every corpus, file and row in
     blend order, ids counted as they come): block name -> SHA-256 of its file."""
-    tokenizer_json = storage.read_bytes(join(tokenizer.stage_dir(cfg), "tokenizer.json")).decode()
+    tokenizer_json = storage.read_bytes(join(tokenizer_dir(cfg), "tokenizer.json")).decode()
     files = corpus.source_files(cfg, storage)
     tables = []
     for source in cfg.corpus.sources:
@@ -36,7 +37,7 @@ def reference_blocks(cfg, storage: Storage, out: Path) -> dict[str, str]:
     kept = pa.concat_tables(tables)
     doc_pos = kept.column("doc_pos").to_numpy()
     table = pa.table([np.arange(kept.num_rows), np.cumsum(doc_pos == 0) - 1, kept.column("doc_pos"),
-                      kept.column("tokens"), kept.column("text")], schema=CHUNK_SCHEMA)
+                      kept.column("tokens"), kept.column("text"), kept.column("title")], schema=CHUNK_SCHEMA)
     size = cfg.db.block_size
     return {block_name(s, min(s + size, len(table))): storage.write_parquet(
         str(out / f"{s}.parquet"), table.slice(s, size).combine_chunks()) for s in range(0, len(table), size)}

@@ -31,9 +31,8 @@ def app(built_db, tmp_path_factory):
     with small CPU shares; yields (base URL, config, tokenizer)."""
     from ray import serve
 
-    from retro_ray.instruct import tuning_config
+    from retro_ray.layout import model_dir, tuned
     from retro_ray.serve import start
-    from retro_ray.train import MODEL_DIR, run_dir
 
     folder = tmp_path_factory.mktemp("serve")
     key_file = folder / "key"
@@ -41,7 +40,7 @@ def app(built_db, tmp_path_factory):
     cfg = generation_run(built_db, folder, neighbors_stage=False)
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_file": str(key_file)})})
     tok = tokenizer.load_run_tokenizer(cfg, Storage())
-    save_pretrained(make_model("retro", len(tok), tok.eos_token_id), Path(run_dir(tuning_config(cfg))) / MODEL_DIR)
+    save_pretrained(make_model("retro", len(tok), tok.eos_token_id), model_dir(tuned(cfg)))
     spec = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
     application = spec["applications"][0]
     application["args"]["serve"] = LIMITS
@@ -81,8 +80,9 @@ def test_chat_and_completion_streaming_and_not_with_usage(app):
     chat = c.chat.completions.create(model="pretrain-instruct", messages=messages, max_tokens=12, temperature=0,
                                      extra_body={"retrieval": "both", "passages": 1})
     [passage] = chat.choices[0].model_extra["passages"]
-    assert {"chunk_id", "doc_id", "score", "text"} <= set(passage)
-    prompt = chat_prompt(messages, [format_passage(passage["text"])], "retro", tok)
+    assert {"chunk_id", "doc_id", "score", "title", "text"} <= set(passage) and passage["title"]
+    prompt = chat_prompt(messages, [format_passage(passage["text"], passage["title"])], "retro", tok)
+    assert f"title: {passage['title']}, source: " in prompt  # every passage in a prompt carries its title
     assert prompt.endswith("Assistant:") and passage["text"].split()[0] in prompt
     assert chat.usage.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert chat.usage.completion_tokens == 12 and chat.choices[0].message.role == "assistant"
@@ -103,7 +103,34 @@ def test_chat_and_completion_streaming_and_not_with_usage(app):
     found = requests.post(f"{url}/v1/retrieve", json={"query": "Battle of Hastings", "k": 3},
                        headers={"Authorization": f"Bearer {KEY}"}).json()
     assert [len(row["passages"]) for row in found["data"]] == [3]
-    assert {"chunk_id", "doc_id", "score", "text"} <= set(found["data"][0]["passages"][0])
+    assert {"chunk_id", "doc_id", "score", "title", "text"} <= set(found["data"][0]["passages"][0])
+
+
+def test_question_mode_feeds_the_encoder_the_questions_passages_and_short_answers_ask_as_tuned(app):
+    """retrieval "question": the passages retrieved for the question go in the prompt and the
+    encoder reads the top k of them for every chunk (InstructRetro); short_answer asks in the QA
+    form the model was tuned on. The served answer equals the engine's, given those passages."""
+    from retro_ray.generate import Generator, SamplingParams
+    from retro_ray.instruct import qa_prompt
+    from retro_ray.layout import model_dir, tuned
+    from retro_ray.model.io import load_model
+
+    url, cfg, tok = app
+    question = "When was the Battle of Hastings?"
+    found = requests.post(f"{url}/v1/retrieve", json={"query": question, "k": 2},
+                          headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["passages"]
+    texts = [format_passage(p["text"], p["title"]) for p in found]
+    chat = client(url).chat.completions.create(
+        model="pretrain-instruct", messages=[{"role": "user", "content": question}], max_tokens=10, temperature=0,
+        extra_body={"retrieval": "question", "passages": 1, "short_answer": True, "ignore_eos": True})
+    prompt = qa_prompt(question, texts[:1], "retro", tok)
+    assert prompt.endswith("Assistant: The answer is")
+    assert chat.usage.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert [p["chunk_id"] for p in chat.choices[0].model_extra["passages"]] == [found[0]["chunk_id"]]
+    engine = Generator(load_model(Storage(), model_dir(tuned(cfg))), tok)
+    local = engine.generate([prompt], SamplingParams(max_new_tokens=10, stop=["\n\nUser:", "\n"], ignore_eos=True),
+                            mode="question", neighbor_passages=[texts])[0]
+    assert chat.choices[0].message.content == local.text
 
 
 def test_api_key_is_needed_except_for_health(app):

@@ -92,3 +92,17 @@ def test_whole_run_on_s3(samples, s3_endpoint):
     assert steps(result["history"]) == [1, 2]
     assert storage.exists("s3://retro/train-run/checkpoints/s3/model/model.safetensors")
     assert storage.exists("s3://retro/train-run/checkpoints/s3/loss.png")
+
+
+def test_a_tuning_step_holds_about_batch_examples_examples():
+    from retro_ray.config import Config
+    from retro_ray.train import TrainData, grad_accum
+
+    rows = [{"positions": [0, 1, 2, 0, 1]}, {"positions": [0, 1, 0, 1, 2, 0]}]  # 2 and 3 examples a row
+    data = TrainData(rows, rows, lambda items: items, lambda row: sum(p == 0 for p in row["positions"]))
+    cfg = Config.model_validate({"train": {"micro_batch_size": 2, "grad_accum": 3}, "instruct": {"batch_examples": 40}})
+    assert grad_accum(cfg, data, world=1, tuning=True) == 8  # 40 / (2 rows x 2.5 examples)
+    assert grad_accum(cfg, data, world=2, tuning=True) == 4
+    assert grad_accum(cfg, data, world=1, tuning=False) == 3  # pretraining: train.grad_accum
+    untuned = cfg.model_copy(update={"instruct": cfg.instruct.model_copy(update={"batch_examples": None})})
+    assert grad_accum(untuned, data, world=1, tuning=True) == 3

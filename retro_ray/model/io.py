@@ -92,6 +92,17 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> Ret
     return model.to(dtype) if dtype is not None else model
 
 
+def load_model(storage, uri: str) -> Retro | RetroFit:
+    """An exported model folder, local or on S3 (``storage``: a ``retro_ray.storage.Storage``;
+    an S3 folder is downloaded to a temporary folder first)."""
+    import tempfile
+
+    if "://" in uri:
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_pretrained(storage.download_dir(uri, tmp))
+    return load_pretrained(uri)
+
+
 def load_weights(model: Retro | RetroFit, folder: str | Path) -> None:
     """Reads the weights ``save_pretrained`` wrote into ``model``, built with the same config, in
     place: no second model (a resumed run at another world size starts this way)."""

@@ -327,12 +327,16 @@ def packed_causal_mask(positions: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None, loss_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Mean next-token cross entropy over the targets [b, n] where loss_mask [b, n] is not 0."""
+    """Next-token cross entropy over the targets [b, n], averaged with the weights loss_mask [b, n]:
+    a bool mask takes the mean over its targets, float weights a weighted mean (1 / its target
+    count for each example's tokens: the mean of per-example means)."""
     if targets is None:
         return None
-    if loss_mask is not None:
-        targets = targets.masked_fill(loss_mask == 0, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    if loss_mask is None:
+        return losses.mean()
+    weights = loss_mask.reshape(-1).to(losses.dtype)  # [b n]
+    return (losses * weights).sum() / weights.sum()
 
 
 def make_retriever(encoder: RetroEncoder | None, embed: nn.Embedding, m: int, neighbors, neighbor_mask, n: int):
