@@ -32,8 +32,8 @@ from common import ROOT, TINY, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config, smollm2_gguf  # noqa: E402
 from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
+from retro_ray.layout import model_dir  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
-from retro_ray.train import MODEL_DIR, run_dir  # noqa: E402
 
 
 def cli(*args: str) -> None:
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(TINY, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
-    if not storage.exists(join(run_dir(cfg), MODEL_DIR, "config.json")):
+    if not storage.exists(join(model_dir(cfg), "config.json")):
         cli("pipeline", "--config", str(TINY), "--set", f"workdir={args.workdir}")
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch_threads": torch.get_num_threads()}

@@ -71,8 +71,9 @@ def main() -> None:
 
     from index_actors.router import ShardedIndex, shard_actor
     from index_actors.shard import IndexShard, coarse_quantizer, new_index, save_index
-    from retro_ray.dbfiles import db_dir, finished_db, read_vectors
+    from retro_ray.dbfiles import finished_db, read_vectors
     from retro_ray.index import recall_at_k, uniform_sample
+    from retro_ray.layout import db_dir
     from retro_ray.runtime import setup_logging
     from retro_ray.storage import Storage
 

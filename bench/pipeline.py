@@ -1,12 +1,13 @@
 """Benchmark: the main job (`retro-ray pipeline`, configs/quickstart.yaml) end to end, as a user
 runs it: each stage's wall time and peak memory (the resident memory of the job's whole process
 tree, Ray's workers included, sampled every half second), the total against the 20-minute goal,
-and what the terminal showed: its lines, and how many of them Ray printed (the goal is none).
+and what the terminal showed: its lines, and how many of them Ray printed (the goal is none);
+how many of the demo questions' printed answers hold a gold answer.
 
     python bench/pipeline.py [--workdir bench/out/pipeline] [--keep]
 
 A fresh run directory each time unless --keep (then finished stages are skipped). Last line:
-``{"stages": {NAME: {"s", "peak_rss_mb"}}, "total_s", "terminal_lines", "ray_internal_lines", ...}``.
+``{"stages": {NAME: {"s", "peak_rss_mb"}}, "total_s", "terminal_lines", "ray_internal_lines", "demo", ...}``.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ def main() -> None:
     answer = next((lines[i + 2] for i, line in enumerate(lines) if "retro-ray: asked" in line and i + 2 < len(lines)), None)
     print(f"\nexit code {proc.returncode}; total {total:.0f} s = {total / GOAL_S:.2f} of the {GOAL_S} s goal; "
           f"{len(lines)} terminal lines, {len(ray_lines)} printed by Ray")
+    demo_file = Path(args.workdir) / "eval" / "demo.json"
+    demo = json.loads(demo_file.read_text()) if demo_file.exists() else {}
     print(json.dumps({"stages": stages, "total_s": round(total, 1), "goal_ratio": round(total / GOAL_S, 3),
                       "terminal_lines": len(lines), "ray_internal_lines": len(ray_lines),
-                      "exit_code": proc.returncode, "answer": answer}))
+                      "exit_code": proc.returncode, "answer": answer,
+                      "demo": {"asked": demo.get("asked"), "correct": demo.get("correct")}}))
 
 
 if __name__ == "__main__":

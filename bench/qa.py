@@ -1,11 +1,22 @@
-"""Benchmark: zero-shot QA of InstructRetro against its GPT twin, on SmolLM2-135M-Instruct.
+"""Benchmark: zero-shot QA of InstructRetro against its GPT twin, as the paper runs it, on SmolLM2-135M-Instruct.
 
-Runs ``configs/smollm2-instruct.yaml`` end to end (tokenizer, db, index, neighbours, pretrain of
-Retro and of the GPT twin on the same samples, instruction tuning of both, eval) in
-``--workdir``; finished stages are kept, so a second run only evaluates again. Then prints the
-QA table (EM / F1 per model and dataset), the tokens each model was trained on and the seconds
-per question. Last line: one JSON object
-``{"datasets": {NAME: {MODEL: {"em", "f1", "n"}}}, "tokens": {...}, ...}``.
+Builds the evidence first, at this machine's scale, and says how:
+
+- NQ-open: an evidence corpus from ``../shared/data/wiki`` (``evidence.select_evidence``): for each
+  of the first ``--questions`` questions, the article that holds a gold answer and shares the
+  most words with the question, plus 4x as many other articles at random. It is the run's corpus,
+  so Retro is continued on it and retrieves from it.
+- SQuAD: its gold paragraph as the context (``squad``, the paper's setting), and the same
+  questions answered from passages retrieved from the run's database plus SQuAD's paragraphs
+  (``squad-retrieved``).
+- Tuning: T0, WebQuestions (no context) and SQuAD dev questions with their gold paragraph from
+  articles whose questions are not evaluated (``squad-tune``): gold context or none.
+
+Then runs ``configs/smollm2-instruct.yaml`` end to end in ``--workdir`` (finished stages are kept)
+and prints the QA table (both scorings), retrieval recall, answer coverage, seconds per question
+and how each model was tuned. Last line: one JSON object
+``{"datasets": {NAME: {ROW: {"em", "f1", "em_squad", "f1_squad", "n"}}}, "answer_coverage",
+"answer_recall", "seconds_per_question", "tuning", "evidence", ...}``.
 
     python bench/qa.py [--questions 300] [--workdir bench/out/qa-smollm2]
 """
@@ -22,6 +33,67 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402
 
+DATA = ROOT.parent / "shared" / "data"
+WIKI_PARTS = sorted((DATA / "wiki").glob("part-*.parquet"))
+NQ = DATA / "qa" / "nq-open-dev.jsonl"
+SQUAD = DATA / "qa" / "squad-v1.1-dev.json"
+
+
+def nq_evidence(out: Path, questions: int, seed: int = 0) -> dict:
+    """The NQ evidence corpus (``out``: Parquet, ``title`` and ``text``) and its report; built once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retro_ray.config import EvalQASet
+    from retro_ray.evaluate import load_qa
+    from retro_ray.evidence import select_evidence
+    from retro_ray.storage import Storage
+
+    report_file = out.with_suffix(".json")
+    if out.exists() and report_file.exists():
+        report = json.loads(report_file.read_text())
+        if report["questions"] == questions and report["seed"] == seed:
+            return report
+    asked, _, _ = load_qa(Storage(), EvalQASet(name="nq", path=str(NQ), max_questions=questions))
+
+    def articles():
+        for part in WIKI_PARTS:
+            table = pq.read_table(part, columns=["title", "text"])
+            yield from zip(table.column("title").to_pylist(), table.column("text").to_pylist())
+
+    start = time.time()
+    chosen, report = select_evidence(articles(), asked, per_question=1, distractors=4.0, seed=seed)
+    wanted, titles, texts = set(chosen), [], []
+    for i, (title, text) in enumerate(articles()):
+        if i in wanted:
+            titles.append(title)
+            texts.append(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"title": titles, "text": texts}), out)
+    report.update(seed=seed, source=[p.name for p in WIKI_PARTS], seconds=round(time.time() - start, 1),
+                  characters=sum(len(t) for t in texts))
+    report_file.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def squad_tuning(out: Path, evaluated: int) -> int:
+    """SQuAD dev questions with their gold paragraph (``context``, ``title``), one per paragraph, from
+    the articles after those holding the first ``evaluated`` questions -> rows written."""
+    data = json.loads(SQUAD.read_text())["data"]
+    seen, first = 0, 0
+    while seen < evaluated:
+        seen += sum(len(p["qas"]) for p in data[first]["paragraphs"])
+        first += 1
+    rows = []
+    for article in data[first:]:
+        for p in article["paragraphs"]:
+            if p["qas"]:
+                q = p["qas"][0]
+                rows.append({"question": q["question"], "answer": [a["text"] for a in q["answers"]],
+                             "context": p["context"], "title": article["title"].replace("_", " ")})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -35,40 +107,43 @@ def main() -> None:
     from retro_ray.evaluate import qa_markdown
     from retro_ray.pipeline import run_pipeline
     from retro_ray.preflight import check_config
-    from retro_ray.runtime import init_ray, setup_logging
+    from retro_ray.runtime import ray_session, setup_logging
     from retro_ray.storage import Storage, join
 
     setup_logging()
-    cfg = load_config(args.config, [f"workdir={args.workdir}"])
+    inputs = Path(args.workdir) / "inputs"
+    evidence = nq_evidence(inputs / "nq-evidence.parquet", args.questions)
+    tune_rows = squad_tuning(inputs / "squad-tune.jsonl", args.questions)
+    print(f"nq evidence: {evidence['with_answer']} articles holding an answer + {evidence['distractors']} "
+          f"distractors of {evidence['articles']} ({evidence['characters'] / 1e6:.1f} M characters); "
+          f"answer coverage {100 * evidence['answer_coverage']:.0f}%: {evidence['how']}", flush=True)
+    corpus = [{"name": "nq-evidence", "paths": [str(inputs / "nq-evidence.parquet")]}]
+    cfg = load_config(args.config, [f"workdir={args.workdir}", f"corpus.sources={json.dumps(corpus)}",
+                                    "corpus.max_docs=null", f"instruct.sources={json.dumps(instruct_sources(inputs))}"])
     cfg.eval.qa = [q.model_copy(update={"max_questions": args.questions}) for q in cfg.eval.qa]
     check_config(cfg)
     storage = Storage(cfg.storage)
-    init_ray(cfg, None)
     start = time.time()
-    run_pipeline(cfg, storage)
+    with ray_session(cfg):
+        run_pipeline(cfg, storage)
     wall = time.time() - start
 
     report = storage.read_json(join(cfg.workdir, "eval", "qa.json"))
     ppl = storage.read_json(join(cfg.workdir, "eval", "ppl.json"))
-
-    def trained(run: str) -> int:
-        history = storage.read_json(join(cfg.workdir, "checkpoints", run, "history.json"))
-        return int(history[-1].get("tokens", 0))
-
-    name = cfg.train.run_name
-    pre = {"retro": trained(name), "gpt": trained(f"{name}-gpt")}
-    tuned = {"retro": trained(f"{name}-instruct"), "gpt": trained(f"{name}-gpt-instruct")}
-    tokens = {"gpt": pre["gpt"] + tuned["gpt"], "gpt_rag": pre["gpt"] + tuned["gpt"],
-              "retro_decoder_only": pre["retro"] + tuned["retro"], "retro_encoder": pre["retro"] + tuned["retro"],
-              "base_rag": 0, "pretrain": pre, "instruct": tuned}
     print(qa_markdown(report))
-    print(f"tokens trained (pretrain + instruct): {json.dumps(tokens)}")
     print(f"seconds per question: {json.dumps(report['seconds_per_question'])}")
-    print(f"validation perplexity: {json.dumps(ppl['models'])}; by overlap: {json.dumps(ppl['buckets'])}")
-    print(json.dumps({"datasets": report["datasets"], "tokens": tokens,
-                      "seconds_per_question": report["seconds_per_question"], "rows": report["rows"],
-                      "database": report["database"], "ppl": ppl["models"], "ppl_buckets": ppl["buckets"],
-                      "near_copy_share": ppl["near_copy_share"], "wall_s": round(wall, 1)}))
+    print(f"validation perplexity: {json.dumps(ppl['models'])}")
+    print(json.dumps({"datasets": report["datasets"], "answer_coverage": report["answer_coverage"],
+                      "answer_recall": report["answer_recall"], "seconds_per_question": report["seconds_per_question"],
+                      "tuning": report["tuning"], "evidence": evidence, "squad_tune_rows": tune_rows,
+                      "database": report["database"], "retrieval": report["retrieval"], "ppl": ppl["models"],
+                      "wall_s": round(wall, 1)}))
+
+
+def instruct_sources(inputs: Path) -> list[dict]:
+    return [{"name": "t0", "paths": [str(DATA / "instruct" / "t0-train-50k.parquet")]},
+            {"name": "webquestions", "paths": [str(DATA / "qa" / "webquestions-train.jsonl")]},
+            {"name": "squad-tune", "paths": [str(inputs / "squad-tune.jsonl")]}]
 
 
 if __name__ == "__main__":

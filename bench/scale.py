@@ -122,7 +122,8 @@ def sharded_ratio(cfg, manifest, out: Path) -> dict:
 
     from index_actors.router import ShardedIndex, shard_actor
     from index_actors.shard import IndexShard, coarse_quantizer, new_index, save_index
-    from retro_ray.dbfiles import db_dir, read_vectors
+    from retro_ray.dbfiles import read_vectors
+    from retro_ray.layout import db_dir
     from retro_ray.storage import Storage
 
     total = manifest.counts["chunks"]

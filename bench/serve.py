@@ -35,7 +35,7 @@ from common import ROOT, TINY, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
-from retro_ray.train import MODEL_DIR, run_dir  # noqa: E402
+from retro_ray.layout import model_dir  # noqa: E402
 
 REQUESTS_PER_CLIENT = {1: 8, 8: 4, 32: 2}
 TIMEOUT_S = 300
@@ -44,7 +44,8 @@ GENERATOR_CPUS = 2
 
 def prompts(cfg, storage, n: int) -> list[str]:
     """n prompts of two consecutive chunks each, from the run's database."""
-    from retro_ray.dbfiles import ChunkTexts, db_dir, finished_db
+    from retro_ray.dbfiles import ChunkTexts, finished_db
+    from retro_ray.layout import db_dir
 
     db = finished_db(cfg, storage)
     return db_prompts(ChunkTexts(storage, db_dir(cfg), sorted(db.blocks)), db.counts["chunks"], n)
@@ -154,7 +155,7 @@ def main() -> None:
 
     cfg = load_config(TINY, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
-    if not storage.exists(join(run_dir(cfg), MODEL_DIR, "config.json")):
+    if not storage.exists(join(model_dir(cfg), "config.json")):
         subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", str(TINY), "--set", f"workdir={args.workdir}"],
                        check=True, cwd=ROOT)
     model = _model_name(model_path(cfg, storage))
