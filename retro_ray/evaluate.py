@@ -334,11 +334,11 @@ def tuning_summary(storage: Storage, paths: dict[str, str]) -> dict:
 SETUPS = {"gpt": ("gpt_instruct", False, "off"), "gpt_rag": ("gpt_instruct", True, "off"),
           "retro_decoder_only": ("retro_instruct", True, "off"), "retro_encoder": ("retro_instruct", True, "question"),
           "base_rag": ("base", True, "off")}
-"""Each row of ``MODELS``: (model, passages in the prompt, retrieval mode)."""
+"""Each row of the QA table: (model, passages in the prompt, retrieval mode)."""
 
 
 def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False) -> dict:
-    """The QA table: every model of ``MODELS`` that the run has, on every ``eval.qa`` set, both
+    """The QA table: every row of ``SETUPS`` whose model the run has, on every ``eval.qa`` set, both
     scorings; how well retrieval finds the answers, and how many the database holds."""
     from retro_ray import tokenizer as run_tokenizer
     from retro_ray.generate import Generator

@@ -204,8 +204,10 @@ def train_loop_per_worker(config: dict) -> None:
             step_tokens += batch["tokens"].numel() * world
         tokens_seen += step_tokens
         done = step + 1
-        step_examples = sum(data.examples(row) for a in range(accum) for r in range(world)
-                            for row in micro_rows(step, a, r))
+        step_examples = tc.micro_batch_size * accum * world  # a sample a row, or packed examples:
+        if data.examples is not None:
+            step_examples = sum(data.examples(row) for a in range(accum) for r in range(world)
+                                for row in micro_rows(step, a, r))
         record = {"step": done, "loss": total / max(sum(w.item() for w in weights), 1e-9),
                   "lr": scheduler.get_last_lr()[0], "step_s": round(time.time() - step_start, 4),
                   "tokens": (history[-1].get("tokens", 0) if history else 0) + step_tokens,
@@ -242,7 +244,8 @@ class TrainData:
     train: Any  # rows by index: RetroSamples or InstructSamples
     valid: Any
     to_batch: Callable[[list[dict]], dict]
-    examples: Callable[[dict], int]
+    examples: Callable[[dict], int] | None
+    """How many examples a row holds (packed instruction rows); None: one."""
 
 
 def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device) -> TrainData:
@@ -261,14 +264,14 @@ def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device) 
     store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
     train, valid = (RetroSamples(cfg, storage, s, store) for s in ("train", "valid"))
     return TrainData(train, valid, lambda items: make_batch(items, cfg.db.chunk_length, cfg.train.retrieval, device),
-                     lambda item: 1)
+                     None)
 
 
 def grad_accum(cfg: Config, data: TrainData, world: int, tuning: bool) -> int:
     """Micro-batches per step: ``train.grad_accum``, or when ``tuning`` with ``instruct.batch_examples``
     as many as make a step of about that many examples on ``world`` ranks (rows pack several)."""
     tc, target = cfg.train, cfg.instruct.batch_examples
-    if not (tuning and target):
+    if not (tuning and target and data.examples):
         return tc.grad_accum
     per_row = sum(data.examples(data.train[i]) for i in range(len(data.train))) / max(len(data.train), 1)
     return max(1, round(target / (tc.micro_batch_size * world * per_row)))
