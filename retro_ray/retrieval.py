@@ -18,6 +18,7 @@ its continuation or a window of about N words around it. Imports no Ray.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class LexicalIndex:
     def __init__(self, texts: ChunkTexts):
         import bm25s
 
+        logging.getLogger("bm25s").setLevel(logging.NOTSET)  # it sets DEBUG on import: follow the process's level
         corpus = [f"{title} {text}" for title, text in texts.all()]
         self.bm25 = bm25s.BM25()
         self.bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)

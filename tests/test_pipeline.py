@@ -79,5 +79,6 @@ def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_te
     assert shown.endswith(f"{demo['correct']} of 11 answers hold a gold answer")
     assert any("pipeline: stage 7/7 eval" in line for line in terminal)
     assert [line for line in terminal if RAY_LINE.search(line)] == []  # Ray's own lines went to the log
+    assert [line for line in terminal if " DEBUG " in line] == []  # no library's debug lines (bm25s sets DEBUG)
     ray_log = (tmp_path / "run" / "logs" / "ray.log").read_text()
     assert "Started a local Ray instance" in ray_log and "Running Dataset" not in "\n".join(terminal)
