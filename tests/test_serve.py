@@ -22,7 +22,8 @@ from retro_ray.storage import Storage
 KEY = "sk-test-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_tokens": 400, "max_prompt_tokens": 480, "max_n": 2, "max_body_bytes": 20000, "max_passages": 4,
-          "passages": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.2}
+          "passages": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.2,
+          "stream_interval_s": 0}  # every step streams its tokens, however fast the machine decodes
 
 
 @pytest.fixture(scope="module")
