@@ -80,21 +80,6 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(run):
         assert together.tokens == alone.tokens and together.retrieved == alone.retrieved
 
 
-def test_a_batch_mixing_retrieval_and_decoder_only_equals_each_alone(run):
-    """Serving batches requests of different retrieval modes; each decodes as it would alone."""
-    cfg, tok, retriever = run
-    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
-    prompts, retrieve = [PROMPT, PROMPT[:60], PROMPT * 2], [True, False, True]
-    params = [SamplingParams(max_new_tokens=70)] * 3
-    decoding = gen.start([gen.encode_prompt(p, q) for p, q in zip(prompts, params)], params, retrieve)
-    steps = sum(1 for _ in decoding.steps())
-    assert steps == 70 and decoding.finish == ["length"] * 3
-    for i, (prompt, r) in enumerate(zip(prompts, retrieve)):
-        alone = gen.generate([prompt], params[:1], mode="encoder" if r else "off")[0]
-        assert decoding.generated[i] == alone.tokens and decoding.retrieved[i] == alone.retrieved
-    assert decoding.retrieved[1] == [] and decoding.retrieved[0]
-
-
 def test_sampling_is_seeded_and_stop_strings_cut_the_output(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)

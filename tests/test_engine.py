@@ -1,0 +1,158 @@
+"""The engine on a real tiny run: every request decodes as it would alone against the
+full-recompute reference, whenever it was admitted and whatever else runs; a short request is
+not held behind a long one; a failing request fails alone; a cancelled one frees its room."""
+
+import time
+
+import pytest
+from conftest import PROMPT, generation_run, make_model
+
+from retro_ray import tokenizer
+from retro_ray.engine import EngineConfig, GenerationError, Request, SamplingParams
+from retro_ray.generate import Generator
+from retro_ray.retrieval import run_retriever
+from retro_ray.storage import Storage
+
+
+@pytest.fixture(scope="module")
+def run(built_db, tmp_path_factory):
+    cfg = generation_run(built_db, tmp_path_factory.mktemp("engine"))
+    return cfg, tokenizer.load_run_tokenizer(cfg, Storage()), run_retriever(cfg, Storage())
+
+
+def _request(gen, prompt: str, params: SamplingParams, retrieve: bool = True, **kw) -> Request:
+    return Request(gen.encode_prompt(prompt, params), params, retrieve and gen.cfg.retrieval, **kw)
+
+
+@pytest.mark.parametrize("kind", ["retro", "llama"])
+def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind):
+    """Mixed prompt lengths, retrieval on and off, admitted at different steps (one mid-chunk of
+    another's decoding), long prompts prefilled in pieces: each equals its own reference."""
+    cfg, tok, retriever = run
+    model = make_model(kind, len(tok), tok.eos_token_id)
+    gen = Generator(model, tok, retriever)
+    ref = Generator(model, tok, retriever, use_cache=False)
+    cases = [(PROMPT, 90, True), (PROMPT[:30], 70, True), (PROMPT * 3, 40, True), (PROMPT[:50], 60, False),
+             (PROMPT * 2, 50, True)]
+    arrive = [0, 5, 11, 37, 52]  # steps; 37 is mid-chunk for the first sequence
+    engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=8, prefill_tokens=48))
+    seqs, step = {}, 0
+    while len(seqs) < len(cases) or engine.has_work():
+        for i, at in enumerate(arrive):
+            if at == step:
+                prompt, n, retrieve = cases[i]
+                seqs[i] = engine.add(_request(gen, prompt, SamplingParams(max_new_tokens=n), retrieve))[0]
+        engine.step()
+        step += 1
+    assert engine.stats.largest_batch >= 3 and engine.arena.used() == 0
+    for i, (prompt, n, retrieve) in enumerate(cases):
+        alone = ref.generate([prompt], SamplingParams(max_new_tokens=n), mode="encoder" if retrieve else "off")[0]
+        s = seqs[i]
+        assert s.error is None and len(s.generated) == n
+        assert s.generated == alone.tokens, (kind, i)
+        assert s.text == alone.text and s.retrieved == alone.retrieved
+        assert bool(s.retrieved) == retrieve
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes(run):
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    engine = gen.engine(EngineConfig(kv_tokens=2048, max_seqs=4))
+    long = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=200)))[0]
+    for _ in range(10):
+        engine.step()
+    short = engine.add(_request(gen, PROMPT[:20], SamplingParams(max_new_tokens=4)))[0]
+    while not short.done:
+        engine.step()
+    assert not long.done and short.finish == "length" and len(long.generated) < 30
+
+
+def test_static_policy_admits_only_when_empty(run):
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    engine = gen.engine(EngineConfig(kv_tokens=2048, max_seqs=4, policy="static"))
+    long = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=40)))[0]
+    engine.step()
+    short = engine.add(_request(gen, PROMPT[:20], SamplingParams(max_new_tokens=4)))[0]
+    while not short.done:
+        engine.step()
+    assert long.done and long.finish == "length"
+
+
+def test_a_poisoned_request_fails_alone(run):
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=8))
+    poison = SamplingParams(max_new_tokens=30, temperature=1e-45)  # logits / t overflow: no distribution
+    reqs = [_request(gen, PROMPT[: 20 + 9 * i], poison if i == 3 else SamplingParams(max_new_tokens=30))
+            for i in range(8)]
+    seqs = engine.run(reqs)
+    assert [s.error is None for s in seqs] == [i != 3 for i in range(8)]
+    assert "sampling failed" in seqs[3].error and seqs[3].news() == {"error": seqs[3].error}
+    assert all(len(s.generated) == 30 for i, s in enumerate(seqs) if i != 3)
+
+
+def test_a_retrieval_that_fails_or_times_out_fails_its_sequence_alone(run):
+    cfg, tok, retriever = run
+
+    class Flaky:
+        """The run's retriever, failing or stalling on one text (what a dead shard does)."""
+        tokenizer_id = getattr(retriever, "tokenizer_id", None)
+
+        def __init__(self, how):
+            self.how = how
+
+        def retrieve(self, texts, k):
+            if any("Zanzibar" in t for t in texts):
+                if self.how == "stall":
+                    time.sleep(3)
+                raise ConnectionError("shard 0 is gone")
+            return retriever.retrieve(texts, k)
+
+    model = make_model("retro", len(tok), tok.eos_token_id)
+    for how in ("fail", "stall"):
+        gen = Generator(model, tok, Flaky(how))
+        engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=4, retrieval_timeout_s=1.0))
+        bad = engine.add(_request(gen, "Zanzibar " * 40, SamplingParams(max_new_tokens=10)))  # a complete chunk
+        if how == "stall":
+            engine.step()  # its query is out before the other's: they are not one batch
+        seqs = bad + engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=80)))
+        while engine.has_work():
+            engine.step()
+        assert seqs[0].error == ("retrieval timed out after 1 s" if how == "stall" else
+                                 "retrieval failed: ConnectionError: shard 0 is gone")
+        assert seqs[1].error is None and len(seqs[1].generated) == 80 and seqs[1].retrieved
+        assert engine.arena.used() == 0
+
+
+def test_a_cancelled_sequence_frees_its_room_at_the_next_step(run):
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    engine = gen.engine(EngineConfig(kv_tokens=700, max_seqs=4))
+    first = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=300)))
+    for _ in range(3):
+        engine.step()
+    used = engine.arena.used()
+    waiting = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=300)))[0]  # no room beside it
+    engine.step()
+    assert used > 0 and waiting.offset < 0 and engine.stats.waiting == 1
+    engine.cancel(first)
+    engine.step()
+    assert first[0].finish == "cancelled" and waiting.offset >= 0 and engine.arena.used() == used
+    with pytest.raises(GenerationError, match="never fit"):
+        engine.add(Request(list(range(5, 405)), SamplingParams(max_new_tokens=400)))  # 800 > kv_tokens
+
+
+def test_n_forks_share_one_prefill_and_each_samples_its_own(run):
+    cfg, tok, retriever = run
+    gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
+    params = SamplingParams(max_new_tokens=70, temperature=0.9, seed=5)
+    engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=4))
+    forks = engine.add(_request(gen, PROMPT * 2, params), n=3)
+    while engine.has_work():
+        engine.step()
+    alone = [gen.generate([PROMPT * 2], [SamplingParams(max_new_tokens=70, temperature=0.9, seed=5 + i)])[0]
+             for i in range(3)]
+    assert [f.generated for f in forks] == [a.tokens for a in alone]  # forked = prefilled apiece
+    assert len({tuple(f.generated) for f in forks}) == 3
+    assert all(f.retrieved for f in forks) and engine.arena.used() == 0
