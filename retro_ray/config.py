@@ -353,14 +353,20 @@ class ServeConfig(Section):
     max_n: int = Field(4, gt=0)
     max_passages: int = Field(10, ge=0)
     max_body_bytes: int = Field(1_000_000, gt=0)
-    max_batch_size: int = Field(8, gt=0)
-    """Requests decoded together by a generator replica (``@serve.batch``); 1: no batching."""
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    """How long a batch waits for more requests once its first one is in (it starts at once when
-    full): longer than a client's round trip, so the clients of the last batch rejoin the next."""
-    stream_interval_s: float = Field(0.05, ge=0)
-    """Tokens decoded within this interval are streamed together (fewer messages per token); a
-    client that left is noticed at the same pace."""
+    max_seqs: int = Field(16, gt=0)
+    """Sequences a generator replica decodes together at most (the engine's rows)."""
+    kv_tokens: int = Field(16384, gt=0)
+    """Key/value cache positions of a generator replica, shared by its sequences (allocated once);
+    each holds its prompt plus ``max_tokens``. A request that can never fit is refused (400); one
+    that does not fit now waits for room."""
+    prefill_tokens: int = Field(256, gt=0)
+    """Prompt tokens prefilled per decoding step (chunked prefill): a long prompt enters over
+    several steps while the running sequences keep getting tokens."""
+    policy: Literal["continuous", "static"] = "continuous"
+    """``continuous``: sequences join and leave the running batch at every step; ``static``: a batch
+    runs to its end before the next is admitted (the baseline of ``bench/serve.py``)."""
+    retrieval_timeout_s: float = Field(30.0, gt=0)
+    """A chunk's retrieval taking longer fails its request alone."""
     question: str | None = None
     """What ``retro-ray pipeline`` asks the served model over HTTP after its last stage (the
     answer and its passages are printed); None: the pipeline does not serve."""

@@ -49,7 +49,7 @@ class GenerationError(UserError, ValueError):
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
-    """0: greedy."""
+    """Below 1e-5 (0 included): greedy, as vLLM does (logits / 1e-30 overflow)."""
     top_k: int = 0
     """Sample among the k most likely tokens; 0: all."""
     top_p: float = 1.0
@@ -77,7 +77,7 @@ class EngineConfig:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from next-token logits [V]."""
-    if params.temperature <= 0:
+    if params.temperature < 1e-5:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
     if params.top_k:
@@ -463,6 +463,9 @@ class Engine:
     def add(self, req: Request, n: int = 1) -> list[Sequence]:
         """Queue ``n`` sequences of one request (n > 1: prefilled once, then forked); they start at
         a coming step. A request that can never fit is a ``GenerationError``."""
+        vocab = self.gen.cfg.vocab_size
+        if not req.ids or min(req.ids) < 0 or max(req.ids) >= vocab:
+            raise GenerationError(f"prompt token ids must be 0..{vocab - 1}, and at least one")
         seqs = [Sequence(req, self.gen.tokenizer, self.gen.eos) for _ in range(n)]
         need = seqs[0].need * n
         if need > self.config.kv_tokens or n > self.config.max_seqs:

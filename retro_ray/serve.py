@@ -30,7 +30,8 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -43,7 +44,8 @@ from starlette.exceptions import HTTPException
 
 from retro_ray.config import Config, ServeConfig, format_errors, load_config
 from retro_ray.errors import UserError
-from retro_ray.generate import GenerationError, SamplingParams, passages_prompt, settled
+from retro_ray.engine import EngineConfig, EngineStats, GenerationError, Request as EngineRequest, SamplingParams
+from retro_ray.generate import passages_prompt
 from retro_ray.retrieval import format_passage
 from retro_ray.runtime import log
 from retro_ray.storage import Storage
@@ -89,7 +91,7 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -107,7 +109,8 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    """Choice j samples with ``seed + j`` (torch's generators take 64-bit seeds)."""
     retrieval: Literal["encoder", "prompt", "both", "question", "off"] | None = None
     passages: int | None = Field(None, ge=0)
     search: Literal["dense", "bm25", "hybrid"] | None = None
@@ -162,18 +165,61 @@ async def read_json(request: Request, limit: int, schema: type[BaseModel]) -> An
         body += part
         if len(body) > limit:
             raise APIError(413, f"the request body is larger than the limit of {limit} bytes", code="body_too_large")
+    if _depth(body) > MAX_DEPTH:  # before parsing: a deep body costs the parser, not us
+        raise APIError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(body, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    _check_text(data, "")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise APIError(400, f"{param}: {first['msg']}", param, code=first["type"]) from None
+
+
+MAX_DEPTH = 16
+
+
+def _depth(body: bytes) -> int:
+    """How deep a JSON body nests (brackets outside strings)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in body.decode("utf-8", errors="replace"):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_text(value, path: str) -> None:
+    """Every string must be text a tokenizer can take: no lone surrogates (``"\\ud800"``)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{path or 'body'}: not valid Unicode text (a lone surrogate)", path or None,
+                           "invalid_text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{path}.{i}")
 
 
 # -- the retriever and the generator ------------------------------------------------------------
@@ -199,57 +245,75 @@ class RemoteRetriever:
     """The ``Retriever`` interface over the Retriever deployment, for a ``Generator`` that
     decodes in a worker thread (``result()`` blocks that thread, not the replica's event loop)."""
 
-    def __init__(self, handle, tokenizer_id: str):
-        self.handle, self.tokenizer_id = handle, tokenizer_id
+    def __init__(self, handle, tokenizer_id: str, timeout_s: float):
+        self.handle, self.tokenizer_id, self.timeout_s = handle, tokenizer_id, timeout_s
 
     def retrieve(self, texts: list[str], k: int, exclude_docs=None):
-        return self.handle.retrieve.remote(texts, k).result()
+        return self.handle.retrieve.remote(texts, k).result(timeout_s=self.timeout_s)
+
+
+class EngineMetrics:
+    """The engine's figures through Ray's metrics API (Ray's Prometheus endpoint and dashboard):
+    waiting and running sequences, time to first token, time per output token, tokens, retrieval
+    calls and seconds, rejected requests."""
+
+    def __init__(self, every_s: float = 0.5):
+        from ray.util import metrics
+
+        latency = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+        self.waiting = metrics.Gauge("retro_ray_waiting_sequences", "Sequences waiting for room in the engine.")
+        self.running = metrics.Gauge("retro_ray_running_sequences", "Sequences in the engine's running batch.")
+        self.tokens = metrics.Counter("retro_ray_generated_tokens", "Tokens sampled.")
+        self.retrievals = metrics.Counter("retro_ray_retrievals", "Batched retriever calls of the decoding loop.")
+        self.retrieval_s = metrics.Counter("retro_ray_retrieval_seconds", "Seconds those retriever calls took.")
+        self.rejects = metrics.Counter("retro_ray_rejected_requests", "Requests the engine refused (400).")
+        self.ttft = metrics.Histogram("retro_ray_time_to_first_token_s", "Arrival to first token.", latency)
+        self.tpot = metrics.Histogram("retro_ray_time_per_output_token_s", "Mean seconds per token after the first.",
+                                      latency)
+        self.every_s, self.last_at, self.last = every_s, 0.0, EngineStats()
+
+    def step(self, st: EngineStats) -> None:
+        now = time.perf_counter()
+        if now - self.last_at < self.every_s:
+            return
+        self.waiting.set(st.waiting)
+        self.running.set(st.running)
+        for name in ("tokens", "retrievals", "retrieval_s"):
+            delta = getattr(st, name) - getattr(self.last, name)
+            if delta > 0:
+                getattr(self, name).inc(delta)
+        self.last_at, self.last = now, replace(st)
+
+    def finished(self, seq) -> None:
+        if seq.first_token_at is None:
+            return
+        self.ttft.observe(seq.first_token_at - seq.arrived)
+        if len(seq.generated) > 1:
+            self.tpot.observe((time.perf_counter() - seq.first_token_at) / (len(seq.generated) - 1))
+
+    def rejected(self) -> None:
+        self.rejects.inc()
 
 
 @dataclass
 class Job:
-    """One sequence to decode: the full prompt text, its sampling and whether it retrieves."""
+    """One prompt to decode ``n`` times: the full prompt text, its sampling, whether it retrieves."""
 
     prompt: str
     params: SamplingParams
     retrieve: bool
+    n: int = 1
     neighbors: list[str] | None = None
     """Passages the encoder reads for every chunk (mode ``question``); None: retrieved per chunk."""
     stream: bool = True
     """Send every step's text as it comes; False: only the whole text at the end."""
-    cancelled: bool = False
-    error: str | None = None
-    sent: str = ""
 
 
-@dataclass
-class GeneratorStats:
-    batches: int = 0
-    sequences: int = 0
-    largest_batch: int = 0
-    cancelled: int = 0
-    last_cancelled_tokens: int = 0
-    """Tokens the last cancelled sequence had decoded when it was dropped."""
-    active: int = 0
-
-
-_END = object()
-
-
-def _advance(steps, decoding, interval_s: float) -> bool:
-    """Decode (in a worker thread) until ``interval_s`` has passed or a sequence has finished ->
-    whether any step remains. Tokens of one call are sent together: fewer messages per token."""
-    start, finished = time.perf_counter(), sum(decoding.done)
-    while True:
-        if next(steps, _END) is _END:
-            return False
-        if sum(decoding.done) > finished or time.perf_counter() - start >= interval_s:
-            return True
-
-
-@serve.deployment(name="Generator")
+@serve.deployment(name="Generator", health_check_period_s=5, health_check_timeout_s=10)
 class GeneratorServer:
-    """The model: concurrent requests decode as one batch (``@serve.batch``), each streaming."""
+    """The model on the engine (``retro_ray.engine``): one thread steps it, every request streams
+    from its own queue, a request whose caller has gone leaves at the next step. If the engine's
+    loop dies, the health check fails and Serve replaces the replica."""
 
     def __init__(self, cfg: Config, model: str, retriever=None):
         from retro_ray import tokenizer
@@ -259,114 +323,108 @@ class GeneratorServer:
         storage = Storage(cfg.storage)
         loaded = load_model(storage, model)
         remote = None
+        sc = cfg.serve
         if retriever is not None and loaded.cfg.retrieval:
-            remote = RemoteRetriever(retriever, tokenizer.finished_tokenizer(cfg, storage).content_hash())
+            remote = RemoteRetriever(retriever, tokenizer.finished_tokenizer(cfg, storage).content_hash(),
+                                     sc.retrieval_timeout_s)
         self.generator = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
-        self.decode.set_max_batch_size(cfg.serve.max_batch_size)
-        self.decode.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        self.interval_s = cfg.serve.stream_interval_s
-        self.stats = GeneratorStats()
+        self.engine = self.generator.engine(EngineConfig(
+            kv_tokens=sc.kv_tokens, max_seqs=sc.max_seqs, prefill_tokens=sc.prefill_tokens, policy=sc.policy,
+            retrieval_timeout_s=sc.retrieval_timeout_s))
+        self.metrics = EngineMetrics()
+        self.died: str | None = None
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="retro-ray-engine", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self.closing.is_set():
+                if not engine.has_work():
+                    engine.wake.wait(0.1)
+                    engine.wake.clear()
+                    continue
+                engine.step()
+                self.metrics.step(engine.stats)
+        except BaseException as e:  # the replica is unhealthy from here on; its requests hear why
+            self.died = f"{type(e).__name__}: {e}"
+            log.exception("serve: the decoding loop died")
+            for seq in list(engine.running) + [s for group in engine.waiting for s in group]:
+                if seq.req.listener is not None:
+                    seq.req.listener(seq, {"error": f"the generator failed: {self.died}"})
+
+    def check_health(self) -> None:
+        if self.died is not None or not self.thread.is_alive():
+            raise RuntimeError(f"the decoding loop has stopped: {self.died}")
+
+    def __del__(self):
+        self.closing.set()
 
     def statistics(self) -> dict:
         import torch
 
-        return {**vars(self.stats), "torch_threads": torch.get_num_threads()}
+        return {**vars(self.engine.stats), "arena_used": self.engine.arena.used(),
+                "torch_threads": torch.get_num_threads(), "died": self.died}
 
     async def stream(self, job: Job) -> AsyncIterator[dict]:
-        """``{"text", "completion_tokens", "finish_reason"}`` for each step that has news (the
-        last with the chunks' ``neighbors``; only that one, with all the text, unless
-        ``job.stream``), or one ``{"error"}``. A caller that goes away cancels its job."""
-        text = []
-        try:
-            async for out in self.decode(job):
-                if "error" in out:
-                    yield out
-                elif job.stream and (out["text"] or out["finish_reason"]):
-                    yield out
-                elif not job.stream:
-                    text.append(out["text"])
-                    if out["finish_reason"]:
-                        yield {**out, "text": "".join(text)}
-        finally:
-            job.cancelled = True
+        """``{"choice", "text", "completion_tokens", "finish_reason"}`` for each step with news of
+        one of the job's n sequences (the last with the chunks' ``neighbors``; only that one, with
+        all the text, unless ``job.stream``), or ``{"choice", "error"}``. A caller that goes away
+        cancels its sequences."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        choice: dict = {}
 
-    @serve.batch(max_batch_size=ServeConfig().max_batch_size,  # the run's values are set in __init__
-                 batch_wait_timeout_s=ServeConfig().batch_wait_timeout_s)
-    async def decode(self, jobs: list[Job]) -> AsyncIterator[list]:
-        ids = {}
-        for job in jobs:
-            try:
-                ids[id(job)] = self.generator.encode_prompt(job.prompt, job.params)
-            except GenerationError as e:
-                job.error = str(e)
-        ok = [j for j in jobs if j.error is None]
-        st = self.stats
-        st.batches, st.sequences = st.batches + 1, st.sequences + len(ok)
-        st.largest_batch = max(st.largest_batch, len(ok))
-        if len(ok) < len(jobs):  # the others start with an empty step
-            yield [{"error": j.error} if j.error else {"text": "", "completion_tokens": 0, "finish_reason": None}
-                   for j in jobs]
-            if not ok:
-                return
-        fixed = [None if j.neighbors is None else self.generator.passage_neighbors(j.neighbors) for j in ok]
-        decoding = self.generator.start([ids[id(j)] for j in ok], [j.params for j in ok], [j.retrieve for j in ok],
-                                        fixed)
-        place = {id(j): i for i, j in enumerate(ok)}
-        reported: set[int] = set()
-        steps, loop = decoding.steps(), asyncio.get_running_loop()
-        st.active += len(ok)
-        try:
-            while True:
-                for i, job in enumerate(ok):
-                    if job.cancelled and not decoding.done[i]:
-                        decoding.cancel(i)
-                        st.cancelled += 1
-                        st.last_cancelled_tokens = len(decoding.generated[i])
-                more = await loop.run_in_executor(None, _advance, steps, decoding, self.interval_s)
-                out = []
-                for job in jobs:
-                    i = place.get(id(job))
-                    if i is None or i in reported or decoding.finish[i] == "cancelled":
-                        out.append(StopAsyncIteration)
-                        continue
-                    out.append(self._step(decoding, i, job))
-                    if decoding.done[i]:
-                        reported.add(i)
-                yield out
-                if not more:
-                    return
-        finally:
-            st.active -= len(ok)
+        def listener(seq, news: dict) -> None:  # called in the engine's thread
+            loop.call_soon_threadsafe(queue.put_nowait, {"choice": choice.get(seq.id, 0), **news})
 
-    @staticmethod
-    def _step(decoding, i: int, job: Job) -> dict:
-        """Sequence ``i``'s news since the last step: the new text that later tokens cannot change."""
-        text = decoding.texts[i]
-        done = decoding.done[i]
-        ready = text if done else settled(text, job.params.stop)
-        delta = ready[len(job.sent):] if ready.startswith(job.sent) else ""
-        job.sent += delta
-        out = {"text": delta, "completion_tokens": len(decoding.seqs[i]) - len(decoding.prompts[i]),
-               "finish_reason": decoding.finish[i] if done else None}
-        if done:
-            out["neighbors"] = [{"chunk": r["chunk"], "neighbors": [
-                {k: n[k] for k in ("chunk_id", "doc_id", "score")} for n in r["neighbors"]]}
-                for r in decoding.retrieved[i]]
-        return out
+        try:
+            ids = self.generator.encode_prompt(job.prompt, job.params)
+            fixed = None if job.neighbors is None else self.generator.passage_neighbors(job.neighbors)
+            seqs = self.engine.add(EngineRequest(ids, job.params, job.retrieve and self.generator.cfg.retrieval, fixed,
+                                           listener), job.n)
+        except GenerationError as e:
+            self.metrics.rejected()
+            yield {"choice": 0, "error": str(e)}
+            return
+        choice.update({s.id: j for j, s in enumerate(seqs)})
+        texts, left = [""] * job.n, job.n
+        try:
+            while left:
+                out = await queue.get()
+                done = "error" in out or out["finish_reason"] is not None
+                if done:
+                    left -= 1
+                    self.metrics.finished(seqs[out["choice"]])
+                if job.stream or "error" in out:
+                    yield out
+                    continue
+                texts[out["choice"]] += out["text"]
+                if done:
+                    yield {**out, "text": texts[out["choice"]]}
+        finally:
+            self.engine.cancel([s for s in seqs if not s.done])
 
 
 # -- the ingress ----------------------------------------------------------------------------------
 
 
-async def _collect(stream) -> dict:
-    """A job's stream -> its whole text, token count, finish reason and neighbours (or its error)."""
-    text, last = [], {}
+async def _collect(stream, n: int) -> list[dict]:
+    """A job's stream -> per choice its whole text, token count, finish reason and neighbours (or
+    its error)."""
+    results = [{"text": ""} for _ in range(n)]
     async for out in stream:
-        if "error" in out:
-            return out
-        text.append(out["text"])
-        last = out
-    return {**last, "text": "".join(text)}
+        done = results[out["choice"]]
+        results[out["choice"]] = out if "error" in out else {**out, "text": done["text"] + out["text"]}
+    return results
+
+
+def _failure(message: str, param: str) -> APIError:
+    """A request that failed while decoding: the server's fault (503) when retrieval or the model
+    failed, else the request's (400)."""
+    if message.startswith(("retrieval", "the generator", "the model failed")):
+        return APIError(503, message, code="generation_failed", kind="server_error")
+    return APIError(400, message, param)
 
 
 async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
@@ -500,15 +558,14 @@ class Ingress:
                            f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
         return prompt, passages[:used], n
 
-    def _jobs(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str],
-              found: list[dict]) -> list[Job]:
-        """The request's n sequences; in mode ``question`` the encoder reads the top k of ``found``."""
+    def _job(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str],
+             found: list[dict]) -> Job:
+        """A prompt's n sequences (choice j samples with ``seed + j``); in mode ``question`` the
+        encoder reads the top k of ``found``."""
         neighbors = [format_passage(p["text"], p["title"]) for p in found[: self.k]] if mode == "question" else None
-        return [Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                           stop=stop, seed=None if req.seed is None else req.seed + j,
-                                           ignore_eos=req.ignore_eos),
-                    retrieve=mode in ("encoder", "both", "question"), neighbors=neighbors, stream=req.stream)
-                for j in range(req.n)]
+        return Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                          stop=stop, seed=req.seed, ignore_eos=req.ignore_eos),
+                   retrieve=mode in ("encoder", "both", "question"), n=req.n, neighbors=neighbors, stream=req.stream)
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -551,7 +608,7 @@ class Ingress:
             found = await self._passages(req, text, mode, k)
             prompt, used, n = self._fit(lambda given, text=text: passages_prompt(given, text), found[:k], max_tokens,
                                         "prompt")
-            jobs += self._jobs(prompt, req, mode, max_tokens, stop, found)
+            jobs.append(self._job(prompt, req, mode, max_tokens, stop, found))
             choices += [{"prompt": len(choices) // req.n, "passages": used, "prompt_tokens": n}] * req.n
         return await self._respond(req, "text_completion", jobs, choices)
 
@@ -576,7 +633,7 @@ class Ingress:
 
         prompt, used, n = self._fit(build, found[:k], max_tokens, "messages")
         stop = req.stops() + (["\n\nUser:"] if template != "chat" else []) + (["\n"] if req.short_answer else [])
-        jobs = self._jobs(prompt, req, mode, max_tokens, stop, found)
+        jobs = [self._job(prompt, req, mode, max_tokens, stop, found)]
         return await self._respond(req, "chat.completion", jobs,
                                    [{"prompt": 0, "passages": used, "prompt_tokens": n}] * req.n)
 
@@ -591,11 +648,15 @@ class Ingress:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._events(head, streams, choices, include_usage),
                                      media_type="text/event-stream")
-        results = await asyncio.gather(*(_collect(s) for s in streams))
+        try:
+            results = [r for rs in await asyncio.gather(*(_collect(s, req.n) for s in streams)) for r in rs]
+        except Exception as e:  # the generator replica died, or could not be reached
+            raise APIError(503, f"the generator failed: {type(e).__name__}", code="generation_failed",
+                           kind="server_error") from None
         out = []
         for i, (res, choice) in enumerate(zip(results, choices)):
             if "error" in res:
-                raise APIError(400, res["error"], "prompt" if kind == "text_completion" else "messages")
+                raise _failure(res["error"], "prompt" if kind == "text_completion" else "messages")
             body = ({"message": {"role": "assistant", "content": res["text"]}} if kind == "chat.completion"
                     else {"text": res["text"], "logprobs": None})
             out.append({"index": i, **body, "finish_reason": res["finish_reason"], "passages": choice["passages"],
@@ -605,7 +666,7 @@ class Ingress:
     async def _events(self, head: dict, streams: list, choices: list[dict], include_usage: bool):
         chat = head["object"] == "chat.completion"
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        results = [{"completion_tokens": 0} for _ in streams]
+        results = [{"completion_tokens": 0} for _ in choices]
 
         def event(choice: dict) -> str:
             return f"data: {json.dumps({**head, 'choices': [choice], **({'usage': None} if include_usage else {})})}\n\n"
@@ -614,24 +675,36 @@ class Ingress:
             for i, choice in enumerate(choices):
                 yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                              "passages": choice["passages"]})
-        async for i, out in _merged(streams):
-            if "error" in out:
-                yield f"data: {json.dumps(APIError(400, out['error']).body())}\n\n"
-                continue
-            results[i] = out
-            if not out["text"] and out["finish_reason"] is None:
-                continue
-            body = {"delta": {"content": out["text"]} if out["text"] else {}} if chat else {"text": out["text"],
-                                                                                             "logprobs": None}
-            choice = {"index": i, **body, "finish_reason": out["finish_reason"]}
-            if out["finish_reason"] is not None:
-                choice["neighbors"] = out.get("neighbors", [])
-                if not chat:
-                    choice["passages"] = choices[i]["passages"]
-            yield event(choice)
+        n = len(choices) // len(streams)
+        try:
+            async for job, out in _merged(streams):
+                i = job * n + out["choice"]
+                if "error" in out:
+                    yield f"data: {json.dumps(_failure(out['error'], 'prompt').body())}\n\n"
+                    continue
+                results[i] = out
+                if not out["text"] and out["finish_reason"] is None:
+                    continue
+                yield event(self._chunk(chat, i, out, choices[i]))
+        except Exception as e:  # the generator replica died mid-stream: say so, do not hang
+            failed = APIError(503, f"the generator failed: {type(e).__name__}", code="generation_failed",
+                              kind="server_error")
+            yield f"data: {json.dumps(failed.body())}\n\n"
         if include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(choices, results)})}\n\n"
         yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _chunk(chat: bool, i: int, out: dict, choice: dict) -> dict:
+        """A streamed choice's news as an OpenAI chunk's choice."""
+        body = {"delta": {"content": out["text"]} if out["text"] else {}} if chat else {"text": out["text"],
+                                                                                         "logprobs": None}
+        chunk = {"index": i, **body, "finish_reason": out["finish_reason"]}
+        if out["finish_reason"] is not None:
+            chunk["neighbors"] = out.get("neighbors", [])
+            if not chat:
+                chunk["passages"] = choice["passages"]
+        return chunk
 
 
 # -- building and starting the app ----------------------------------------------------------------

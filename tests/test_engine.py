@@ -83,7 +83,7 @@ def test_a_poisoned_request_fails_alone(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
     engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=8))
-    poison = SamplingParams(max_new_tokens=30, temperature=1e-45)  # logits / t overflow: no distribution
+    poison = SamplingParams(max_new_tokens=30, temperature=float("nan"))  # no distribution to sample
     reqs = [_request(gen, PROMPT[: 20 + 9 * i], poison if i == 3 else SamplingParams(max_new_tokens=30))
             for i in range(8)]
     seqs = engine.run(reqs)
