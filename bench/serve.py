@@ -1,21 +1,28 @@
-"""Benchmark: the Serve app under 1, 8 and 32 concurrent clients, against the generator in one process.
+"""Benchmark: the Serve app's engine under real traffic, continuous batching against static.
 
-On the pipeline's own Retro (``retro-ray pipeline`` is run first when ``--workdir`` has no model),
-served on 127.0.0.1 with one replica per deployment (no autoscaling: the figures are one
-replica's). Every client sends a fixed number of streaming completion requests (greedy,
-retrieval through the encoder, prompts of two database chunks); every request has a timeout and
-the answers are checked equal to the direct ones.
+On the quickstart's tuned SmolLM2 retro-fit (``retro-ray pipeline --config configs/quickstart.yaml``
+is run first when ``--workdir`` has no tuned model), served on 127.0.0.1 with one replica per
+deployment; every request streams (plain HTTP, server-sent events), is greedy, retrieves through
+the encoder, and has a timeout; every loop is bounded.
 
-(a) per concurrency: p50 and p99 latency, requests/s, time to first token, failed requests;
-(b) the same 8-client requests made to a ``Generator`` in this process, in batches of 8 (what
-    ``@serve.batch`` gathers): ``serve_overhead`` = direct requests/s / Serve's at 8 clients
-    with whole answers (``stream: false``, as the direct call returns them);
-    ``serve_overhead_streaming`` against the streaming clients of (a);
-(c) ``@serve.batch`` off (max_batch_size 1) at 8 clients: ``batch_gain`` = on / off requests/s.
+(a) head of line: a 16-token request sent 1 s into a 256-token request; its time to first token
+    over its time to first token alone (``hol_ttft_ratio``; ``hol_ttft_ratio_static`` the same
+    under ``policy: static``);
+(b) mixed load: 32 closed-loop clients, ``max_tokens`` drawn from {16, 64, 256} with a fixed
+    seed (``ignore_eos``: every request decodes its length), a fixed number of requests: output
+    tokens/s and the p99 latency of the 16-token requests, continuous against static
+    (``continuous_vs_static``, ``p99_short_ratio``);
+(c) ``same_tokens``: the texts under that load equal the same requests decoded alone (in this
+    process, one at a time);
+(d) ``poison_isolated``: of 8 concurrent requests, one carries text no tokenizer takes; the 7
+    others are answered in full and it gets a 400;
+(e) ``serve_overhead``: 8 closed-loop clients' requests through the engine in this process
+    against through the app (tokens/s direct over tokens/s served).
+(f) the vLLM peer is not run here yet: ``vs_vllm`` and ``same_tokens_vllm`` are null.
 
 Last line: one JSON object.
 
-    python bench/serve.py [--workdir runs/tiny] [--max-tokens 32]
+    python bench/serve.py [--workdir bench/out/pipeline] [--requests 64]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,15 +39,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TINY, db_prompts  # noqa: E402
+from common import ROOT, db_prompts  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
-from retro_ray.layout import model_dir  # noqa: E402
 
-REQUESTS_PER_CLIENT = {1: 8, 8: 4, 32: 2}
-TIMEOUT_S = 300
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+TIMEOUT_S = 600
 GENERATOR_CPUS = 2
+LENGTHS = (16, 64, 256)
 
 
 def prompts(cfg, storage, n: int) -> list[str]:
@@ -51,144 +59,203 @@ def prompts(cfg, storage, n: int) -> list[str]:
     return db_prompts(ChunkTexts(storage, db_dir(cfg), sorted(db.blocks)), db.counts["chunks"], n)
 
 
-def deploy(cfg, max_batch_size: int, port: int) -> str:
+def deploy(cfg, policy: str) -> None:
     from ray import serve
 
     from retro_ray.serve import build
 
-    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"max_batch_size": max_batch_size})})
-    options = {"Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0}},
-               "Generator": {"num_replicas": 1, "max_ongoing_requests": 2 * max_batch_size,
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"policy": policy, "max_seqs": 32})})
+    options = {"Ingress": {"num_replicas": 1, "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}},
+               "Generator": {"num_replicas": 1, "max_ongoing_requests": 64,
                              "ray_actor_options": {"num_cpus": GENERATOR_CPUS}},
-               "Retriever": {"num_replicas": 1, "max_ongoing_requests": 16,  # its embedder: as many threads
-                             "ray_actor_options": {"num_cpus": GENERATOR_CPUS}}}
+               "Retriever": {"num_replicas": 1, "max_ongoing_requests": 16,
+                             "ray_actor_options": {"num_cpus": 1}}}
     serve.run(build(cfg, options), name="retro", route_prefix="/")
-    return f"http://127.0.0.1:{port}/v1"
 
 
-def load(url: str, model: str, texts: list[str], clients: int, per_client: int, max_tokens: int,
-         stream: bool = True) -> dict:
-    """``clients`` threads, each sending ``per_client`` completion requests one after another
-    (streaming: server-sent events read as they come). A plain HTTP client, so that the clients'
-    own parsing takes as little as possible of the cores the server runs on."""
-    import requests
+class Client:
+    """Streaming completion requests over plain HTTP (cheap to parse on the cores the server uses)."""
 
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=clients))
+    def __init__(self, url: str, model: str, size: int):
+        import requests
 
-    def one(i: int) -> dict:
-        body = {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0,
-                "stream": stream, "retrieval": "encoder"}
+        self.url, self.model = url, model
+        self.session = requests.Session()
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=size))
+
+    def ask(self, prompt: str, max_tokens: int, raw: bytes | None = None) -> dict:
+        import requests
+
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "retrieval": "encoder", "ignore_eos": True}
+        data = raw if raw is not None else json.dumps(body).encode()
         start, first, text = time.perf_counter(), None, []
         try:
-            with session.post(f"{url}/completions", json=body, stream=stream, timeout=TIMEOUT_S) as r:
+            with self.session.post(f"{self.url}/v1/completions", data=data, stream=True, timeout=TIMEOUT_S,
+                                   headers={"Content-Type": "application/json"}) as r:
                 if r.status_code != 200:
-                    return {"i": i, "failed": f"HTTP {r.status_code}: {r.text[:200]}"}
-                if not stream:
-                    first = time.perf_counter()
-                    text.append(r.json()["choices"][0]["text"])
-                for line in r.iter_lines(decode_unicode=True) if stream else ():
+                    return {"status": r.status_code, "failed": r.text[:200]}
+                for line in r.iter_lines(decode_unicode=True):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    choices = json.loads(line[6:])["choices"]
-                    if choices and choices[0]["text"]:
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        return {"status": 200, "failed": event["error"]["message"]}
+                    if event["choices"] and event["choices"][0]["text"]:
                         first = first or time.perf_counter()
-                        text.append(choices[0]["text"])
+                        text.append(event["choices"][0]["text"])
         except requests.RequestException as e:
-            return {"i": i, "failed": f"{type(e).__name__}: {e}"}
+            return {"status": None, "failed": f"{type(e).__name__}: {e}"}
         end = time.perf_counter()
-        return {"i": i, "latency": end - start, "ttft": (first or end) - start, "text": "".join(text)}
+        return {"status": 200, "latency": end - start, "ttft": (first or end) - start, "text": "".join(text),
+                "max_tokens": max_tokens}
 
-    def client_loop(c: int) -> list[dict]:
-        return [one(c * per_client + r) for r in range(per_client)]
+
+def head_of_line(client: Client, long_prompt: str, short_prompt: str) -> dict:
+    """(a): the short request's time to first token alone (median of 3) and 1 s into a long one."""
+    alone = float(np.median([client.ask(short_prompt, 16)["ttft"] for _ in range(3)]))
+    long = threading.Thread(target=client.ask, args=(long_prompt, 256))
+    long.start()
+    time.sleep(1.0)
+    behind = client.ask(short_prompt, 16)
+    long.join(TIMEOUT_S)
+    return {"ttft_alone_s": round(alone, 3), "ttft_behind_long_s": round(behind["ttft"], 3),
+            "ratio": round(behind["ttft"] / alone, 2)}
+
+
+def mixed(client: Client, work: list[tuple[str, int]], clients: int) -> dict:
+    """(b): ``clients`` closed-loop clients share ``work`` (prompt, max_tokens) in order."""
+    lock, results, next_i = threading.Lock(), {}, [0]
+
+    def client_loop(_: int) -> None:
+        while True:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= len(work):
+                return
+            results[i] = client.ask(*work[i])
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = [r for rows in pool.map(client_loop, range(clients)) for r in rows]
+        list(pool.map(client_loop, range(clients)))
     wall = time.perf_counter() - start
-    ok = [r for r in results if "failed" not in r]
-    lat = np.array([r["latency"] for r in ok]) * 1000
-    out = {"p50_ms": round(float(np.percentile(lat, 50)), 1) if ok else None,
-           "p99_ms": round(float(np.percentile(lat, 99)), 1) if ok else None,
-           "rps": round(len(ok) / wall, 3),
-           "ttft_ms": round(float(np.median([r["ttft"] for r in ok])) * 1000, 1) if ok else None,
-           "failed": len(results) - len(ok), "requests": len(results), "wall_s": round(wall, 2)}
-    failures = [r["failed"] for r in results if "failed" in r][:3]
-    print(f"serve: {clients} clients{'' if stream else ' (not streaming)'}: {json.dumps(out)}"
-          f"{' failures: ' + str(failures) if failures else ''}", flush=True)
-    out["_texts"] = {r["i"]: r["text"] for r in ok}
+    ok = {i: r for i, r in results.items() if "failed" not in r}
+    tokens = sum(work[i][1] for i in ok)
+    short = [r["latency"] for i, r in ok.items() if work[i][1] == LENGTHS[0]]
+    out = {"tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 1), "requests": len(work),
+           "failed": len(work) - len(ok),
+           "p99_short_s": round(float(np.percentile(short, 99)), 2) if short else None,
+           "p50_short_s": round(float(np.percentile(short, 50)), 2) if short else None,
+           "ttft_p50_s": round(float(np.median([r["ttft"] for r in ok.values()])), 3) if ok else None}
+    print(f"serve: mixed load, {clients} clients: {json.dumps(out)}", flush=True)
+    out["_texts"] = {i: r["text"] for i, r in ok.items()}
     return out
 
 
-def direct(cfg, storage, texts: list[str], n: int, batch: int, max_tokens: int) -> tuple[float, dict[int, str]]:
-    """The same requests through a Generator in this process, ``batch`` at a time -> (requests/s, texts)."""
+def poison(client: Client, texts: list[str]) -> bool:
+    """(d): 8 at once, one of them with a lone surrogate in its prompt."""
+    bodies = [json.dumps({"model": client.model, "prompt": texts[i], "max_tokens": 16, "temperature": 0,
+                          "stream": True, "retrieval": "encoder", "ignore_eos": True}).encode() for i in range(8)]
+    bodies[3] = bodies[3].replace(b'"prompt": "', b'"prompt": "\\ud800', 1)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: client.ask("", 16, raw=bodies[i]), range(8)))
+    return [a.get("status") for a in answers] == [400 if i == 3 else 200 for i in range(8)] and all(
+        "failed" not in a for i, a in enumerate(answers) if i != 3)
+
+
+def direct(cfg, storage, work: list[tuple[str, int]], clients: int) -> tuple[float, dict[int, str]]:
+    """(e) and (c): the work through an engine in this process with ``clients`` requests in flight
+    (tokens/s), and each request alone (its text)."""
     import torch
 
-    from retro_ray.generate import SamplingParams, model_path, run_generator
+    from retro_ray.engine import EngineConfig, Request, SamplingParams
+    from retro_ray.generate import run_generator
 
     torch.set_num_threads(GENERATOR_CPUS)
-    gen = run_generator(cfg, storage, model_path(cfg, storage))
-    params = SamplingParams(max_new_tokens=max_tokens)
-    gen.generate(texts[:1], SamplingParams(max_new_tokens=4))  # warm-up
-    out, start = {}, time.perf_counter()
-    for s in range(0, n, batch):
-        ids = list(range(s, min(n, s + batch)))
-        for i, g in zip(ids, gen.generate([texts[i % len(texts)] for i in ids], params, mode="encoder")):
-            out[i] = g.text
-    rps = n / (time.perf_counter() - start)
-    print(f"direct: {n} requests in batches of {batch}: {rps:.3f} requests/s "
-          f"(torch threads {torch.get_num_threads()})", flush=True)
-    return rps, out
+    gen = run_generator(cfg, storage)
+    sc = cfg.serve
+    engine = gen.engine(EngineConfig(kv_tokens=sc.kv_tokens, max_seqs=32, prefill_tokens=sc.prefill_tokens))
+
+    def request(i: int) -> Request:
+        params = SamplingParams(max_new_tokens=work[i][1], ignore_eos=True)
+        return Request(gen.encode_prompt(work[i][0], params), params, retrieve=True)
+
+    seqs, queued, start = {}, 0, time.perf_counter()
+    while queued < len(work) or engine.has_work():
+        while queued < len(work) and sum(not s.done for s in seqs.values()) < clients:
+            seqs[queued] = engine.add(request(queued))[0]
+            queued += 1
+        engine.step()
+    rate = sum(len(s.generated) for s in seqs.values()) / (time.perf_counter() - start)
+    engine.close()
+    alone = {}
+    for i in range(len(work)):
+        alone[i] = gen.generate([work[i][0]], SamplingParams(max_new_tokens=work[i][1], ignore_eos=True))[0].text
+    print(f"direct: {len(work)} requests, {clients} in flight: {rate:.2f} tokens/s", flush=True)
+    return rate, alone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "pipeline"))
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--port", type=int, default=8471)
     args = parser.parse_args()
     import ray
     from ray import serve
 
-    from retro_ray.serve import _model_name
     from retro_ray.generate import model_path
+    from retro_ray.layout import model_dir, tuned
+    from retro_ray.serve import _model_name
 
-    cfg = load_config(TINY, [f"workdir={args.workdir}"])
+    workdir = str(Path(args.workdir).resolve())
+    cfg = load_config(QUICKSTART, [f"workdir={workdir}"])
     storage = Storage(cfg.storage)
-    if not storage.exists(join(model_dir(cfg), "config.json")):
-        subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", str(TINY), "--set", f"workdir={args.workdir}"],
+    if not storage.exists(join(model_dir(tuned(cfg)), "config.json")):
+        subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", str(QUICKSTART), "--set",
+                        f"workdir={workdir}", "--set", "serve.question=null", "--set", "serve.demo=null"],
                        check=True, cwd=ROOT)
     model = _model_name(model_path(cfg, storage))
-    texts = prompts(cfg, storage, 64)
+    texts = prompts(cfg, storage, args.requests)
+    rng = np.random.default_rng(0)
+    work = [(texts[i], int(rng.choice(LENGTHS))) for i in range(args.requests)]
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    results: dict = {"concurrency": {}}
+    url, runs = f"http://127.0.0.1:{args.port}", {}
     try:
-        url = deploy(cfg, cfg.serve.max_batch_size, args.port)
-        load(url, model, texts, 2, 1, 4)  # warm-up
-        for clients, per_client in REQUESTS_PER_CLIENT.items():
-            results["concurrency"][clients] = load(url, model, texts, clients, per_client, args.max_tokens)
-        whole = load(url, model, texts, 8, REQUESTS_PER_CLIENT[8], args.max_tokens, stream=False)
-        serve.delete("retro")
-        url = deploy(cfg, 1, args.port)
-        load(url, model, texts, 2, 1, 4)
-        unbatched = load(url, model, texts, 8, REQUESTS_PER_CLIENT[8], args.max_tokens)
+        for policy in ("continuous", "static"):
+            deploy(cfg, policy)
+            client = Client(url, model, 64)
+            client.ask(texts[0], 4)  # warm-up
+            runs[policy] = {"hol": head_of_line(client, texts[1], texts[2])}
+            print(f"serve: head of line ({policy}): {json.dumps(runs[policy]['hol'])}", flush=True)
+            runs[policy]["mixed"] = mixed(client, work, args.clients)
+            if policy == "continuous":
+                runs[policy]["poison"] = poison(client, texts)
+                runs[policy]["eight"] = mixed(client, work[:16], 8)
+            serve.delete("retro")
     finally:
         serve.shutdown()
         ray.shutdown()
-    eight = results["concurrency"][8]
-    direct_rps, direct_texts = direct(cfg, storage, texts, eight["requests"], cfg.serve.max_batch_size, args.max_tokens)
-    same = sum(whole["_texts"].get(i) == t == eight["_texts"].get(i) for i, t in direct_texts.items())
-    for row in (*results["concurrency"].values(), unbatched):
-        row.pop("_texts")
-    results.update({
-        "serve_overhead": round(direct_rps / whole["rps"], 3),
-        "serve_overhead_streaming": round(direct_rps / eight["rps"], 3),
-        "batch_gain": round(eight["rps"] / unbatched["rps"], 3),
-        "direct_rps": round(direct_rps, 3), "unbatched_rps": unbatched["rps"],
-        "same_text_as_direct": round(same / len(direct_texts), 3), "max_tokens": args.max_tokens, "model": model,
-        "max_batch_size": cfg.serve.max_batch_size, "generator_cpus": GENERATOR_CPUS})
-    print(json.dumps(results))
+    cont, static = runs["continuous"], runs["static"]
+    direct_rate, alone = direct(cfg, storage, work[:16], 8)
+    loaded = cont["mixed"].pop("_texts")
+    static["mixed"].pop("_texts")
+    cont["eight"].pop("_texts")
+    same = all(loaded.get(i) == text for i, text in alone.items() if i < len(work))
+    print(json.dumps({
+        "hol_ttft_ratio": cont["hol"]["ratio"], "hol_ttft_ratio_static": static["hol"]["ratio"],
+        "continuous_vs_static": round(cont["mixed"]["tokens_per_s"] / static["mixed"]["tokens_per_s"], 2),
+        "p99_short_ratio": round(cont["mixed"]["p99_short_s"] / static["mixed"]["p99_short_s"], 2),
+        "same_tokens": same, "same_tokens_checked": len(alone), "poison_isolated": cont["poison"],
+        "serve_overhead": round(direct_rate / cont["eight"]["tokens_per_s"], 3),
+        "vs_vllm": None, "same_tokens_vllm": None,
+        "tokens_per_s": {"continuous": cont["mixed"]["tokens_per_s"], "static": static["mixed"]["tokens_per_s"],
+                         "vllm": None, "direct_8": round(direct_rate, 2), "served_8": cont["eight"]["tokens_per_s"]},
+        "runs": runs, "model": model, "requests": args.requests, "clients": args.clients,
+        "generator_cpus": GENERATOR_CPUS}))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ class Generator:
                  mode: Mode = "encoder", passages: int = 0, keep_logits: bool = False,
                  queries: list[str] | None = None,
                  neighbor_passages: list[list[str]] | None = None) -> list[Generation]:
-        """Continue every prompt; one batch, one prefill, then one token per sequence per step.
+        """Continue every prompt, all on one engine sized for them (every prompt admitted and
+        prefilled at the first step, then one token per sequence per step).
 
         ``params``: one per prompt, or one for all (prompt i then samples with ``seed + i``).
         ``passages``: retrieved passages put before each prompt (modes ``prompt``, ``both``,

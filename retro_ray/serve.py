@@ -4,14 +4,16 @@ Three deployments:
 
 - ``Retriever``: the database's embedder and the index (the saved index files loaded in the
   replica, or the index stage's shard actors), answering ``retrieve(texts, k)``.
-- ``Generator``: the model and a ``Generator``. ``@serve.batch`` gathers concurrent requests
-  into one decoding batch; every request streams its text step by step, and a request whose
-  caller has gone (a client that disconnected) is dropped at the next step.
-- ``Ingress``: FastAPI, speaking OpenAI's API: ``/v1/chat/completions`` and ``/v1/completions``
-  (server-sent events with ``stream: true``), ``/v1/models``, plus ``/v1/retrieve`` and
-  ``/health``. It checks the API key, the request and its limits, builds the prompt in the
-  instruction-tuning template with the retrieved passages, and counts the tokens. Every bad
-  request gets a 4xx in OpenAI's error format.
+- ``Generator``: the model on the engine (``retro_ray.engine``: continuous batching, retrieval
+  in the loop), stepped by one thread; every request streams from its own queue, and a request
+  whose caller has gone (a client that disconnected) leaves at the next step. Its figures go to
+  Ray's metrics (``EngineMetrics``).
+- ``Ingress``: FastAPI, speaking OpenAI's API (``retro_ray.openai_api``: schemas, limits,
+  errors): ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events with
+  ``stream: true``), ``/v1/models``, plus ``/v1/retrieve`` and ``/health``. It checks the API
+  key, the request and its limits, builds the prompt in the instruction-tuning template with the
+  retrieved passages, and counts the tokens. Every bad request gets a 4xx in OpenAI's error
+  format; a failure of the server's own (retrieval, the model, a lost replica) a 503.
 
 Beyond OpenAI's fields a request may give ``retrieval`` (``encoder``, ``prompt``, ``both``,
 ``question``, ``off``), ``passages`` (how many go in the prompt), ``search`` (``dense``, ``bm25``,
@@ -27,199 +29,31 @@ the ``passages`` it was given (``title``, ``text``) and the ``neighbors`` its ch
 import asyncio
 import hmac
 import json
-import os
+import threading
 import time
 import uuid
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator
 
 import yaml
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException
 
 from retro_ray.config import Config, ServeConfig, format_errors, load_config
+from retro_ray.engine import EngineConfig, EngineStats, GenerationError, SamplingParams
+from retro_ray.engine import Request as EngineRequest
 from retro_ray.errors import UserError
-from retro_ray.engine import EngineConfig, EngineStats, GenerationError, Request as EngineRequest, SamplingParams
 from retro_ray.generate import passages_prompt
+from retro_ray.openai_api import (APIError, ChatRequest, CompletionRequest, RetrieveRequest, GenerationRequest, api,
+                                  api_key, failure, read_json, usage)
 from retro_ray.retrieval import format_passage
 from retro_ray.runtime import log
 from retro_ray.storage import Storage
 
 APP_NAME = "retro"
-
-
-# -- errors in OpenAI's format ---------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """A request the API refuses: ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-api = FastAPI(title="retro-ray", docs_url=None, redoc_url=None)
-
-
-@api.exception_handler(APIError)
-async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    return e.response()
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-    """Unknown routes and methods, in the same format."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-    return APIError(e.status_code, str(e.detail), code=code).response()
-
-
-# -- requests ------------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Generation(_Strict):
-    """The fields chat and completion requests share."""
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    """Choice j samples with ``seed + j`` (torch's generators take 64-bit seeds)."""
-    retrieval: Literal["encoder", "prompt", "both", "question", "off"] | None = None
-    passages: int | None = Field(None, ge=0)
-    search: Literal["dense", "bm25", "hybrid"] | None = None
-    ignore_eos: bool = False
-    """Decode past the end of text up to ``max_tokens`` (vLLM's field of the same name)."""
-
-    def stops(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"at most 4 stop sequences, got {len(stop)}", "stop")
-        return [s for s in stop if s]
-
-
-class CompletionRequest(_Generation):
-    prompt: str | list[str]
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(_Generation):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    short_answer: bool = False
-    """Ask the last user message as a short-answer question, in the tuning template's QA form."""
-
-
-class RetrieveRequest(_Strict):
-    query: str | list[str]
-    k: int | None = Field(None, ge=1)
-    model: str | None = None
-    search: Literal["dense", "bm25", "hybrid"] | None = None
-
-
-async def read_json(request: Request, limit: int, schema: type[BaseModel]) -> Any:
-    """The body, at most ``limit`` bytes, parsed as JSON and validated by ``schema``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise APIError(413, f"the request body is larger than the limit of {limit} bytes", code="body_too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"the request body is larger than the limit of {limit} bytes", code="body_too_large")
-    if _depth(body) > MAX_DEPTH:  # before parsing: a deep body costs the parser, not us
-        raise APIError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
-    try:
-        data = json.loads(body, parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    _check_text(data, "")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", param, code=first["type"]) from None
-
-
-MAX_DEPTH = 16
-
-
-def _depth(body: bytes) -> int:
-    """How deep a JSON body nests (brackets outside strings)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for c in body.decode("utf-8", errors="replace"):
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
-        elif c == '"':
-            in_string = True
-        elif c in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in "]}":
-            depth -= 1
-    return deepest
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _check_text(value, path: str) -> None:
-    """Every string must be text a tokenizer can take: no lone surrogates (``"\\ud800"``)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, f"{path or 'body'}: not valid Unicode text (a lone surrogate)", path or None,
-                           "invalid_text") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_text(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_text(v, f"{path}.{i}")
 
 
 # -- the retriever and the generator ------------------------------------------------------------
@@ -419,14 +253,6 @@ async def _collect(stream, n: int) -> list[dict]:
     return results
 
 
-def _failure(message: str, param: str) -> APIError:
-    """A request that failed while decoding: the server's fault (503) when retrieval or the model
-    failed, else the request's (400)."""
-    if message.startswith(("retrieval", "the generator", "the model failed")):
-        return APIError(503, message, code="generation_failed", kind="server_error")
-    return APIError(400, message, param)
-
-
 async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
     """(stream index, item) from all ``streams`` as they come."""
     if len(streams) == 1:
@@ -456,30 +282,10 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
             t.cancel()
 
 
-def _usage(choices: list[dict], results: list[dict]) -> dict:
-    """Prompt tokens once per prompt (the n choices of one prompt share it), completion tokens of all."""
-    prompt = sum({c["prompt"]: c["prompt_tokens"] for c in choices}.values())
-    completion = sum(r.get("completion_tokens", 0) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def _model_name(path: str) -> str:
     """``.../checkpoints/pretrain-instruct/model`` -> ``pretrain-instruct``."""
     parts = path.rstrip("/").split("/")
     return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
-
-
-def api_key(sc: ServeConfig) -> str | None:
-    """The configured API key: the secret file's content, else the environment variable."""
-    if sc.api_key_file:
-        try:
-            key = Path(sc.api_key_file).read_text().strip()
-        except OSError as e:
-            raise UserError(f"serve.api_key_file: cannot read {sc.api_key_file}: {e.strerror}") from None
-        if not key:
-            raise UserError(f"serve.api_key_file: {sc.api_key_file} is empty")
-        return key
-    return os.environ.get(sc.api_key_env) or None
 
 
 @serve.deployment(name="Ingress")
@@ -515,7 +321,7 @@ class Ingress:
             raise APIError(404, f"the model {model!r} does not exist; this server has {self.name!r}", "model",
                            "model_not_found")
 
-    def _settings(self, req: _Generation, max_tokens: int | None, prompts: int) -> tuple[str, int, int]:
+    def _settings(self, req: GenerationRequest, max_tokens: int | None, prompts: int) -> tuple[str, int, int]:
         """(retrieval mode, passages in the prompt, max_tokens) of a request, within the limits."""
         sc = self.sc
         self._check_model(req.model)
@@ -532,7 +338,7 @@ class Ingress:
             raise APIError(400, f"retrieval {mode!r}: this server has no index; use retrieval 'off'", "retrieval")
         return mode, passages if mode in ("prompt", "both", "question") else 0, max_tokens
 
-    async def _passages(self, req: _Generation, query: str, mode: str, k: int) -> list[dict]:
+    async def _passages(self, req: GenerationRequest, query: str, mode: str, k: int) -> list[dict]:
         """The passages of a request's query: ``k`` for the prompt, at least the encoder's k in
         mode ``question`` ({chunk_id, doc_id, score, title, text}, best first)."""
         k = max(k, self.k) if mode == "question" and self.encoder else k
@@ -558,7 +364,7 @@ class Ingress:
                            f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
         return prompt, passages[:used], n
 
-    def _job(self, prompt: str, req: _Generation, mode: str, max_tokens: int, stop: list[str],
+    def _job(self, prompt: str, req: GenerationRequest, mode: str, max_tokens: int, stop: list[str],
              found: list[dict]) -> Job:
         """A prompt's n sequences (choice j samples with ``seed + j``); in mode ``question`` the
         encoder reads the top k of ``found``."""
@@ -639,7 +445,7 @@ class Ingress:
 
     # -- answers --------------------------------------------------------------------------------
 
-    async def _respond(self, req: _Generation, kind: str, jobs: list[Job], choices: list[dict]):
+    async def _respond(self, req: GenerationRequest, kind: str, jobs: list[Job], choices: list[dict]):
         """The whole answer as JSON, or server-sent events as the tokens come."""
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": kind, "created": int(time.time()), "model": self.name}
@@ -656,12 +462,12 @@ class Ingress:
         out = []
         for i, (res, choice) in enumerate(zip(results, choices)):
             if "error" in res:
-                raise _failure(res["error"], "prompt" if kind == "text_completion" else "messages")
+                raise failure(res["error"], "prompt" if kind == "text_completion" else "messages")
             body = ({"message": {"role": "assistant", "content": res["text"]}} if kind == "chat.completion"
                     else {"text": res["text"], "logprobs": None})
             out.append({"index": i, **body, "finish_reason": res["finish_reason"], "passages": choice["passages"],
                         "neighbors": res["neighbors"]})
-        return {**head, "choices": out, "usage": _usage(choices, results)}
+        return {**head, "choices": out, "usage": usage(choices, results)}
 
     async def _events(self, head: dict, streams: list, choices: list[dict], include_usage: bool):
         chat = head["object"] == "chat.completion"
@@ -680,7 +486,7 @@ class Ingress:
             async for job, out in _merged(streams):
                 i = job * n + out["choice"]
                 if "error" in out:
-                    yield f"data: {json.dumps(_failure(out['error'], 'prompt').body())}\n\n"
+                    yield f"data: {json.dumps(failure(out['error'], 'prompt').body())}\n\n"
                     continue
                 results[i] = out
                 if not out["text"] and out["finish_reason"] is None:
@@ -691,7 +497,7 @@ class Ingress:
                               kind="server_error")
             yield f"data: {json.dumps(failed.body())}\n\n"
         if include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(choices, results)})}\n\n"
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(choices, results)})}\n\n"
         yield "data: [DONE]\n\n"
 
     @staticmethod
