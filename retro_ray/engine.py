@@ -90,12 +90,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
 
 
-def settled(text: str, stop: list[str]) -> str:
-    """The part of an unfinished output that later tokens cannot change, for streaming: without a
-    trailing incomplete character and without an ending that may begin a stop string."""
-    text = text.rstrip("\ufffd")
-    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-    return text[: len(text) - held]
+def unsettled(text: str, stop: list[str]) -> int:
+    """How many characters at the end of an unfinished output later tokens may still change (not
+    streamed yet): a trailing incomplete character, or an ending that may begin a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n], 0, end)), default=0)
+    return len(text) - end + held
 
 
 # -- sequences ----------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ class Sequence:
         self.eos = eos
         self.generated: list[int] = []
         self.detok = IncrementalText(tokenizer)
-        self.text, self.sent = "", ""
+        self.text, self.sent = "", 0  # the output so far; how much of it has been sent
         self.finish: str | None = None
         self.error: str | None = None
         self.cancelled = False
@@ -201,9 +203,9 @@ class Sequence:
         or ``error``."""
         if self.error is not None:
             return {"error": self.error}
-        ready = self.text if self.done else settled(self.text, self.params.stop)
-        delta = ready[len(self.sent):] if ready.startswith(self.sent) else ""
-        self.sent += delta
+        ready = len(self.text) - (0 if self.done else unsettled(self.text, self.params.stop))
+        delta = self.text[self.sent:ready]  # O(new text): a stop string is cut after what was sent
+        self.sent = max(self.sent, ready)
         out = {"text": delta, "completion_tokens": len(self.ids) - self.prompt_len,
                "finish_reason": self.finish}
         if self.done:

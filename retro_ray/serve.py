@@ -196,10 +196,13 @@ class GeneratorServer:
         self.closing.set()
 
     def statistics(self) -> dict:
+        import psutil
         import torch
 
-        return {**vars(self.engine.stats), "arena_used": self.engine.arena.used(),
-                "torch_threads": torch.get_num_threads(), "died": self.died}
+        engine = self.engine
+        return {**vars(engine.stats), "arena_used": engine.arena.used(), "arena_free_ranges": len(engine.arena.free),
+                "free_rows": len(engine.free_rows), "torch_threads": torch.get_num_threads(), "died": self.died,
+                "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
     async def stream(self, job: Job) -> AsyncIterator[dict]:
         """``{"choice", "text", "completion_tokens", "finish_reason"}`` for each step with news of

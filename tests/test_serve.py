@@ -337,3 +337,61 @@ def test_serve_job_answers_until_stopped(app, tmp_path):
     assert proc.returncode == 0, out[-2000:]
     assert f"serving the OpenAI API at http://127.0.0.1:{port}/v1" in out
     assert "sk-from-env" not in out
+
+
+def test_the_replica_keeps_nothing_per_request(app):
+    """500 requests, 8 at a time: the engine is empty after each wave, its cache one free range
+    again, and the replica's memory flat once warm."""
+    from ray import serve
+
+    url, _, _ = app
+    generator = serve.get_deployment_handle("Generator", app_name="retro")
+    body = {"model": "pretrain-instruct", "max_tokens": 3, "temperature": 0.7, "retrieval": "encoder",
+            "ignore_eos": True}
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=8))
+
+    def ask(i: int) -> int:
+        r = session.post(f"{url}/v1/completions", json={**body, "prompt": PROMPT[: 40 + i % 50], "seed": i},
+                         headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(ask, range(100))) == {200}
+        warm = generator.statistics.remote().result()
+        assert set(pool.map(ask, range(100, 500))) == {200}
+    after = generator.statistics.remote().result()
+    assert after["finished"] - warm["finished"] == 400 and after["running"] == 0 and after["waiting"] == 0
+    assert after["arena_used"] == 0 and after["arena_free_ranges"] == 1 and after["free_rows"] == LIMITS["max_seqs"]
+    assert after["rss_mb"] - warm["rss_mb"] < 25, (warm["rss_mb"], after["rss_mb"])
+
+
+def test_a_replica_lost_mid_stream_ends_its_stream_with_an_error_and_its_replacement_serves(app):
+    """Runs last: it kills the Generator replica. The client's stream ends with an error event
+    within seconds, never hangs, and the next request is answered by the replica Serve starts."""
+    import ray
+
+    url, _, _ = app
+    replica = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == "serve" and "REPLICA" in a["name"] and "#Generator#" in a["name"])
+    events = []
+    with requests.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, stream=True,
+                       json={"model": "pretrain-instruct", "prompt": PROMPT, "max_tokens": 380, "stream": True,
+                             "retrieval": "encoder", "temperature": 0, "ignore_eos": True}) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line.startswith("data: "))  # decoding has started
+        ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+        killed = time.time()
+        events = [line for line in lines if line.startswith("data: ")]
+    assert time.time() - killed < 30
+    assert events[-1] == "data: [DONE]" and "generation_failed" in events[-2], events[-3:]
+    deadline = time.time() + 120
+    while True:
+        try:
+            after = client(url).completions.create(model="pretrain-instruct", prompt="The battle", max_tokens=5,
+                                                   temperature=0, extra_body={"retrieval": "off", "ignore_eos": True})
+            break
+        except openai.APIStatusError:
+            assert time.time() < deadline, "no replica took over"
+            time.sleep(1)
+    assert after.usage.completion_tokens == 5
