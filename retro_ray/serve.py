@@ -215,6 +215,9 @@ class GeneratorServer:
         def listener(seq, news: dict) -> None:  # called in the engine's thread
             loop.call_soon_threadsafe(queue.put_nowait, {"choice": choice.get(seq.id, 0), **news})
 
+        if self.died is not None:  # Serve replaces this replica soon; until then, say why, do not hang
+            yield {"choice": 0, "error": f"the generator failed: {self.died}"}
+            return
         try:
             ids = self.generator.encode_prompt(job.prompt, job.params)
             fixed = None if job.neighbors is None else self.generator.passage_neighbors(job.neighbors)
