@@ -107,7 +107,6 @@ def hf_cache(arena: Arena):
     return ArenaCache()
 
 
-
 class ChunkStore:
     """What CCA layers read: the decoder states at the first CCA layer of every arena position (the
     encoder reads a chunk's states there), and each sequence row's current chunk's CCA keys and
