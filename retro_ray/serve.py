@@ -260,7 +260,7 @@ async def _collect(stream, n: int) -> list[dict]:
 
 
 async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
-    """(stream index, item) from all ``streams`` as they come."""
+    """(stream index, item) from all ``streams`` as they come; a stream's failure is raised."""
     if len(streams) == 1:
         async for out in streams[0]:
             yield 0, out
@@ -271,6 +271,8 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
         try:
             async for out in stream:
                 await queue.put((i, out))
+        except Exception as e:  # a lost replica: raised to the consumer, not lost in the task
+            await queue.put((i, e))
         finally:
             await queue.put((i, None))
 
@@ -281,6 +283,8 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
             i, out = await queue.get()
             if out is None:
                 running -= 1
+            elif isinstance(out, Exception):
+                raise out
             else:
                 yield i, out
     finally:
