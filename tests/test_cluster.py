@@ -191,8 +191,12 @@ def elastic_training_survives_losing_a_node(env: dict, address: str, config_file
     order = [int(step) for _, step in logged]
     restarts = [(before, after) for before, after in zip(order, order[1:]) if after <= before]
     assert restarts, "no restart: the node loss went unnoticed"
-    for before, after in restarts:  # each restart went back to its last checkpoint, no further
-        assert before - after + 1 <= every, f"restart after step {before} went back to step {after}"
+    for before, after in restarts:  # each restart starts right after a checkpoint
+        assert (after - 1) % every == 0, f"restart after step {before} went back to step {after}"
+    # Which checkpoint a later restart (an elastic resize when the autoscaler's node arrives) starts
+    # from is Ray Train's: a CI run once saw 60 -> 41, a checkpoint still being reported when the
+    # worker group was torn down. The history above shows nothing was lost or done twice; the node
+    # loss's own restart is held to the last checkpoint below.
     # After the loss, training went on from the last checkpoint before it, with the workers that
     # exist: the one left, or two again if the autoscaler brought a replacement node in time.
     resumed = {(at, int(step), int(workers)) for at, step, workers in re.findall(
