@@ -55,10 +55,9 @@ class Arena:
 
     def begin(self, offsets: torch.Tensor, positions: torch.Tensor) -> None:
         """The next pass: sequences at ``offsets`` [b], tokens at ``positions`` [b, T]."""
-        S = int(positions.max()) + 1
+        slots = torch.arange(int(positions.max()) + 1, device=self.device)  # [S]
         self.write = (offsets[:, None] + positions).flatten()  # [b T]
-        self.read = (offsets[:, None] + torch.arange(S, device=self.device)).clamp(max=self.tokens - 1)  # [b, S]
-        slots = torch.arange(S, device=self.device)
+        self.read = (offsets[:, None] + slots).clamp(max=self.tokens - 1)  # [b, S]
         self.mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [b, 1, T, S]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,6 +138,8 @@ class PassNeighbors:
                  new: list[list[tuple]]):
         self.store, self.rows, self.offsets, self.positions, self.new = store, rows, offsets, positions, new
         self.enc: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None  # (i, u) -> enc, mask
+        self.visible: torch.Tensor | None = None  # decode: [b, k r] the keys each row sees
+        self.row_index: torch.Tensor | None = None  # decode: [b] the rows as a tensor
 
     def _first_layer(self, h: torch.Tensor) -> None:
         """Keep the states, encode the new chunks' neighbours."""
@@ -179,14 +180,15 @@ class PassNeighbors:
         b, T, _ = h.shape
         if T == 1:  # decode: every row reads its current chunk, newly encoded ones first stored
             for (i, u), (k, v) in projected.items():
-                row = self.rows[i]
-                keys[row], values[row] = k[0], v[0]
-                st.mask[row], st.chunk[row] = self.enc[(i, u)][1], u
-            rows = torch.as_tensor(self.rows, device=h.device)
-            pos = self.positions[:, 0]  # [b]
-            has = torch.as_tensor([st.chunk[r] >= 0 for r in self.rows], device=h.device)
-            visible = st.mask[rows] & (has & (pos >= m - 1))[:, None]  # [b, k r]
-            return cca.attn.attend(h, keys[rows], values[rows], key_mask=visible)  # [b, 1, d]
+                keys[self.rows[i]], values[self.rows[i]] = k[0], v[0]
+            if self.visible is None:  # the same for every CCA layer of the pass
+                for (i, u), (_, mask) in self.enc.items():
+                    st.mask[self.rows[i]], st.chunk[self.rows[i]] = mask, u
+                self.row_index = self.offsets.new_tensor(self.rows)  # [b]
+                has = torch.as_tensor([st.chunk[r] >= 0 for r in self.rows], device=h.device)
+                self.visible = st.mask[self.row_index] & (has & (self.positions[:, 0] >= m - 1))[:, None]  # [b, k r]
+            rows = self.row_index
+            return cca.attn.attend(h, keys[rows], values[rows], key_mask=self.visible)  # [b, 1, d]
         # prefill of one row: the pass's tokens grouped by the chunk they see
         row, pos = self.rows[0], self.positions[0]  # [T]
         out = torch.zeros_like(h)

@@ -108,7 +108,7 @@ class IncrementalText:
     only the last few tokens are decoded again, and a character split across tokens waits."""
 
     def __init__(self, tokenizer):
-        self.tok, self.ids, self.prefix, self.read, self.text = tokenizer, [], 0, 0, ""
+        self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
 
     def add(self, token: int) -> str:
         self.ids.append(token)
@@ -117,14 +117,13 @@ class IncrementalText:
         if len(now) > len(before) and not now.endswith("\ufffd"):
             new = now[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
-            self.text += new
             return new
         return ""
 
     def flush(self) -> str:
-        """The whole text, a trailing incomplete character included."""
+        """The text ``add`` has held back so far (a trailing incomplete character)."""
         before = self.tok.decode(self.ids[self.prefix:self.read])
-        return self.text + self.tok.decode(self.ids[self.prefix:])[len(before):]
+        return self.tok.decode(self.ids[self.prefix:])[len(before):]
 
 
 @dataclass
@@ -187,7 +186,7 @@ class Sequence:
         p = self.params
         self.ids.append(token)
         if token == self.eos and not p.ignore_eos:
-            self.text, self.finish = self.detok.flush(), "stop"
+            self.text, self.finish = self.text + self.detok.flush(), "stop"
             return
         self.generated.append(token)
         start = max(0, len(self.text) - max((len(s) for s in p.stop), default=1) + 1)
@@ -196,7 +195,7 @@ class Sequence:
         if cut >= 0:
             self.text, self.finish = self.text[:cut], "stop"
         elif len(self.generated) == p.max_new_tokens:
-            self.text, self.finish = self.detok.flush(), "length"
+            self.text, self.finish = self.text + self.detok.flush(), "length"
 
     def news(self) -> dict:
         """What changed since the last call: ``text`` (the new text that later tokens cannot change),
@@ -282,7 +281,6 @@ class Engine:
             child.fork_of = seqs[0]
         with self.lock:
             self.waiting.append(seqs)
-            self.stats.waiting += n
         self.wake.set()
         return seqs
 
@@ -321,6 +319,9 @@ class Engine:
         self._send_queries()
         for seq in sorted(touched, key=lambda s: s.id):
             self._notify(seq)
+        with self.lock:
+            self.stats.waiting = sum(len(g) for g in self.waiting)
+        self.stats.running = len(self.running)
         if not ran and not touched:  # every sequence waits for its neighbours
             pending = {s.pending[0] for s in self.running if s.pending is not None}
             if pending:
@@ -343,7 +344,6 @@ class Engine:
             self.free_rows.append(seq.row)
             seq.ready.clear()
             seq.encoded.clear()
-            self.stats.running = len(self.running)
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled and not s.done]:
@@ -351,9 +351,7 @@ class Engine:
             self.stats.cancelled += 1
             self._release(seq)
         with self.lock:
-            kept = [g for g in self.waiting if not all(s.cancelled for s in g)]
-            self.stats.waiting -= sum(len(g) for g in self.waiting) - sum(len(g) for g in kept)
-            self.waiting = deque(kept)
+            self.waiting = deque(g for g in self.waiting if not all(s.cancelled for s in g))
 
     def _admit(self) -> None:
         if self.config.policy == "static" and self.running:
@@ -368,7 +366,6 @@ class Engine:
                             self.arena.release(off, s.need)
                     break  # first come, first served: the head waits for room, nobody overtakes it
                 self.waiting.popleft()
-                self.stats.waiting -= len(group)
                 for s, off in zip(group, offsets):
                     s.offset, s.row = off, self.free_rows.pop()
                     if self.store is not None:
@@ -378,7 +375,6 @@ class Engine:
                 head = group[0]
                 if head.req.retrieve:
                     self._want(head, list(range(head.prompt_len // self.m)))
-        self.stats.running = len(self.running)
 
     # -- retrieval -----------------------------------------------------------------------------
 
@@ -389,12 +385,17 @@ class Engine:
             return
         if seq.req.fixed is not None:
             for u in chunks:
-                seq.ready[u] = seq.req.fixed
-                if not self.config.use_cache:
-                    seq.encoded[u] = seq.req.fixed
+                self._give(seq, u, seq.req.fixed)
             return
         seq.pending = (None, 0, chunks, [])
         self.queries.append((seq, chunks))
+
+    def _give(self, seq: Sequence, u: int, neighbors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Chunk u's neighbours (tokens, mask [k, r]): encoded at the pass that feeds its last
+        token (kept for every later step by the reference, which recomputes from scratch)."""
+        seq.ready[u] = neighbors
+        if not self.config.use_cache:
+            seq.encoded[u] = neighbors
 
     def _send_queries(self) -> None:
         if not self.queries:
@@ -434,11 +435,8 @@ class Engine:
                 touched.add(seq)
                 continue
             for i, u in enumerate(us):
-                got = (torch.as_tensor(found.tokens[first + i], device=device),
-                       torch.as_tensor(found.mask[first + i], device=device))
-                seq.ready[u] = got
-                if not self.config.use_cache:
-                    seq.encoded[u] = got
+                self._give(seq, u, (torch.as_tensor(found.tokens[first + i], device=device),
+                                    torch.as_tensor(found.mask[first + i], device=device)))
                 seq.retrieved.append({"chunk": u, "text": texts[i], "neighbors": found.describe(first + i)})
 
     # -- passes --------------------------------------------------------------------------------
