@@ -115,7 +115,9 @@ def test_embedding_overlaps_chunking_and_a_kill_midway_resumes_identically(built
     assert "chunks" not in partial["counts"], "embedding began only after the chunk pass"
     assert partial["units"] and len(partial["units"]) < 12  # killed in the middle of the chunk pass
     written = sorted(partial["blocks"])
-    first_embedded = (tmp_path / "run" / "db" / "embeddings" / f"{written[0]}.parquet").stat().st_mtime
+    # blocks are embedded as they are written, not in id order: the one recorded may not be the first
+    embedded = [n for n, b in partial["blocks"].items() if "embeddings_sha256" in b]
+    first_embedded = min((tmp_path / "run" / "db" / "embeddings" / f"{n}.parquet").stat().st_mtime for n in embedded)
 
     resumed = chunks.run(cfg, storage)
     assert resumed.complete and resumed.counts["docs"] == resumed.counts["chunks"]  # one chunk a document
