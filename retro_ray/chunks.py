@@ -103,18 +103,56 @@ def chunk_documents(batch: pa.Table, tokenizer_json: str, chunk_length: int) -> 
 
 @dataclass(frozen=True)
 class Unit:
-    """One input unit of the chunk pass, read by one task: a file, or a row group of a Parquet
-    file (whose rows keep their numbers in the file: ``first_row`` rows come before)."""
+    """One input unit of the chunk pass, read by one task: a file, a row group of a Parquet file
+    or rows [``part``) of one, or the lines of a JSONL file that start in bytes [``part``). Rows
+    keep their numbers in the file: ``first_row`` rows come before the unit's."""
 
     source: int  # index of the corpus in ``cfg.corpus.sources``
     path: str
     row_group: int | None = None
     first_row: int = 0
+    part: tuple[int, int] | None = None
+
+
+def _count_newlines(cfg: Config, path: str, lo: int, hi: int) -> int:
+    """Ray task: newlines in bytes [lo, hi) of a file."""
+    fs, fs_path = Storage(cfg.storage).resolve(path)
+    with fs.open_input_file(fs_path) as f:
+        return corpus.count_newlines(f, lo, hi)
+
+
+def _split_jsonl(cfg: Config, storage: Storage, units: list[Unit]) -> list[Unit]:
+    """JSONL files above ``corpus.unit_mb`` as byte ranges, each numbered by the lines before it
+    (newlines counted by parallel tasks, far cheaper than chunking)."""
+    import ray
+
+    unit_bytes = int(cfg.corpus.unit_mb * 2**20)
+    ranges = {}  # unit index -> byte ranges of its file
+    for i, u in enumerate(units):
+        fmt = corpus.detect_format(cfg.corpus.sources[u.source], u.path)
+        size = storage.info(u.path).size if fmt == "jsonl" and not u.path.endswith(".gz") else 0
+        if size > unit_bytes:
+            ranges[i] = [(lo, min(lo + unit_bytes, size)) for lo in range(0, size, unit_bytes)]
+    if not ranges:
+        return units
+    task = ray.remote(_count_newlines).options(num_cpus=0.5, resources=cfg.resources.chunk)
+    # lines starting before byte a of a range: one at 0, one after each newline before a - 1
+    counts = {i: ray.get([task.remote(cfg, units[i].path, max(lo - 1, 0), hi - 1) for lo, hi in r[:-1]])
+              for i, r in ranges.items()}
+    out = []
+    for i, u in enumerate(units):
+        if i not in ranges:
+            out.append(u)
+            continue
+        before = [0] + [1 + c for c in np.cumsum(counts[i])]
+        out += [Unit(u.source, u.path, first_row=int(n), part=r) for n, r in zip(before, ranges[i])]
+    return out
 
 
 def plan_units(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> list[Unit]:
-    """The units of the corpus in blend order: config order of the corpora, then files, then rows."""
-    units = []
+    """The units of the corpus in blend order: config order of the corpora, then files, then
+    rows; a file or row group above ``corpus.unit_mb`` in several units."""
+    units, unit_bytes = [], cfg.corpus.unit_mb * 2**20
     for i, source in enumerate(cfg.corpus.sources):
         footers = corpus.parquet_footers(source, files[source.name], storage)
         for path in files[source.name]:
@@ -123,9 +161,15 @@ def plan_units(cfg: Config, storage: Storage, files: dict[str, list[str]]) -> li
                 continue
             first = 0
             for g in range(footers[path].num_row_groups):
-                units.append(Unit(i, path, g, first))
-                first += footers[path].row_group(g).num_rows
-    return units
+                group = footers[path].row_group(g)
+                parts = max(1, min(group.num_rows, int(np.ceil(group.total_byte_size / unit_bytes))))
+                cuts = [group.num_rows * p // parts for p in range(parts + 1)]
+                if parts == 1:
+                    units.append(Unit(i, path, g, first))
+                else:
+                    units += [Unit(i, path, g, first + lo, (lo, hi)) for lo, hi in zip(cuts, cuts[1:])]
+                first += group.num_rows
+    return _split_jsonl(cfg, storage, units)
 
 
 SKIP_REASONS = BAD_INPUT + ("blend_weight",)
@@ -142,10 +186,11 @@ def chunk_unit(cfg: Config, tokenizer_json: str, unit: Unit, staged_uri: str, ma
     fmt = corpus.detect_format(source, unit.path)
     fs, fs_path = storage.resolve(unit.path)
     tables, n_rows, first_bad = [], 0, None
-    with (fs.open_input_file if fmt == "parquet" else fs.open_input_stream)(fs_path) as f:
+    seekable = fmt == "parquet" or unit.part is not None
+    with (fs.open_input_file if seekable else fs.open_input_stream)(fs_path) as f:
         groups = None if unit.row_group is None else [unit.row_group]
         for rows in corpus.read_source_file(f, unit.path, fmt, source, max_rows=max_rows, row_groups=groups,
-                                            first_row=unit.first_row):
+                                            first_row=unit.first_row, part=unit.part):
             n_rows += rows.num_rows
             tables.append(chunk_documents(rows, tokenizer_json, cfg.db.chunk_length))
     chunked = pa.concat_tables(tables) if tables else _CHUNKED_SCHEMA.empty_table()
@@ -344,7 +389,7 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
             results[what] = ray.get(ref)
             while planner.numbered in results and not planner.done():
                 planner.add(planner.numbered, results.pop(planner.numbered))
-            manifest.save(storage, db)
+                manifest.record(storage, db, "units", str(planner.numbered - 1))
             ready += planner.ready_blocks()
             if planner.done():
                 for other in [r for r, (k, _) in pending.items() if k == "unit"]:  # past max_docs
@@ -352,19 +397,18 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
                     pending.pop(other)
         elif kind == "block":
             manifest.blocks[what] = ray.get(ref)
-            manifest.save(storage, db)
+            manifest.record(storage, db, "blocks", what)
             written += 1
             pool.submit(what, manifest.blocks[what]["rows"])
         else:
-            fields = pool.finish(ref, what)
-            manifest.counts["truncated"] = manifest.counts.get("truncated", 0) + fields.pop("truncated")
-            manifest.blocks[what].update(fields)
-            manifest.save(storage, db)
+            manifest.blocks[what].update(pool.finish(ref, what))
+            manifest.record(storage, db, "blocks", what)
         writing = ready or any(k in ("unit", "block") for k, _ in pending.values())
         if chunk_pass and planner.done() and not writing:
             chunk_pass = False
             _finish_chunk_pass(cfg, storage, manifest, planner, written, time.time() - start)
     manifest.timings["embed_s"] = manifest.timings.get("embed_s", 0.0) + pool.close()
+    manifest.counts["truncated"] = sum(b.get("truncated", 0) for b in manifest.blocks.values())
     if pool.threads:
         manifest.counts["embed_threads"] = pool.threads  # torch threads of each embedding actor
     if manifest.counts.get("truncated"):

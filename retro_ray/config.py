@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,6 +85,12 @@ class CorpusConfig(Section):
     max_docs: int | None = Field(None, gt=0)
     """Read only the first this-many input rows (documents, bad rows included) of the blend,
     for quick runs; None reads everything."""
+    unit_mb: float = Field(128.0, gt=0)
+    """The most input one chunking task reads: a larger JSONL file is read by several tasks
+    (byte ranges cut at line starts), a larger Parquet row group too (row ranges)."""
+
+    UNHASHED: ClassVar[set[str]] = {"unit_mb"}
+    """How the reading is cut into tasks: the same database whatever it is."""
 
 
 class TokenizerConfig(Section):
@@ -447,7 +453,8 @@ class Config(Section):
 
 def config_hash(*sections: BaseModel) -> str:
     """Stable short hash of the given sections: the fingerprint a stage's output depends on."""
-    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    blob = json.dumps([s.model_dump(mode="json", exclude=getattr(s, "UNHASHED", None)) for s in sections],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -144,18 +144,53 @@ def _iter_lines(f, read_size: int = 1 << 20) -> Iterator[bytes]:
         yield tail
 
 
+def range_lines(f, lo: int, hi: int) -> Iterator[bytes]:
+    """The lines (without newline) of a seekable file that start in bytes [lo, hi): byte ranges
+    that tile a file give each of its lines exactly once."""
+    start = 0
+    if lo > 0:  # the first line start at or after lo: just past a newline at lo - 1 or later
+        f.seek(lo - 1)
+        start = lo - 1
+        while True:
+            data = f.read(1 << 16)
+            if not data:
+                return
+            if (i := data.find(b"\n")) >= 0:
+                start += i + 1
+                break
+            start += len(data)
+        f.seek(start)
+    for line in _iter_lines(f):
+        if start >= hi:
+            return
+        yield line
+        start += len(line) + 1
+
+
+def count_newlines(f, lo: int, hi: int) -> int:
+    """Newlines in bytes [lo, hi) of a seekable file."""
+    f.seek(lo)
+    count, left = 0, hi - lo
+    while left > 0 and (data := f.read(min(left, 1 << 24))):
+        count += data.count(b"\n")
+        left -= len(data)
+    return count
+
+
 def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def read_source_file(
     f, path: str, fmt: str, source: CorpusSource, batch_rows: int = 256, max_rows: int | None = None,
-    row_groups: list[int] | None = None, first_row: int = 0,
+    row_groups: list[int] | None = None, first_row: int = 0, part: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """Yield tables of ``SCHEMA`` rows for one open file ``f`` (streamed, never whole), stopping
-    after ``max_rows`` rows. Of a Parquet file, only ``row_groups`` when given, whose first row
-    is row ``first_row + 1`` of the file."""
-    for table in _read_rows(f, path, fmt, source, batch_rows, row_groups, first_row):
+    after ``max_rows`` rows. A part of a file (one chunking task's unit) is read when given: of a
+    Parquet file, its ``row_groups``, and of those only rows [``part``) when given; of a JSONL
+    file (opened seekable), the lines that start in bytes [``part``). The part's first row is
+    row ``first_row + 1`` of the file."""
+    for table in _read_rows(f, path, fmt, source, batch_rows, row_groups, first_row, part):
         if max_rows is not None and table.num_rows >= max_rows:
             yield table.slice(0, max_rows)
             return
@@ -165,7 +200,7 @@ def read_source_file(
 
 
 def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int,
-               row_groups: list[int] | None, first_row: int) -> Iterator[pa.Table]:
+               row_groups: list[int] | None, first_row: int, part: tuple[int, int] | None) -> Iterator[pa.Table]:
     rows: list[dict] = []
 
     def emit(row: int, text: str | None, skip: str, title: str = "") -> None:
@@ -183,14 +218,23 @@ def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int,
         columns = [source.text_field]
         if source.title_field and source.title_field in pf.schema_arrow.names:
             columns.append(source.title_field)
-        row = first_row
+        row, seen = first_row, 0
+        lo, hi = part or (0, None)
         for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=columns):
+            seen += batch.num_rows
+            if seen <= lo:
+                continue
+            batch = batch.slice(max(0, lo - seen + batch.num_rows))
+            if hi is not None and seen > hi:
+                batch = batch.slice(0, max(0, batch.num_rows - (seen - hi)))
             titles = batch.column(1).to_pylist() if len(columns) > 1 else [None] * batch.num_rows
             for text, title in zip(batch.column(0).to_pylist(), titles):
                 row += 1
                 emit(row, text, "" if isinstance(text, str) else "missing_text_field", _title(title))
             yield _rows_to_table(rows)
             rows.clear()
+            if hi is not None and seen >= hi:
+                return
         return
     if fmt == "text":  # one document per file, titled by its name
         data = f.read()
@@ -201,7 +245,7 @@ def _read_rows(f, path: str, fmt: str, source: CorpusSource, batch_rows: int,
             emit(1, None, "non_utf8")
         yield _rows_to_table(rows)
         return
-    for row, line in enumerate(_iter_lines(f), start=1):
+    for row, line in enumerate(range_lines(f, *part) if part else _iter_lines(f), start=first_row + 1):
         line = line.rstrip(b"\r")
         if not line.strip():
             emit(row, None, "empty")

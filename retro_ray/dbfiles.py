@@ -152,11 +152,10 @@ class ChunkStore:
     def is_last_of_doc(self, chunk_id: int) -> bool:
         return chunk_id + 1 == len(self) or self.doc_id(chunk_id + 1) != self.doc_id(chunk_id)
 
-    def iter_blocks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Each block in order: (first chunk id, [rows] doc ids, [rows] token counts)."""
-        for b, start in enumerate(self.starts):
-            _, offsets, doc_ids = self._block(b)
-            yield int(start), doc_ids, np.diff(offsets)
+    def block(self, b: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Block ``b``: (first chunk id, [rows] doc ids, [rows] token counts)."""
+        _, offsets, doc_ids = self._block(b)
+        return int(self.starts[b]), doc_ids, np.diff(offsets)
 
     def neighbor_tokens(self, ids: np.ndarray, r: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbour ids [...] -> (tokens [..., r] int64, mask [..., r] bool).

@@ -203,7 +203,7 @@ class EmbedPool:
         return started
 
     def finish(self, ref, name: str) -> dict:
-        """The result of finished block ``name``: its manifest fields and how many texts were truncated."""
+        """The result of finished block ``name``: its manifest fields (how many texts were truncated too)."""
         import ray
 
         row = ray.get(ref)

@@ -308,7 +308,8 @@ def database_documents(cfg: Config, storage: Storage) -> Iterator[str]:
     from retro_ray.dbfiles import ChunkStore, ChunkTexts, finished_db
 
     blocks = sorted(finished_db(cfg, storage).blocks)
-    doc_ids = (d for _, docs, _ in ChunkStore.open(storage, db_dir(cfg), blocks).iter_blocks() for d in docs)
+    store = ChunkStore.open(storage, db_dir(cfg), blocks)
+    doc_ids = (d for b in range(len(blocks)) for d in store.block(b)[1])
     current, parts = None, []
     for doc, (title, text) in zip(doc_ids, ChunkTexts(storage, db_dir(cfg), blocks).all()):
         if doc != current and parts:

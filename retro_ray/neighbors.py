@@ -54,38 +54,73 @@ def is_valid_doc(doc_id: int, fraction: float) -> bool:
 
 @dataclass
 class Layout:
-    """Where every sample chunk of a split comes from: [n_samples, l] arrays."""
+    """Where sample chunks come from: [n_samples, l] arrays (or [e] while still flat)."""
 
     chunk_ids: np.ndarray
     doc_ids: np.ndarray
     lengths: np.ndarray
+    docs: int = 0
+    """Documents whose last chunk is among these (set by ``block_layout``)."""
+
+    @classmethod
+    def concat(cls, parts: list["Layout"]) -> "Layout":
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("chunk_ids", "doc_ids", "lengths")))
+
+    def __getitem__(self, sl: slice) -> "Layout":
+        return Layout(self.chunk_ids[sl], self.doc_ids[sl], self.lengths[sl])
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
 
 
-def layout_split(store: ChunkStore, in_split: np.ndarray, chunk_len: int, n_chunks: int) -> Layout:
-    """Pack the chunks of the documents ``in_split`` ([n_docs] bool) into samples of
-    ``n_chunks`` chunks, reading the token store a block at a time."""
-    chunk_ids, doc_ids, lengths = [], [], []
-    for start, block_docs, block_lengths in store.iter_blocks():
-        for i in np.flatnonzero(in_split[block_docs]):
-            c, doc, n = start + int(i), int(block_docs[i]), int(block_lengths[i])
-            chunk_ids.append(c)
-            doc_ids.append(doc)
-            if not store.is_last_of_doc(c):
-                lengths.append(n)
-            elif n < chunk_len:
-                lengths.append(n + 1)  # room for EOD in the last chunk
-            else:  # a full last chunk: EOD opens a chunk of its own
-                lengths.append(chunk_len)
-                chunk_ids.append(-1)
-                doc_ids.append(doc)
-                lengths.append(1)
-    pad = -len(chunk_ids) % n_chunks
-    chunk_ids += [-1] * pad
-    doc_ids += [-1] * pad
-    lengths += [0] * pad
-    shape = (-1, n_chunks)
-    return Layout(np.array(chunk_ids, np.int64).reshape(shape), np.array(doc_ids, np.int64).reshape(shape),
-                  np.array(lengths, np.int32).reshape(shape))
+def block_layout(store: ChunkStore, b: int, valid_fraction: float, chunk_len: int) -> dict[str, Layout]:
+    """The sample chunks that database block ``b`` gives each split, in order, flat ([e] each).
+
+    A split's samples are its blocks' entries one after another, cut every l: each chunk of a
+    document in the split, with EOD counted in its last chunk; a full last chunk is followed by an
+    entry of its own holding only EOD (chunk id -1)."""
+    start, docs, lengths = store.block(b)  # [n] doc ids and token counts
+    n = len(docs)
+    next_doc = np.append(docs[1:], store.doc_id(start + n) if start + n < len(store) else -1)
+    last = next_doc != docs  # [n] the last chunk of its document
+    chosen = {int(d): is_valid_doc(int(d), valid_fraction) for d in np.unique(docs)}
+    in_valid = np.array([chosen[int(d)] for d in docs], dtype=bool)
+    out = {}
+    for split, mask in (("train", ~in_valid), ("valid", in_valid)):
+        sel = np.flatnonzero(mask)
+        length, is_last = lengths[sel].astype(np.int32), last[sel]
+        eod_chunk = is_last & (length >= chunk_len)  # EOD opens a chunk of its own
+        reps = 1 + eod_chunk.astype(np.int64)
+        at = np.cumsum(reps) - reps  # where each database chunk lands
+        chunk_ids = np.full(int(reps.sum()), -1, dtype=np.int64)
+        chunk_ids[at] = start + sel
+        entry_lengths = np.ones(len(chunk_ids), dtype=np.int32)
+        entry_lengths[at] = np.where(is_last & ~eod_chunk, length + 1, length)  # room for EOD
+        out[split] = Layout(chunk_ids, np.repeat(docs[sel].astype(np.int64), reps), entry_lengths, int(is_last.sum()))
+    return out
+
+
+def count_entries(cfg: Config, blocks: list[str], first: int, last: int) -> np.ndarray:
+    """Ray task: [last - first, 4] for database blocks first..last: the entries they give train
+    and valid, and the documents of train and valid that end in them."""
+    store = ChunkStore.open(Storage(cfg.storage), db_dir(cfg), blocks)
+    layouts = [block_layout(store, b, cfg.neighbors.valid_fraction, cfg.db.chunk_length) for b in range(first, last)]
+    return np.array([[len(x[s]) for s in SPLITS] + [x[s].docs for s in SPLITS] for x in layouts],
+                    dtype=np.int64).reshape(-1, 4)
+
+
+def entries(store: ChunkStore, cfg: Config, split: str, offsets: np.ndarray, lo: int, hi: int) -> Layout:
+    """Entries [lo, hi) of ``split``, whose database block b starts at entry ``offsets[b]``
+    ([blocks + 1] prefix sums), padded with empty ones past the split's end."""
+    first = int(np.searchsorted(offsets, lo, side="right")) - 1
+    parts, b = [], first
+    while b < len(offsets) - 1 and offsets[b] < hi:
+        parts.append(block_layout(store, b, cfg.neighbors.valid_fraction, cfg.db.chunk_length)[split])
+        b += 1
+    flat = Layout.concat(parts)[lo - int(offsets[first]): hi - int(offsets[first])] if parts else None
+    pad = hi - lo - (len(flat) if flat else 0)
+    padding = Layout(np.full(pad, -1, np.int64), np.full(pad, -1, np.int64), np.zeros(pad, np.int32))
+    return Layout.concat([flat, padding]) if flat else padding
 
 
 def sample_tokens(store: ChunkStore, chunk_ids: np.ndarray, chunk_len: int, eod: int) -> np.ndarray:
@@ -166,8 +201,42 @@ def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np
     })
 
 
+def write_samples(cfg: Config, blocks: list[str], split: str, offsets: np.ndarray, first: int, stop: int,
+                  router, eod: int) -> dict:
+    """Ray task: sample block ``split/first-stop``: lay out its chunks, query the index actors
+    for their candidates, drop near-copies (when asked) and the sample's own documents, write
+    its Parquet file; its manifest entry."""
+    nc, m = cfg.neighbors, cfg.db.chunk_length
+    n_chunks = nc.seq_len // m
+    storage = Storage(cfg.storage)
+    store = ChunkStore.open(storage, db_dir(cfg), blocks)
+    flat = entries(store, cfg, split, offsets, first * n_chunks, stop * n_chunks)
+    layout = Layout(*(a.reshape(-1, n_chunks) for a in (flat.chunk_ids, flat.doc_ids, flat.lengths)))  # [b, l]
+    real = layout.chunk_ids >= 0
+    queries = read_vectors(storage, db_dir(cfg), blocks, layout.chunk_ids[real])  # [q, d]; ids ascend
+    candidates = np.full((*layout.chunk_ids.shape, nc.k_candidates), -1, dtype=np.int64)  # [b, l, c]
+    if len(queries):
+        candidates[real] = router.search(queries, nc.k_candidates)[1]
+    dropped = 0
+    if nc.max_overlap is not None:
+        candidates, dropped = drop_near_copies(store, layout.chunk_ids, candidates, 2 * m, nc.max_overlap)
+    neighbors = filter_neighbors(candidates, store.doc_ids_of(candidates), layout.doc_ids, nc.k)
+    tokens = sample_tokens(store, layout.chunk_ids, m, eod)
+    name = f"{split}/{first:010d}-{stop:010d}"
+    sha = storage.write_parquet(join(samples_dir(cfg), f"{name}.parquet"),
+                                _block_table(first, tokens, layout, slice(None), neighbors))
+    return {"rows": stop - first, "sha256": sha, "no_neighbor": int((neighbors[real] < 0).sum()),
+            "near_copies": dropped, "queries": int(real.sum())}
+
+
 @locked("tokenizer", "db", "index", "samples")
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
+    """The ``neighbors`` stage. The driver only plans and records: tasks count each database
+    block's sample chunks per split (numbered by prefix sums, never laid out in the driver), and
+    a task per sample block does the rest, enough of them in flight that every shard actor has
+    queries waiting. Resumes from the manifest; the files are the same whatever ran before."""
+    import ray
+
     nc, m = cfg.neighbors, cfg.db.chunk_length
     db_manifest = finished_db(cfg, storage)
     index_manifest = finished_stage(storage, index_dir(cfg), "index")
@@ -178,51 +247,51 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         log.info("neighbors: %s is up to date", out)
         return manifest
     blocks = sorted(db_manifest.blocks)
-    store = ChunkStore.open(storage, db_dir(cfg), blocks)
     eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
-    all_docs = np.arange(db_manifest.counts["docs"])  # doc ids are dense
-    valid = np.array([is_valid_doc(int(d), nc.valid_fraction) for d in all_docs], dtype=bool)
     n_chunks = nc.seq_len // m
-    splits = {"train": all_docs[~valid], "valid": all_docs[valid]}
-    layouts = {"train": layout_split(store, ~valid, m, n_chunks), "valid": layout_split(store, valid, m, n_chunks)}
-    for split, layout in layouts.items():
-        if len(layout.chunk_ids) == 0:
-            raise EmptyStageError(
-                f"neighbors: the {split} split is empty ({len(all_docs)} documents, neighbors.valid_fraction="
-                f"{nc.valid_fraction}): add documents or change valid_fraction")
     router = index_stage.open_router(cfg, storage)
-    for split, layout in layouts.items():
-        n_samples = len(layout.chunk_ids)
+    # Shard actors hold their CPUs; where they leave none, tasks reserve none and share the cores.
+    ic = cfg.index
+    free = ray.cluster_resources().get("CPU", 0) - ic.shards * ic.replicas * ic.num_cpus_per_shard
+    task_options = {"num_cpus": 1 if free >= 1 else 0, "resources": cfg.resources.chunk}
+    window = max(2, int(free))  # samples blocks in flight: each is a batch for every shard
+
+    shared = ray.put(blocks)
+    group = 64  # database blocks counted per task
+    counted = ray.get([ray.remote(count_entries).options(**task_options).remote(cfg, shared, g, min(g + group, len(blocks)))
+                       for g in range(0, len(blocks), group)])
+    per_block = np.concatenate(counted)  # [blocks, 4]
+    offsets = {split: np.concatenate([[0], np.cumsum(per_block[:, i])]) for i, split in enumerate(SPLITS)}
+    todo = []
+    for split in SPLITS:
+        n_samples = -(-int(offsets[split][-1]) // n_chunks)
+        if n_samples == 0:
+            raise EmptyStageError(
+                f"neighbors: the {split} split is empty ({db_manifest.counts['docs']} documents, "
+                f"neighbors.valid_fraction={nc.valid_fraction}): add documents or change valid_fraction")
         manifest.counts[f"{split}_samples"] = n_samples
-        manifest.counts[f"{split}_docs"] = len(splits[split])
-        start, queried, first_todo = time.time(), 0, None
-        for first in range(0, n_samples, nc.samples_per_block):
-            sl = slice(first, min(first + nc.samples_per_block, n_samples))
-            name = f"{split}/{sl.start:010d}-{sl.stop:010d}"
-            if name in manifest.blocks:
-                continue
-            first_todo = first if first_todo is None else first_todo
-            chunk_ids = layout.chunk_ids[sl]  # [b, l]
-            real = chunk_ids >= 0
-            queries = read_vectors(storage, db_dir(cfg), blocks, chunk_ids[real])  # [q, d]; ids ascend
-            candidates = np.full((*chunk_ids.shape, nc.k_candidates), -1, dtype=np.int64)  # [b, l, c]
-            if len(queries):
-                candidates[real] = router.search(queries, nc.k_candidates)[1]
-            dropped = 0
-            if nc.max_overlap is not None:
-                candidates, dropped = drop_near_copies(store, chunk_ids, candidates, 2 * m, nc.max_overlap)
-            candidate_docs = store.doc_ids_of(candidates)
-            neighbors = filter_neighbors(candidates, candidate_docs, layout.doc_ids[sl], nc.k)
-            tokens = sample_tokens(store, chunk_ids, m, eod)
-            sha = storage.write_parquet(join(out, f"{name}.parquet"),
-                                        _block_table(sl.start, tokens, layout, sl, neighbors))
-            manifest.blocks[name] = {"rows": sl.stop - sl.start, "sha256": sha,
-                                     "no_neighbor": int((neighbors[real] < 0).sum()), "near_copies": dropped}
-            manifest.save(storage, out)
-            queried += int(real.sum())
-            log.info("neighbors: %s %d/%d samples %s, %.0f queries/s", split, sl.stop, n_samples,
-                     progress(sl.stop - first_todo, n_samples - first_todo, time.time() - start),
-                     queried / max(time.time() - start, 1e-9))
+        manifest.counts[f"{split}_docs"] = int(per_block[:, 2 + SPLITS.index(split)].sum())
+        todo += [(split, first, min(first + nc.samples_per_block, n_samples))
+                 for first in range(0, n_samples, nc.samples_per_block)
+                 if f"{split}/{first:010d}-{min(first + nc.samples_per_block, n_samples):010d}" not in manifest.blocks]
+    total = sum(stop - first for _, first, stop in todo)
+    task = ray.remote(write_samples).options(**task_options)
+    router_ref, pending = ray.put(router), {}
+    start, done, queried = time.time(), 0, 0
+    while todo or pending:
+        while todo and len(pending) < window:
+            split, first, stop = todo.pop(0)
+            ref = task.remote(cfg, shared, split, offsets[split], first, stop, router_ref, eod)
+            pending[ref] = f"{split}/{first:010d}-{stop:010d}"
+        [ref], _ = ray.wait(list(pending))
+        name = pending.pop(ref)
+        manifest.blocks[name] = ray.get(ref)
+        manifest.record(storage, out, "blocks", name)
+        done += manifest.blocks[name]["rows"]
+        queried += manifest.blocks[name]["queries"]
+        elapsed = time.time() - start
+        log.info("neighbors: %s, %d/%d samples %s, %.0f queries/s", name, done, total,
+                 progress(done, total, elapsed), queried / max(elapsed, 1e-9))
     router.close()
     manifest.counts["no_neighbor"] = sum(b["no_neighbor"] for b in manifest.blocks.values())
     manifest.counts["near_copies_dropped"] = sum(b.get("near_copies", 0) for b in manifest.blocks.values())

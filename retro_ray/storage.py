@@ -28,6 +28,8 @@ from retro_ray.config import StorageConfig
 from retro_ray.errors import UserError
 
 MANIFEST = "_manifest.json"
+JOURNAL = "_journal"
+"""A stage folder's records of entries finished since its manifest was last saved."""
 
 
 class StageMismatchError(UserError, RuntimeError):
@@ -277,9 +279,10 @@ class Storage:
         return local_dir
 
 
-DERIVED = {"tokens_sha256"}
-"""Block fields of files derived from the block's own content (the db's token store): adding
-them to an older manifest changes nothing the next stage depends on."""
+DERIVED = {"tokens_sha256", "truncated"}
+"""Block fields derived from the block's own content (the db's token store, how many of its texts
+the embedder truncated): adding them to an older manifest changes nothing the next stage
+depends on."""
 
 
 class Manifest(BaseModel):
@@ -300,6 +303,8 @@ class Manifest(BaseModel):
     and row groups in corpus order), so a killed pass reads only the rest again."""
     complete: bool = False
     updated: float = 0.0
+    generation: int = 0
+    """Bumped by every ``save``: the journal records of ``generation`` are the ones not folded in."""
 
     def content_hash(self) -> str:
         """Fingerprint of what the stage wrote, for the next stage: its blocks (with their
@@ -311,8 +316,33 @@ class Manifest(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def save(self, storage: Storage, folder: str) -> None:
+        """Write the whole manifest, folding in what ``record`` journaled: at a stage's start,
+        the end of a pass and completion, never per block (its size grows with the stage)."""
         self.updated = time.time()
+        self.generation += 1
         storage.write_json(join(folder, MANIFEST), self.model_dump(mode="json"))
+        storage.delete_dir(join(folder, JOURNAL))  # older generations: folded in, never read again
+
+    def record(self, storage: Storage, folder: str, section: str, name: str) -> None:
+        """Persist one finished entry, ``self.<section>[name]`` (a block, a unit), by a write
+        whose size does not grow with the number of entries: a journal file of its own, which
+        ``load`` merges. A record written again (a block's embedding added) replaces the last."""
+        if not self.generation:  # first saved, so that every record has the config and inputs it belongs to
+            self.save(storage, folder)
+        value = getattr(self, section)[name]
+        uri = join(folder, JOURNAL, str(self.generation), f"{section}~{name.replace('/', '~')}.json")
+        storage.write_json(uri, {"section": section, "name": name, "value": value})
+
+    @classmethod
+    def load(cls, storage: Storage, folder: str) -> "Manifest":
+        """The stage's manifest as last saved, with the entries recorded since merged in."""
+        manifest = cls.model_validate(storage.read_json(join(folder, MANIFEST)))
+        if not manifest.complete:  # a complete manifest was saved last: nothing journaled after it
+            records = storage.expand(join(folder, JOURNAL, str(manifest.generation)))
+            for uri in [u for u in records if u.endswith(".json")]:  # not a write a kill left unfinished
+                entry = storage.read_json(uri)
+                getattr(manifest, entry["section"])[entry["name"]] = entry["value"]
+        return manifest
 
 
 def finished_stage(storage: Storage, folder: str, stage: str) -> Manifest:
@@ -320,7 +350,7 @@ def finished_stage(storage: Storage, folder: str, stage: str) -> Manifest:
     path = join(folder, MANIFEST)
     if not storage.exists(path):
         raise MissingStageError(f"{folder} has not been built: run `retro-ray {stage}` first")
-    manifest = Manifest.model_validate(storage.read_json(path))
+    manifest = Manifest.load(storage, folder)
     if not manifest.complete:
         raise MissingStageError(f"{folder} is not finished: run `retro-ray {stage}` again to complete it")
     return manifest
@@ -341,7 +371,7 @@ def open_stage(
     """
     path = join(folder, MANIFEST)
     if storage.exists(path):
-        old = Manifest.model_validate(storage.read_json(path))
+        old = Manifest.load(storage, folder)
         if old.config_hash == config_hash and old.inputs == inputs:
             return old
         if not force:

@@ -114,28 +114,87 @@ def tiny_config(workdir, *paths, **sections) -> Config:
     return Config.model_validate(data)
 
 
-def kill_db_at_first_embedding(cfg: Config, folder: Path, timeout_s: float = 300) -> dict:
-    """Run ``retro-ray db`` on ``cfg`` in a subprocess (its own Ray), SIGKILL it as soon as its
-    manifest records the first embedded block, and return that manifest."""
+def kill_stage(cfg: Config, folder: Path, stage: str, out: str, done, timeout_s: float = 300) -> dict:
+    """Run ``retro-ray {stage}`` on ``cfg`` in a subprocess (its own Ray), SIGKILL it as soon as
+    ``done(blocks)`` holds for the blocks its manifest in ``out`` records, and return that manifest."""
     import signal
+
+    from retro_ray.storage import MANIFEST, Manifest, Storage
 
     config_file = folder / "config.yaml"
     config_file.write_text(cfg.to_yaml())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "retro_ray.cli", "db", "--config", str(config_file)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "retro_ray.cli", stage, "--config", str(config_file)], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest_file = Path(cfg.workdir) / "db" / "_manifest.json"
     deadline = time.time() + timeout_s
     try:
         while time.time() < deadline:
-            if manifest_file.exists() and "embeddings_sha256" in manifest_file.read_text():
+            if (Path(out) / MANIFEST).exists() and done(Manifest.load(Storage(), out).blocks):
                 break
-            assert proc.poll() is None, "build ended before it could be killed"
+            assert proc.poll() is None, f"{stage} ended before it could be killed"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return json.loads(manifest_file.read_text())
+    return Manifest.load(Storage(), out).model_dump()
+
+
+def kill_db_at_first_embedding(cfg: Config, folder: Path, timeout_s: float = 300) -> dict:
+    """The db stage's manifest once it has recorded its first embedded block (see ``kill_stage``)."""
+    return kill_stage(cfg, folder, "db", str(Path(cfg.workdir) / "db"),
+                      lambda blocks: any("embeddings_sha256" in b for b in blocks.values()), timeout_s)
+
+
+def reference_samples(cfg: Config, out: Path) -> dict[str, str]:
+    """The neighbours stage as one process ran it before it was distributed: every sample of a
+    split laid out in memory, then its blocks queried one at a time; block name -> SHA-256 of
+    the file it writes under ``out``."""
+    import numpy as np
+
+    from retro_ray import index, neighbors, tokenizer
+    from retro_ray.dbfiles import ChunkStore, finished_db, read_vectors
+    from retro_ray.layout import db_dir
+    from retro_ray.storage import Storage
+
+    storage, nc, m = Storage(), cfg.neighbors, cfg.db.chunk_length
+    db_manifest = finished_db(cfg, storage)
+    blocks = sorted(db_manifest.blocks)
+    store = ChunkStore.open(storage, db_dir(cfg), blocks)
+    eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
+    valid = np.array([neighbors.is_valid_doc(d, nc.valid_fraction) for d in range(db_manifest.counts["docs"])])
+    router, shas = index.open_router(cfg, storage), {}
+    for split, in_split in (("train", ~valid), ("valid", valid)):
+        ids, docs, lengths = [], [], []
+        for b in range(len(blocks)):
+            start, block_docs, block_lengths = store.block(b)
+            for i in np.flatnonzero(in_split[block_docs]):
+                c, n = start + int(i), int(block_lengths[i])
+                ids.append(c)
+                docs.append(int(block_docs[i]))
+                last = store.is_last_of_doc(c)
+                lengths.append(n + 1 if last and n < m else n)
+                if last and n == m:  # EOD opens a chunk of its own
+                    ids.append(-1)
+                    docs.append(int(block_docs[i]))
+                    lengths.append(1)
+        pad = -len(ids) % (nc.seq_len // m)
+        layout = neighbors.Layout(*(np.array(a + [fill] * pad, dtype).reshape(-1, nc.seq_len // m) for a, fill, dtype
+                                    in ((ids, -1, np.int64), (docs, -1, np.int64), (lengths, 0, np.int32))))
+        for first in range(0, len(layout.chunk_ids), nc.samples_per_block):
+            sl = slice(first, min(first + nc.samples_per_block, len(layout.chunk_ids)))
+            chunk_ids = layout.chunk_ids[sl]
+            real = chunk_ids >= 0
+            candidates = np.full((*chunk_ids.shape, nc.k_candidates), -1, dtype=np.int64)
+            candidates[real] = router.search(read_vectors(storage, db_dir(cfg), blocks, chunk_ids[real]),
+                                             nc.k_candidates)[1]
+            if nc.max_overlap is not None:
+                candidates, _ = neighbors.drop_near_copies(store, chunk_ids, candidates, 2 * m, nc.max_overlap)
+            near = neighbors.filter_neighbors(candidates, store.doc_ids_of(candidates), layout.doc_ids[sl], nc.k)
+            table = neighbors._block_table(sl.start, neighbors.sample_tokens(store, chunk_ids, m, eod), layout, sl, near)
+            name = f"{split}/{sl.start:010d}-{sl.stop:010d}"
+            shas[name] = storage.write_parquet(str(out / f"{name}.parquet"), table)
+    router.close()
+    return shas
 
 
 @pytest.fixture(scope="session")

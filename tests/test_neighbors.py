@@ -1,5 +1,6 @@
 """The neighbour stage on a real (tiny) database with an exact index."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,6 +11,8 @@ from retro_ray.dbfiles import ChunkStore, read_vectors
 from retro_ray.errors import UserError
 from retro_ray.layout import db_dir, index_dir
 from retro_ray.storage import Storage
+
+from conftest import kill_stage, reference_samples
 
 SEQ = 256  # 4 chunks of 64
 
@@ -91,6 +94,27 @@ def test_neighbors_are_the_exact_top_k_outside_the_sample(retrieved):
                 assert not set(store.doc_ids_of(row[row >= 0]).tolist()) & set(docs)
                 checked += 1
     assert checked > 50
+
+
+def test_the_distributed_stage_writes_what_one_process_wrote(retrieved, tmp_path):
+    cfg, manifest, *_ = retrieved
+    assert {n: b["sha256"] for n, b in manifest.blocks.items()} == reference_samples(cfg, tmp_path)
+    assert len(manifest.blocks) > 4  # several sample blocks, written by tasks
+
+
+def test_a_kill_after_the_first_sample_block_and_a_rerun_give_the_same_files(retrieved, tmp_path):
+    cfg, first, *_ = retrieved
+    storage = Storage()
+    for stage in ("tokenizer", "db", "index"):  # the built stages under a new run directory
+        storage.upload_dir(f"{cfg.workdir}/{stage}", f"{tmp_path}/run/{stage}")
+    cfg = cfg.model_copy(update={"workdir": str(tmp_path / "run")})
+    partial = kill_stage(cfg, tmp_path, "neighbors", str(tmp_path / "run" / "samples"), bool)
+    assert 0 < len(partial["blocks"]) < len(first.blocks)
+    resumed = neighbors.run(cfg, storage)
+    assert resumed.blocks == first.blocks and resumed.counts == first.counts
+    for name, block in resumed.blocks.items():
+        assert hashlib.sha256((tmp_path / "run" / "samples" / f"{name}.parquet").read_bytes()).hexdigest() == block["sha256"]
+    assert not (tmp_path / "run" / "samples" / "_journal").exists()  # folded into the manifest
 
 
 def test_filter_neighbors_keeps_rank_and_pads():

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retro_ray import chunks, corpus, neighbors, tokenizer
+from retro_ray import chunks, corpus, index, neighbors, tokenizer
 from retro_ray.config import CorpusSource
 from retro_ray.dbfiles import CHUNK_SCHEMA, ChunkStore, block_name, write_token_block
 from retro_ray.layout import db_dir, tokenizer_dir
 from retro_ray.storage import Manifest, Storage, join
 
-from conftest import WIKI, kill_db_at_first_embedding, tiny_config
+from conftest import WIKI, kill_db_at_first_embedding, reference_samples, tiny_config
 
 
 def reference_blocks(cfg, storage: Storage, out: Path) -> dict[str, str]:
@@ -86,6 +86,32 @@ def test_parallel_chunk_pass_equals_one_process_reference(ray_local, tmp_path, w
     for c in (0, 17, table.num_rows - 1):
         assert store.tokens(c).tolist() == table.column("tokens")[c].as_py()
         assert store.doc_id(c) == table.column("doc_id")[c].as_py()
+    # and the distributed neighbours stage on this blend writes what one process wrote
+    cfg = cfg.model_copy(update={"index": cfg.index.model_copy(update={"factory": "Flat", "shards": 2}),
+                                 "neighbors": cfg.neighbors.model_copy(update={
+                                     "seq_len": 128, "k_candidates": 6, "valid_fraction": 0.3, "samples_per_block": 8})})
+    index.run(cfg, storage)
+    samples = neighbors.run(cfg, storage)
+    assert {n: b["sha256"] for n, b in samples.blocks.items()} == reference_samples(cfg, tmp_path / "ref-samples")
+
+
+def test_a_big_jsonl_file_and_a_big_row_group_are_read_by_many_tasks_into_the_same_chunks(built_db, tmp_path):
+    rows = [json.dumps({"text": f"document {i} of a big file " * (1 + i % 7)}) if i % 997 else "{not json"
+            for i in range(120_000)]
+    (tmp_path / "big.jsonl").write_text("\n".join(rows) + "\n")  # about 12 MB
+    pq.write_table(pa.table({"text": [f"row {i} of one big row group" for i in range(60_000)]}),
+                   tmp_path / "big.parquet", row_group_size=60_000)  # one row group of about 2 MB
+    sources = [CorpusSource(name="j", paths=[str(tmp_path / "big.jsonl")], weight=0.002).model_dump(),
+               CorpusSource(name="p", paths=[str(tmp_path / "big.parquet")], weight=0.002).model_dump()]
+    cfg = tiny_config(tmp_path / "run", str(tmp_path / "big.jsonl"), corpus={"sources": sources, "unit_mb": 1},
+                      embed={"max_length": 32})
+    storage = Storage()
+    copy_tokenizer(Path(built_db[0].workdir), tmp_path / "run")
+    manifest = chunks.run(cfg, storage)
+    units = chunks.plan_units(cfg, storage, corpus.source_files(cfg, storage))
+    assert sum(u.path.endswith(".jsonl") for u in units) >= 8 and sum(u.part is not None for u in units) >= 10
+    assert built_blocks(manifest) == reference_blocks(cfg, storage, tmp_path / "ref")
+    assert manifest.skipped["malformed_json"] == 121  # every bad line counted once, by no two tasks
 
 
 def slow_corpus(path: Path, groups: int = 12, rows: int = 150_000) -> dict:

@@ -65,3 +65,36 @@ def test_upload_and_download_dir_with_a_relative_workdir(tmp_path, monkeypatch):
     storage.upload_dir(tmp_path / "src", "runs/x/tokenizer")  # relative, as in the default config
     out = storage.download_dir("runs/x/tokenizer", tmp_path / "back")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["a.json", "sub/b.txt"]
+
+
+class CountingStorage(Storage):
+    """Local storage that counts the bytes it writes."""
+
+    written = 0
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        self.written += len(data)
+        super().write_bytes(uri, data)
+
+
+def test_recording_a_block_writes_the_same_bytes_at_100_and_10000_blocks_and_resumes(tmp_path):
+    storage, folder = CountingStorage(), str(tmp_path / "stage")
+    m = open_stage(storage, folder, "samples", "hash", {"in": 1})
+    per_block = {}
+    for n in range(10_000):
+        name = f"train/{n * 256:010d}-{(n + 1) * 256:010d}"
+        m.blocks[name] = {"rows": 256, "sha256": "0" * 64}
+        before = storage.written
+        m.record(storage, folder, "blocks", name)
+        if n + 1 in (100, 10_000):
+            per_block[n + 1] = storage.written - before
+    assert per_block[100] == per_block[10_000] < 300
+    m.blocks["train/0000000000-0000000256"]["no_neighbor"] = 3  # a record written again replaces the last
+    m.record(storage, folder, "blocks", "train/0000000000-0000000256")
+    resumed = open_stage(storage, folder, "samples", "hash", {"in": 1})  # a killed stage, run again
+    assert resumed.blocks == m.blocks and len(resumed.blocks) == 10_000
+    resumed.units["7"] = {"rows": 1}
+    resumed.complete = True
+    resumed.save(storage, folder)  # the journal is folded into the manifest
+    assert not os.path.exists(join(folder, "_journal"))
+    assert Manifest.load(storage, folder).model_dump(exclude={"updated"}) == resumed.model_dump(exclude={"updated"})
