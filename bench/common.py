@@ -14,6 +14,37 @@ TINY = ROOT / "configs" / "tiny.yaml"
 """The library's defaults: the small from-scratch Retro that the generation and serving benchmarks measure."""
 
 
+def wiki_db(workdir: Path, docs: int, fresh: bool = False, **sections):
+    """The tokenizer and chunk database of the first ``docs`` Wikipedia articles, in Parquet row
+    groups of 20 (the units the chunk pass reads in parallel), built under ``workdir`` unless it
+    is there already (``fresh``: always rebuilt); extra config ``sections`` override. Returns
+    (config, db manifest, seconds the db stage took)."""
+    import shutil
+    import time
+
+    import pyarrow.parquet as pq
+
+    from retro_ray import chunks, tokenizer
+    from retro_ray.config import Config
+    from retro_ray.storage import Storage
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = workdir / f"wiki-{docs}.parquet"
+    if not corpus.exists():
+        pq.write_table(pq.read_table(WIKI, columns=["text"]).slice(0, docs), corpus, row_group_size=20)
+    if fresh:
+        shutil.rmtree(workdir / "db", ignore_errors=True)
+    data = {"workdir": str(workdir), "corpus": {"sources": [{"name": "wiki", "paths": [str(corpus)]}]},
+            "tokenizer": {"train_docs": 2000}, "embed": {"batch_size": 64, "min_actors": 1, "max_actors": 1}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    cfg = Config.model_validate(data)
+    tokenizer.run(cfg, Storage())
+    start = time.time()
+    manifest = chunks.run(cfg, Storage())
+    return cfg, manifest, time.time() - start
+
+
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` and all its descendants (Ray's raylet, workers...)."""
     try:

@@ -13,7 +13,7 @@ are checked), the same model decoder-only (encoder dropped: the GPT twin, same w
 otherwise), the share of time spent in retrieval (embed + search + read) and in encoding the
 neighbours, and a batch of 8 prompts together. Last line: one JSON object.
 
-    python bench/generate.py [--workdir runs/tiny] [--new-tokens 256] [--no-smollm2]
+    python bench/generate.py [--workdir runs/tiny] [--config configs/tiny.yaml] [--new-tokens 256] [--no-smollm2]
 """
 
 from __future__ import annotations
@@ -106,11 +106,12 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--no-smollm2", action="store_true")
+    parser.add_argument("--config", default=str(TINY), help="the config of the run in --workdir")
     args = parser.parse_args()
-    cfg = load_config(TINY, [f"workdir={args.workdir}"])
+    cfg = load_config(args.config, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
     if not storage.exists(join(model_dir(cfg), "config.json")):
-        cli("pipeline", "--config", str(TINY), "--set", f"workdir={args.workdir}")
+        cli("pipeline", "--config", args.config, "--set", f"workdir={args.workdir}")
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch_threads": torch.get_num_threads()}
     results["retro"] = measure("retro (pipeline model)", run_generator(cfg, storage), args.new_tokens)

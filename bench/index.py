@@ -26,28 +26,11 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, WIKI, PeakRss  # noqa: E402
+from common import ROOT, PeakRss, wiki_db  # noqa: E402
 
 GRID = [("HNSW32", {"ef_search": 64}), ("HNSW32", {"ef_search": 128}),
         ("IVF1024,Flat", {"nprobe": 8}), ("IVF1024,Flat", {"nprobe": 16}),
         ("IVF1024,Flat", {"nprobe": 32}), ("IVF256,Flat", {"nprobe": 8})]
-
-
-def build_db(out: Path, docs: int):
-    """The chunk database of the first ``docs`` articles (built once, then reused)."""
-    from retro_ray import chunks, tokenizer
-    from retro_ray.config import Config
-    from retro_ray.storage import Storage
-
-    cfg = Config.model_validate({
-        "workdir": str(out / "run"),
-        "corpus": {"sources": [{"name": "wiki", "paths": [str(WIKI)]}], "max_docs": docs},
-        "tokenizer": {"train_docs": 2000},
-        "embed": {"batch_size": 64, "min_actors": 1, "max_actors": 1, "num_cpus_per_actor": 2},
-    })
-    tokenizer.run(cfg, Storage())
-    chunks.run(cfg, Storage())
-    return cfg
 
 
 def timed_search(search, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[np.ndarray, float]:
@@ -70,8 +53,8 @@ def main() -> None:
     import ray
 
     from index_actors.router import ShardedIndex, shard_actor
-    from index_actors.shard import IndexShard, coarse_quantizer, new_index, save_index
-    from retro_ray.dbfiles import finished_db, read_vectors
+    from index_actors.shard import IndexShard, coarse_quantizer, min_training_vectors, new_index, save_index
+    from retro_ray.dbfiles import read_vectors
     from retro_ray.index import recall_at_k, uniform_sample
     from retro_ray.layout import db_dir
     from retro_ray.runtime import setup_logging
@@ -81,8 +64,7 @@ def main() -> None:
     rss = PeakRss()
     out = Path(args.out)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    cfg = build_db(out, args.docs)
-    manifest = finished_db(cfg, Storage())
+    cfg, manifest, _ = wiki_db(out / "run", args.docs, embed={"num_cpus_per_actor": 2})
     total = manifest.counts["chunks"]
     xb = read_vectors(Storage(), db_dir(cfg), sorted(manifest.blocks), np.arange(total))  # [n, d]
     ids = np.arange(total)
@@ -97,6 +79,9 @@ def main() -> None:
 
     results = []
     for factory, params in GRID:
+        if min_training_vectors(factory) > total:
+            print(f"{factory}: skipped, {total} vectors are too few to train it", flush=True)
+            continue
         shard = IndexShard(dim=dim, factory=factory, metric="ip", uri=str(out / "unused.faiss"), **params)
         start = time.perf_counter()
         shard.train(xb[uniform_sample(total, min(total, 40 * 1024), seed=0)])

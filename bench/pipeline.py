@@ -4,7 +4,7 @@ tree, Ray's workers included, sampled every half second), the total against the 
 and what the terminal showed: its lines, and how many of them Ray printed (the goal is none);
 how many of the demo questions' printed answers hold a gold answer.
 
-    python bench/pipeline.py [--workdir bench/out/pipeline] [--keep]
+    python bench/pipeline.py [--workdir bench/out/pipeline] [--keep] [--config configs/quickstart.yaml]
 
 A fresh run directory each time unless --keep (then finished stages are skipped). Last line:
 ``{"stages": {NAME: {"s", "peak_rss_mb"}}, "total_s", "terminal_lines", "ray_internal_lines", "demo", ...}``.
@@ -33,12 +33,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "pipeline"))
     parser.add_argument("--keep", action="store_true", help="keep the run directory (finished stages are skipped)")
+    parser.add_argument("--config", help="the run's config (default: the quickstart's)")
     args = parser.parse_args()
     from retro_ray.runtime import RAY_LINE
 
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "retro-ray"), "pipeline", "--set", f"workdir={args.workdir}"]
+    cmd = [str(Path(sys.executable).parent / "retro-ray"), "pipeline", "--set", f"workdir={args.workdir}",
+           *(["--config", args.config] if args.config else [])]
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     current, marks, peaks = ["start"], [("start", start)], {}

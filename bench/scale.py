@@ -37,7 +37,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import ROOT, WIKI  # noqa: E402
+from common import ROOT, WIKI, wiki_db  # noqa: E402
+from conftest import reference_samples  # noqa: E402
 from test_scale import READ_SAMPLES, synthetic_run  # noqa: E402
 
 FACTORY, NPROBE = "OPQ16_64,IVF256_HNSW32,PQ16", 16
@@ -67,30 +68,91 @@ def machine_cpu_s() -> float:
 
 
 def build_db(out: Path, docs: int):
-    import pyarrow.parquet as pq
-
-    from retro_ray import chunks, tokenizer
-    from retro_ray.config import Config
-    from retro_ray.storage import Storage
-
-    shutil.rmtree(out / "run" / "db", ignore_errors=True)
-    corpus = out / "wiki.parquet"
-    pq.write_table(pq.read_table(WIKI, columns=["text"]).slice(0, docs), corpus, row_group_size=20)
-    cfg = Config.model_validate({
-        "workdir": str(out / "run"),
-        "corpus": {"sources": [{"name": "wiki", "paths": [str(corpus)]}]},
-        "tokenizer": {"train_docs": 2000},
-        "embed": {"batch_size": 64, "min_actors": 1, "max_actors": 1},
-    })
-    tokenizer.run(cfg, Storage())
     me = psutil.Process()
-    driver0, machine0, start = sum(me.cpu_times()[:2]), machine_cpu_s(), time.time()
-    manifest = chunks.run(cfg, Storage())
-    driver, machine, total = sum(me.cpu_times()[:2]) - driver0, machine_cpu_s() - machine0, time.time() - start
+    driver0, machine0 = sum(me.cpu_times()[:2]), machine_cpu_s()
+    cfg, manifest, total = wiki_db(out / "run", docs, fresh=True)
+    driver, machine = sum(me.cpu_times()[:2]) - driver0, machine_cpu_s() - machine0
     overlap = manifest.timings["chunk_s"] + manifest.timings["embed_s"] - total
     print(f"db: {manifest.counts['chunks']} chunks in {total:.1f}s; driver {driver:.1f} of {machine:.1f} CPU-s "
           f"({driver / machine:.1%}); embedding ran {overlap:.1f}s beside chunking", flush=True)
     return cfg, manifest, driver / machine, overlap, total
+
+
+def neighbors_stage(cfg) -> dict:
+    """The neighbours stage on 2 shard actors (the driver's CPU share, queries/s) against the
+    same stage as one process ran it (``reference_samples``: the loop before it was distributed)
+    searching the same saved index in-process; and whether both wrote the same files."""
+    from index_actors.router import LocalIndex
+    from retro_ray import index, neighbors
+    from retro_ray.layout import index_dir, samples_dir
+    from retro_ray.storage import Storage
+
+    cfg = cfg.model_copy(update={
+        "index": cfg.index.model_copy(update={"factory": FACTORY, "nprobe": NPROBE, "shards": 2, "train_size": 10**6}),
+        "neighbors": cfg.neighbors.model_copy(update={"seq_len": 512, "samples_per_block": 64, "valid_fraction": 0.05})})
+    storage = Storage()
+    index.run(cfg, storage, force=True)
+    shutil.rmtree(samples_dir(cfg), ignore_errors=True)  # a whole stage: an up-to-date one would be kept
+    me = psutil.Process()
+    driver0, machine0, start = sum(me.cpu_times()[:2]), machine_cpu_s(), time.time()
+    manifest = neighbors.run(cfg, storage, force=True)
+    wall = time.time() - start
+    driver, machine = sum(me.cpu_times()[:2]) - driver0, machine_cpu_s() - machine0
+    queries = sum(b["queries"] for b in manifest.blocks.values())
+    local = LocalIndex.load(storage, index_dir(cfg), nprobe=NPROBE)
+    start = time.time()
+    same = reference_samples(cfg, Path(cfg.workdir) / "one-process-samples", local) == {
+        n: b["sha256"] for n, b in manifest.blocks.items()}
+    local_s = time.time() - start
+    stage_qps, local_qps = queries / wall, queries / local_s
+    print(f"neighbours: {queries} queries in {len(manifest.blocks)} sample blocks, {wall:.1f}s ({stage_qps:.0f}/s) "
+          f"on 2 shards; the same stage in one process {local_qps:.0f}/s ({stage_qps / local_qps:.2f}; same files: "
+          f"{same}); driver {driver:.1f} of "
+          f"{machine:.1f} CPU-s ({driver / machine:.1%})", flush=True)
+    return {"driver_cpu_share": driver / machine, "stage_qps": stage_qps, "local_qps": local_qps,
+            "queries": queries, "blocks": len(manifest.blocks), "seconds": wall, "same_files": same}
+
+
+def manifest_bytes_per_block(out: Path) -> dict[str, int]:
+    """Bytes one finished block's record writes when it is the 100th and the 10,000th."""
+    from retro_ray.storage import open_stage
+    from test_storage import CountingStorage
+
+    storage, folder = CountingStorage(), str(out / "manifest-stage")
+    shutil.rmtree(folder, ignore_errors=True)
+    manifest, result = open_stage(storage, folder, "neighbors", "bench", {}), {}
+    for n in range(1, 10_001):
+        name = f"train/{(n - 1) * 256:010d}-{n * 256:010d}"
+        manifest.blocks[name] = {"rows": 256, "sha256": "0" * 64, "no_neighbor": 0, "near_copies": 0, "queries": 8192}
+        before = storage.written
+        manifest.record(storage, folder, "blocks", name)
+        if n in (100, 10_000):
+            result[str(n)] = storage.written - before
+    shutil.rmtree(folder)
+    return result
+
+
+def units_of_one_big_file(out: Path, mb: int = 200) -> int:
+    """Units the chunk pass cuts one ``mb`` MB JSONL file into (default ``corpus.unit_mb``)."""
+    from retro_ray import chunks
+    from retro_ray.config import Config
+    from retro_ray.storage import Storage
+
+    path = out / f"big-{mb}mb.jsonl"
+    if not path.exists():
+        import pyarrow.parquet as pq
+
+        lines = [json.dumps({"text": t}) for t in pq.read_table(WIKI, columns=["text"]).slice(0, 2000).column("text").to_pylist()]
+        block = ("\n".join(lines) + "\n").encode()
+        with open(path, "wb") as f:
+            for _ in range(-(-mb * 2**20 // len(block))):
+                f.write(block)
+    cfg = Config.model_validate({"workdir": str(out / "big-run"),
+                                 "corpus": {"sources": [{"name": "big", "paths": [str(path)]}]}})
+    units = chunks.plan_units(cfg, Storage(), {"big": [str(path)]})
+    print(f"one {path.stat().st_size / 2**20:.0f} MB JSONL file: {len(units)} units of at most "
+          f"{cfg.corpus.unit_mb:g} MB", flush=True)
+    return len(units)
 
 
 def reader_memory(out: Path, src_workdir: Path, n_chunks: int) -> dict:
@@ -144,14 +206,19 @@ def sharded_ratio(cfg, manifest, out: Path) -> dict:
                             uri=str(out / f"shard-{s}.faiss"), template_uri=str(out / "trained.faiss"))
         ray.get(actor.add.remote(part, xb[part]))
         actors.append([actor])
-    router = ShardedIndex(actors, "ip", quantizer=coarse_quantizer(template), nprobe=NPROBE)
-    sharded_qps = best_qps(router.search, queries, nc.k_candidates)
-    router.close()
+    quantizer = coarse_quantizer(template)
+    ways = {"one_pass": ShardedIndex(actors, "ip", quantizer=quantizer, nprobe=NPROBE),  # the default
+            "overlapped_1024": ShardedIndex(actors, "ip", quantizer=quantizer, nprobe=NPROBE, sub_batch=1024),
+            "overlapped_4096": ShardedIndex(actors, "ip", quantizer=quantizer, nprobe=NPROBE, sub_batch=4096),
+            "shards_search_all": ShardedIndex(actors, "ip", nprobe=NPROBE)}
+    qps = {name: best_qps(router.search, queries, nc.k_candidates) for name, router in ways.items()}
+    ways["one_pass"].close()
     print(f"{FACTORY}, nprobe {NPROBE}, batches of {batch} queries, k {nc.k_candidates}: one process "
-          f"{local_qps:.0f} queries/s, router over 2 shards {sharded_qps:.0f} ({sharded_qps / local_qps:.2f})",
-          flush=True)
-    return {"batch": batch, "local_qps": round(local_qps), "sharded_qps": round(sharded_qps),
-            "ratio": round(sharded_qps / local_qps, 3)}
+          f"{local_qps:.0f} queries/s; router over 2 shards: " +
+          ", ".join(f"{name} {q:.0f} ({q / local_qps:.2f})" for name, q in qps.items()), flush=True)
+    return {"batch": batch, "local_qps": round(local_qps), "sharded_qps": round(qps["one_pass"]),
+            "ratio": round(qps["one_pass"] / local_qps, 3),
+            "ratios": {name: round(q / local_qps, 3) for name, q in qps.items()}}
 
 
 def main() -> None:
@@ -159,6 +226,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=200)
     parser.add_argument("--chunks", type=int, default=500_000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "scale"))
+    parser.add_argument("--big-mb", type=int, default=200, help="size of the one big JSONL file to cut into units")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +240,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg, manifest, driver_share, overlap, db_seconds = build_db(out, args.docs)
     index = sharded_ratio(cfg, manifest, out)
+    stage = neighbors_stage(cfg)
+    units = units_of_one_big_file(out, args.big_mb)
     ray.shutdown()
+    manifest_bytes = manifest_bytes_per_block(out)
+    print(f"manifest bytes a block's record writes: {manifest_bytes}", flush=True)
     small = reader_memory(out, Path(cfg.workdir), args.chunks)
     large = reader_memory(out, Path(cfg.workdir), 4 * args.chunks)
     answer = io.StringIO()
@@ -185,6 +257,12 @@ def main() -> None:
         "driver_cpu_share": round(driver_share, 4),
         "rss_mb_db_n": round(small["reader"], 1), "rss_mb_db_4n": round(large["reader"], 1),
         "sharded_ratio_real_batches": index["ratio"],
+        "neighbors_driver_cpu_share": round(stage["driver_cpu_share"], 4),
+        "neighbors_vs_local": round(stage["stage_qps"] / stage["local_qps"], 3),
+        "manifest_bytes_per_block": manifest_bytes,
+        "units_of_one_big_file": units,
+        "neighbors": {k: round(v, 1) for k, v in stage.items() if k not in ("driver_cpu_share", "same_files")},
+        "neighbors_same_files": stage["same_files"],
         "embed_overlap_s": round(overlap, 1),
         "plan_vs_paper": versus,
         "chunks_n": args.chunks, "load_all_mb_db_n": round(small["load_all"], 1),

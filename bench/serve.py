@@ -25,7 +25,7 @@ the encoder, and has a timeout; every loop is bounded.
 
 Last line: one JSON object.
 
-    python bench/serve.py [--workdir bench/out/pipeline] [--requests 64]
+    python bench/serve.py [--workdir bench/out/pipeline] [--config configs/quickstart.yaml] [--requests 64]
 """
 
 from __future__ import annotations
@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--config", default=str(QUICKSTART), help="the config of the run in --workdir")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -278,10 +279,10 @@ def main() -> None:
     from retro_ray.serve import _model_name
 
     workdir = str(Path(args.workdir).resolve())
-    cfg = load_config(QUICKSTART, [f"workdir={workdir}"])
+    cfg = load_config(args.config, [f"workdir={workdir}"])
     storage = Storage(cfg.storage)
     if not storage.exists(join(model_dir(tuned(cfg)), "config.json")):
-        subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", str(QUICKSTART), "--set",
+        subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", args.config, "--set",
                         f"workdir={workdir}", "--set", "serve.question=null", "--set", "serve.demo=null"],
                        check=True, cwd=ROOT)
     model = _model_name(model_path(cfg, storage))

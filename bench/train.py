@@ -1,12 +1,13 @@
 """Benchmark: Retro against the GPT baseline of the same decoder, same samples, steps and tokens.
 
-Reuses the Wikipedia chunk database that ``bench/index.py`` built (``bench/out/index/run``),
+Builds (once, then reuses) a chunk database of ``--docs`` Wikipedia articles under ``--out``,
 indexes it, retrieves neighbours for ``--seq-len``-token samples (same-document neighbours
 excluded), then ``retro_ray.train.compare`` trains both models with Ray Train + DeepSpeed.
 Reports step time (median after warm-up), tokens/s, peak memory of the process tree and the
 validation perplexity of each. Last line: one JSON object.
 
-    python bench/train.py [--steps 100] [--seq-len 512] [--d-model 256] [--layers 6] [--encoder-d-model 64]
+    python bench/train.py [--docs 1000] [--steps 100] [--seq-len 512] [--d-model 256] [--layers 6]
+                          [--encoder-d-model 64] [--out bench/out/train]
 
 The encoder is d' = 64 wide by default: at full width (Megatron's choice, ``--encoder-d-model
 256``) its two layers over k r = 4 m tokens per chunk cost as much as the 6-layer decoder.
@@ -23,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, PeakRss  # noqa: E402
+from common import ROOT, PeakRss, wiki_db  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", default=str(ROOT / "bench" / "out" / "index" / "run"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "train"))
+    parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -39,36 +41,32 @@ def main() -> None:
 
     import ray
 
-    from retro_ray import index, neighbors, tokenizer, train
-    from retro_ray.config import Config
+    from retro_ray import index, layout, neighbors, tokenizer, train
     from retro_ray.runtime import setup_logging
     from retro_ray.storage import Storage
 
     setup_logging()
     rss = PeakRss()
-    built = json.loads((Path(args.run) / "db" / "_manifest.json").read_text())
-    if not built.get("complete"):
-        raise SystemExit(f"{args.run}/db is not built: run bench/index.py first")
-    cfg = Config.model_validate({
-        "workdir": args.run,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # Ray's lines: its logs
+    cfg, _, _ = wiki_db(Path(args.out) / "run", args.docs)
+    cfg = cfg.model_validate({
+        **cfg.model_dump(),
         "index": {"factory": "HNSW32", "shards": 2, "ef_search": 128},
         "neighbors": {"seq_len": args.seq_len, "k": 2, "k_candidates": 20, "valid_fraction": 0.05},
         "model": {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 8, "encoder_layers": 2,
                   "encoder_d_model": args.encoder_d_model},
         "train": {"run_name": "bench", "max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                  "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "eval_every": args.steps,
+                  "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": min(10, args.steps), "eval_every": args.steps,
                   "checkpoint_every": args.steps, "eval_batches": 16, "log_every": 10, "cpus_per_worker": 2},
     })
-    # The benchmark's own run directory shares the database of bench/index.py.
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
     storage = Storage()
     index.run(cfg, storage, force=True)  # the index and samples are the benchmark's own: always fresh
     neighbors.run(cfg, storage, force=True)
     table = train.compare(cfg, storage, force=True)
 
     def step_s(name: str) -> float:
-        history = json.loads((Path(args.run) / "checkpoints" / f"bench-{name}" / "history.json").read_text())
-        return float(np.median([h["step_s"] for h in history[5:]]))
+        history = storage.read_json(f"{layout.run_dir(layout.pretrained_runs(cfg)[name])}/history.json")
+        return float(np.median([h["step_s"] for h in history[min(5, len(history) - 1):]]))
 
     vocab = len(tokenizer.load_run_tokenizer(cfg, storage))
     params = {}

@@ -48,15 +48,19 @@ class ShardedIndex:
 
     With ``quantizer`` (the serialised coarse quantizer that IVF shards trained from one index
     share) and ``nprobe``, the router assigns queries to inverted lists once and the shards only
-    scan those lists, instead of every shard repeating the coarse search.
+    scan those lists, instead of every shard repeating the coarse search. With ``sub_batch``, a
+    batch is cut into sub-batches: the router assigns the next while the shards scan this one
+    (``bench/scale.py`` measures it; on 2 cores, where the router and the shards share the CPUs,
+    one pass is faster, so it is not the default).
     """
 
     def __init__(self, shards: list[list], metric: str, quantizer: bytes | None = None, nprobe: int = 16,
-                 ef_search: int = 64):
+                 ef_search: int = 64, sub_batch: int | None = None):
         if not shards or any(not replicas for replicas in shards):
             raise ValueError("ShardedIndex needs at least one replica for every shard")
         self.shards, self.metric = shards, metric
         self.quantizer_bytes, self.nprobe, self.ef_search = quantizer, nprobe, ef_search
+        self.sub_batch = sub_batch
         self._quantizer = None
         self._turn = 0
 
@@ -70,17 +74,21 @@ class ShardedIndex:
         self._turn += 1
         replicas = [r[self._turn % len(r)] for r in self.shards]
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # [q, d]
-        shared = ray.put(queries)  # sent once, read by every shard
         if self.quantizer_bytes is None:
-            refs = [shard.search.remote(shared, k) for shard in replicas]
-        else:
-            if self._quantizer is None:
-                self._quantizer = faiss.deserialize_index(np.frombuffer(self.quantizer_bytes, dtype=np.uint8))
-                self._set_quantizer_search()
-            list_dist, lists = self._quantizer.search(queries, self.nprobe)  # [q, nprobe] each
-            lists_ref, dist_ref = ray.put(lists), ray.put(list_dist)
-            refs = [shard.search_preassigned.remote(shared, k, lists_ref, dist_ref) for shard in replicas]
-        return merge_topk(ray.get(refs), k, self.metric)
+            shared = ray.put(queries)  # sent once, read by every shard
+            return merge_topk(ray.get([shard.search.remote(shared, k) for shard in replicas]), k, self.metric)
+        if self._quantizer is None:
+            self._quantizer = faiss.deserialize_index(np.frombuffer(self.quantizer_bytes, dtype=np.uint8))
+            self._set_quantizer_search()
+        parts = []  # per sub-batch: the shards' calls, in flight while the next is assigned
+        step = self.sub_batch or max(len(queries), 1)
+        for lo in range(0, max(len(queries), 1), step):  # at least one pass: no queries, no results
+            sub = queries[lo: lo + step]  # [s, d]
+            list_dist, lists = self._quantizer.search(sub, self.nprobe)  # [s, nprobe] each
+            shared, lists_ref, dist_ref = ray.put(sub), ray.put(lists), ray.put(list_dist)
+            parts.append([shard.search_preassigned.remote(shared, k, lists_ref, dist_ref) for shard in replicas])
+        merged = [merge_topk(ray.get(refs), k, self.metric) for refs in parts]
+        return np.concatenate([d for d, _ in merged]), np.concatenate([i for _, i in merged])
 
     def _set_quantizer_search(self) -> None:
         """An HNSW coarse quantizer (behind OPQ or not) searches with efSearch >= nprobe."""

@@ -85,11 +85,11 @@ def coarse_quantizer(index: faiss.Index) -> bytes | None:
     if ivf is None:
         return None
     quantizer = faiss.downcast_index(ivf.quantizer)
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
+    outer = faiss.downcast_index(index)  # a view: ``index`` must stay referenced, it owns them all
+    if isinstance(outer, faiss.IndexPreTransform):
         chained = faiss.IndexPreTransform(quantizer)
-        for i in reversed(range(index.chain.size())):
-            chained.prepend_transform(index.chain.at(i))
+        for i in reversed(range(outer.chain.size())):
+            chained.prepend_transform(outer.chain.at(i))
         quantizer = chained
     return faiss.serialize_index(quantizer).tobytes()
 

@@ -85,7 +85,7 @@ class CorpusConfig(Section):
     max_docs: int | None = Field(None, gt=0)
     """Read only the first this-many input rows (documents, bad rows included) of the blend,
     for quick runs; None reads everything."""
-    unit_mb: float = Field(128.0, gt=0)
+    unit_mb: float = Field(16.0, gt=0)
     """The most input one chunking task reads: a larger JSONL file is read by several tasks
     (byte ranges cut at line starts), a larger Parquet row group too (row ranges)."""
 

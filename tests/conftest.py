@@ -22,7 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from retro_ray.config import Config, CorpusSource  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / ".." / "shared" / "data"
 WIKI = SHARED / "wiki" / "part-003.parquet"
 
 
@@ -114,6 +115,17 @@ def tiny_config(workdir, *paths, **sections) -> Config:
     return Config.model_validate(data)
 
 
+def bench(script: str, *args: str, timeout: int = 900) -> tuple[list[str], dict]:
+    """Run ``bench/{script}`` as a user would (its own Ray, if any): its output lines, and the
+    JSON object of its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
+    return lines, json.loads(lines[-1])
+
+
 def kill_stage(cfg: Config, folder: Path, stage: str, out: str, done, timeout_s: float = 300) -> dict:
     """Run ``retro-ray {stage}`` on ``cfg`` in a subprocess (its own Ray), SIGKILL it as soon as
     ``done(blocks)`` holds for the blocks its manifest in ``out`` records, and return that manifest."""
@@ -145,10 +157,10 @@ def kill_db_at_first_embedding(cfg: Config, folder: Path, timeout_s: float = 300
                       lambda blocks: any("embeddings_sha256" in b for b in blocks.values()), timeout_s)
 
 
-def reference_samples(cfg: Config, out: Path) -> dict[str, str]:
+def reference_samples(cfg: Config, out: Path, searcher=None) -> dict[str, str]:
     """The neighbours stage as one process ran it before it was distributed: every sample of a
-    split laid out in memory, then its blocks queried one at a time; block name -> SHA-256 of
-    the file it writes under ``out``."""
+    split laid out in memory, then its blocks queried one at a time (through the index stage's
+    router, or ``searcher``); block name -> SHA-256 of the file it writes under ``out``."""
     import numpy as np
 
     from retro_ray import index, neighbors, tokenizer
@@ -162,7 +174,7 @@ def reference_samples(cfg: Config, out: Path) -> dict[str, str]:
     store = ChunkStore.open(storage, db_dir(cfg), blocks)
     eod = tokenizer.load_run_tokenizer(cfg, storage).convert_tokens_to_ids(cfg.tokenizer.eod_token)
     valid = np.array([neighbors.is_valid_doc(d, nc.valid_fraction) for d in range(db_manifest.counts["docs"])])
-    router, shas = index.open_router(cfg, storage), {}
+    router, shas = searcher or index.open_router(cfg, storage), {}
     for split, in_split in (("train", ~valid), ("valid", valid)):
         ids, docs, lengths = [], [], []
         for b in range(len(blocks)):

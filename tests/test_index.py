@@ -161,7 +161,7 @@ def test_index_stage_resumes_only_unfinished_shards(built_db, tmp_path):
 @pytest.mark.parametrize("factory, d, n, nprobe", [("IVF32,Flat", D, 4000, 4),
                                                    ("OPQ16_64,IVF256_HNSW32,PQ16", 64, 10_000, 16)])
 def test_ivf_router_assigns_lists_once_and_equals_one_index(ray_local, tmp_path, factory, d, n, nprobe):
-    from index_actors.shard import coarse_quantizer, new_index, save_index
+    from index_actors.shard import coarse_quantizer, load_index, new_index, save_index
 
     xb, xq = _data(n=n, d=d)
     template = new_index(d, factory, "ip")
@@ -176,9 +176,12 @@ def test_ivf_router_assigns_lists_once_and_equals_one_index(ray_local, tmp_path,
                             uri=str(tmp_path / f"s{s}.faiss"), template_uri=str(tmp_path / "trained.faiss"))
         ray.get(actor.add.remote(part, xb[part]))
         shards.append([actor])
-    router = ShardedIndex(shards, "ip", quantizer=coarse_quantizer(template), nprobe=nprobe)
+    router = ShardedIndex(shards, "ip", quantizer=coarse_quantizer(template), nprobe=nprobe,
+                          sub_batch=len(xq) // 3 + 1)  # sub-batches assigned while the shards scan others
     dist, ids = router.search(xq, 10)
     exp_dist, exp_ids = whole.search(xq, 10)
+    # the quantizer of an index nothing else holds (the router's case: one loaded from its file)
+    assert coarse_quantizer(load_index(Storage(), str(tmp_path / "trained.faiss"))) == coarse_quantizer(template)
     np.testing.assert_allclose(dist, exp_dist, rtol=1e-5)
     assert (ids == exp_ids).mean() > 0.99  # equal up to ties
     assert index.recall_at_k(ids, _exact(xb, xq, 10)[1]) < 1.0  # nprobe 4 of 32: approximate, as one index

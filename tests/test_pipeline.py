@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import yaml
 
 from retro_ray.cli import main
 
-from conftest import tiny_config
+from conftest import ROOT, bench, tiny_config
 
 
 def test_pipeline_command_runs_every_stage_and_reruns_as_a_no_op(ray_local, tmp_path, wiki_parquet, capsys):
@@ -43,16 +44,12 @@ def test_changed_config_is_refused_without_force(ray_local, tmp_path, wiki_parqu
     assert main(["tokenizer", "--config", str(config_file), "--force"]) == 0
 
 
-def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_terminal(tmp_path, wiki_parquet):
-    """What `retro-ray pipeline` does on a fresh machine, on a tiny model: every stage, then the
-    app is asked a question over HTTP; the terminal shows the project's lines, not Ray's."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from retro_ray.runtime import RAY_LINE
-
-    configs = Path(__file__).resolve().parents[1] / "configs"
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory, wiki_parquet):
+    """`retro-ray pipeline` on a tiny model through ``bench/pipeline.py`` (which shows the job's
+    terminal line for line, then its figures): (config file, run directory, terminal, figures)."""
+    tmp_path = tmp_path_factory.mktemp("main-job")
+    configs = ROOT / "configs"
     cfg = tiny_config(tmp_path / "run", wiki_parquet, index={"factory": "Flat", "shards": 2},
                       neighbors={"seq_len": 512, "k_candidates": 8, "valid_fraction": 0.25},
                       instruct={"sources": [{"name": "pydocs", "paths": [str(configs / "pydocs-instruct.jsonl")]}],
@@ -63,22 +60,41 @@ def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_te
                              "demo": str(configs / "demo-questions.jsonl")})
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.to_yaml())
-    done = subprocess.run([str(Path(sys.executable).parent / "retro-ray"), "pipeline", "--config", str(config_file)],
-                          capture_output=True, text=True, timeout=900)
-    terminal = (done.stdout + done.stderr).splitlines()
-    assert done.returncode == 0, "\n".join(terminal[-40:])
+    lines, figures = bench("pipeline.py", "--config", str(config_file), "--workdir", str(tmp_path / "run"))
+    end = max(i for i, line in enumerate(lines) if line.startswith("exit code "))
+    return config_file, tmp_path / "run", lines[:end - 1], figures  # the job's lines, not the bench's summary
+
+
+def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_terminal(main_job):
+    """What `retro-ray pipeline` does on a fresh machine, on a tiny model: every stage, then the
+    app is asked a question over HTTP; the terminal shows the project's lines, not Ray's."""
+    from retro_ray.runtime import RAY_LINE
+
+    _, run, terminal, figures = main_job
+    assert figures["exit_code"] == 0 and figures["ray_internal_lines"] == 0, figures
+    assert set(figures["stages"]) >= {"tokenizer", "db", "pretrain", "instruct", "eval", "serve"}
     asked = next(i for i, line in enumerate(terminal) if line.startswith("retro-ray: asked http://127.0.0.1:"))
-    assert terminal[asked + 2].strip()  # the answer
+    assert terminal[asked + 2].strip() and figures["answer"] == terminal[asked + 2]  # the answer
     passages = [line for line in terminal if line.startswith("  [") and ", chunk " in line]
     assert 1 <= len(passages) <= 3  # serve.passages retrieved for the question (as many as fit the context)
     assert all(line.split("): ", 1)[1].split(": ", 1)[0] for line in passages)  # each printed with its title
     assert any(line.endswith("eval/qa.md") for line in terminal)
-    demo = json.loads((tmp_path / "run" / "eval" / "demo.json").read_text())  # the demo questions, each asked
+    demo = json.loads((run / "eval" / "demo.json").read_text())  # the demo questions, each asked
     assert demo["asked"] == 11 and len(demo["rows"]) == 11 and all(r["answer"] is not None for r in demo["rows"])
     shown = next(line for line in terminal if line.startswith("demo questions ("))
     assert shown.endswith(f"{demo['correct']} of 11 answers hold a gold answer")
     assert any("pipeline: stage 7/7 eval" in line for line in terminal)
     assert [line for line in terminal if RAY_LINE.search(line)] == []  # Ray's own lines went to the log
     assert [line for line in terminal if " DEBUG " in line] == []  # no library's debug lines (bm25s sets DEBUG)
-    ray_log = (tmp_path / "run" / "logs" / "ray.log").read_text()
+    ray_log = (run / "logs" / "ray.log").read_text()
     assert "Started a local Ray instance" in ray_log and "Running Dataset" not in "\n".join(terminal)
+
+
+def test_the_serving_and_generation_benchmarks_run_on_the_main_jobs_model(main_job):
+    config_file, run, *_ = main_job
+    _, served = bench("serve.py", "--config", str(config_file), "--workdir", str(run), "--no-vllm",
+                      "--requests", "8", "--clients", "4", "--port", "8497")
+    assert served["same_tokens"] and served["poison_isolated"] and served["tokens_per_s"]["continuous"] > 0
+    _, generated = bench("generate.py", "--config", str(config_file), "--workdir", str(run), "--no-smollm2",
+                         "--new-tokens", "16")
+    assert generated["same_tokens"] and generated["kv_speedup"] > 0
