@@ -335,14 +335,20 @@ class Manifest(BaseModel):
 
     @classmethod
     def load(cls, storage: Storage, folder: str) -> "Manifest":
-        """The stage's manifest as last saved, with the entries recorded since merged in."""
-        manifest = cls.model_validate(storage.read_json(join(folder, MANIFEST)))
-        if not manifest.complete:  # a complete manifest was saved last: nothing journaled after it
+        """The stage's manifest as last saved, with the entries recorded since merged in. A
+        record that vanishes while it is read was folded into a newer save: read that one."""
+        while True:
+            manifest = cls.model_validate(storage.read_json(join(folder, MANIFEST)))
+            if manifest.complete:  # saved last: nothing journaled after it
+                return manifest
             records = storage.expand(join(folder, JOURNAL, str(manifest.generation)))
-            for uri in [u for u in records if u.endswith(".json")]:  # not a write a kill left unfinished
-                entry = storage.read_json(uri)
-                getattr(manifest, entry["section"])[entry["name"]] = entry["value"]
-        return manifest
+            try:
+                for uri in [u for u in records if u.endswith(".json")]:  # not a write a kill left unfinished
+                    entry = storage.read_json(uri)
+                    getattr(manifest, entry["section"])[entry["name"]] = entry["value"]
+            except FileNotFoundError:  # another process saved meanwhile (a reader watching a stage)
+                continue
+            return manifest
 
 
 def finished_stage(storage: Storage, folder: str, stage: str) -> Manifest:
