@@ -137,8 +137,9 @@ def _split_jsonl(cfg: Config, storage: Storage, units: list[Unit]) -> list[Unit]
         return units
     task = ray.remote(_count_newlines).options(num_cpus=0.5, resources=cfg.resources.chunk)
     # lines starting before byte a of a range: one at 0, one after each newline before a - 1
-    counts = {i: ray.get([task.remote(cfg, units[i].path, max(lo - 1, 0), hi - 1) for lo, hi in r[:-1]])
-              for i, r in ranges.items()}
+    refs = {i: [task.remote(cfg, units[i].path, max(lo - 1, 0), hi - 1) for lo, hi in r[:-1]]
+            for i, r in ranges.items()}  # every file's counts in flight at once
+    counts = {i: ray.get(r) for i, r in refs.items()}
     out = []
     for i, u in enumerate(units):
         if i not in ranges:
