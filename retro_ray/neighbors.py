@@ -201,6 +201,11 @@ def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np
     })
 
 
+def sample_block_name(split: str, first: int, stop: int) -> str:
+    """The manifest name of samples [first, stop) of a split (its file: ``{name}.parquet``)."""
+    return f"{split}/{first:010d}-{stop:010d}"
+
+
 class SampleWriter:
     """The neighbours stage's worker (an actor): writes the sample blocks it is given, keeping
     the token store and the router (its coarse quantizer loaded once) across blocks."""
@@ -233,7 +238,7 @@ class SampleWriter:
             candidates, dropped = drop_near_copies(store, layout.chunk_ids, candidates, 2 * m, nc.max_overlap)
         neighbors = filter_neighbors(candidates, store.doc_ids_of(candidates), layout.doc_ids, nc.k)
         tokens = sample_tokens(store, layout.chunk_ids, m, self.eod)
-        sha = storage.write_parquet(join(samples_dir(cfg), f"{split}/{first:010d}-{stop:010d}.parquet"),
+        sha = storage.write_parquet(join(samples_dir(cfg), f"{sample_block_name(split, first, stop)}.parquet"),
                                     _block_table(first, tokens, layout, slice(None), neighbors))
         return {"rows": stop - first, "sha256": sha, "no_neighbor": int((neighbors[real] < 0).sum()),
                 "near_copies": dropped, "queries": int(real.sum())}
@@ -284,10 +289,10 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
                 f"neighbors.valid_fraction={nc.valid_fraction}): add documents or change valid_fraction")
         manifest.counts[f"{split}_samples"] = n_samples
         manifest.counts[f"{split}_docs"] = int(per_block[:, 2 + SPLITS.index(split)].sum())
-        todo += [{"split": split, "first": first, "stop": min(first + nc.samples_per_block, n_samples)}
+        todo += [(split, first, min(first + nc.samples_per_block, n_samples))
                  for first in range(0, n_samples, nc.samples_per_block)]
-    todo = [t for t in todo if f"{t['split']}/{t['first']:010d}-{t['stop']:010d}" not in manifest.blocks]
-    total = sum(t["stop"] - t["first"] for t in todo)
+    todo = [t for t in todo if sample_block_name(*t) not in manifest.blocks]
+    total = sum(stop - first for _, first, stop in todo)
     start, done, queried = time.time(), 0, 0
     writer = ray.remote(SampleWriter).options(num_cpus=cpus, resources=cfg.resources.chunk)
     shared = {"blocks": shared, "offsets": ray.put(offsets)}  # by reference: large on a large database
@@ -297,8 +302,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
         while todo and idle:
             t = todo.pop(0)
             actor = idle.pop()
-            pending[actor.write.remote(t["split"], t["first"], t["stop"])] = (
-                actor, f"{t['split']}/{t['first']:010d}-{t['stop']:010d}")
+            pending[actor.write.remote(*t)] = (actor, sample_block_name(*t))
         [ref], _ = ray.wait(list(pending))
         actor, name = pending.pop(ref)
         idle.append(actor)
