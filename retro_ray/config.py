@@ -151,6 +151,12 @@ class IndexConfig(Section):
     """IVF lists visited per query."""
     ef_search: int = Field(64, gt=0)
     """HNSW search breadth."""
+    hybrid_dense_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """``search: hybrid`` (questions): the dense list's weight in the fusion with BM25, each list's
+    scores min-max normalised per query; BM25 weighs the rest."""
+
+    UNHASHED: ClassVar[set[str]] = {"hybrid_dense_weight"}
+    """How questions search the index, not how it is built."""
     num_cpus_per_shard: float = Field(1.0, gt=0)
     seed: int = 0
     """Seed of the training sample and of ``index verify``'s query sample."""
@@ -205,11 +211,20 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(1, gt=0)
+    trainable: Literal["all", "retrieval"] = "all"
+    """``all``: the whole model trains (InstructRetro continues the whole GPT); ``retrieval``: only
+    the retrieval encoder and the chunked cross-attention (with their norms) train and every other
+    weight stays as it was (RETRO's retro-fit of a frozen model, Borgeaud et al. section 4.2)."""
+    retrieval_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the retrieval encoder and the CCA layers (new weights, starting at
+    zero output); None: ``lr``. It follows the same warm-up and decay as ``lr``."""
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
     max_steps: int = Field(30, gt=0)
     weight_decay: float = Field(0.1, ge=0)
+    """AdamW's decoupled weight decay, applied to weight matrices and embeddings only: biases and
+    norm weights are not decayed (as Megatron's optimizer, which InstructRetro's scripts use)."""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW's (beta1, beta2)."""
     grad_clip: float = Field(1.0, gt=0)
@@ -221,6 +236,9 @@ class TrainConfig(Section):
     max_failures: int = Field(1, ge=0)
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     seed: int = 0
+
+    HASHED_IF_SET: ClassVar[set[str]] = {"trainable", "retrieval_lr"}
+    """Newer than some runs: at their defaults, such a run keeps its fingerprint and resumes."""
 
 
 class InstructSource(FilesSection):
@@ -281,6 +299,10 @@ class InstructConfig(Section):
     """Constant learning rate, as in InstructRetro."""
     max_steps: int = Field(1000, gt=0)
     seed: int = 0
+    twin: bool = True
+    """Also tune the GPT twin (``{run_name}-gpt``, pretrained first if missing), as InstructRetro
+    compares with it: the QA table's ``gpt`` and ``gpt_rag`` rows. False tunes the Retro alone
+    (about half the stage's time); the table then says those rows have no model."""
 
 
 class EvalQASet(Section):
@@ -305,9 +327,13 @@ class EvalConfig(Section):
     SQuAD paragraphs: the evidence must be in the database. The run's own database is unchanged."""
     prompt_passages: int = Field(5, ge=0)
     """Retrieved passages in a QA prompt (InstructRetro: 5); the encoder reads the top k of them."""
+    template: Literal["retro", "retro_sft", "chat"] | None = None
+    """The QA prompt's template; None: ``instruct.template``, the one the models were tuned with.
+    The reference tunes with ``retro_sft`` and evaluates with ``retro`` (``sft_retro_lm.sh``, then
+    ``retro_text_generation.py``'s ``reformat_prompt``)."""
     search: Literal["dense", "bm25", "hybrid"] = "hybrid"
     """How questions find passages: by embedding, by BM25 over the chunks' titles and texts, or
-    both fused by reciprocal rank."""
+    both fused (``index.hybrid_dense_weight``)."""
     passage_words: int | None = Field(None, gt=0)
     """A passage is about this many words of its document around the retrieved chunk (DPR: 100);
     None: the chunk and its continuation (what the encoder reads in training)."""
@@ -340,9 +366,10 @@ class ServeConfig(Section):
     """Default for requests without ``retrieval``: neighbours retrieved for every chunk through the
     encoder, passages in the prompt, both, ``question`` (passages in the prompt and the
     encoder reading the top k of them for every chunk: InstructRetro), or neither."""
-    search: Literal["dense", "bm25", "hybrid"] = "dense"
+    search: Literal["dense", "bm25", "hybrid"] = "hybrid"
     """Default for requests without ``search``: how the request's text finds its passages (BM25
-    and hybrid build an in-memory BM25 index of the database at the first such request)."""
+    and hybrid build an in-memory BM25 index of the database at the first such request; hybrid
+    measured best, ``bench/qa.py``)."""
     passage_words: int | None = Field(None, gt=0)
     """Passages of about this many words around the retrieved chunk; None: chunk and continuation."""
     passages: int = Field(3, ge=0)
@@ -442,6 +469,9 @@ class Config(Section):
             raise ValueError(f"neighbors.k_candidates={nc.k_candidates} must be at least neighbors.k={nc.k}")
         if e.min_actors > e.max_actors:
             raise ValueError(f"embed.min_actors={e.min_actors} exceeds embed.max_actors={e.max_actors}")
+        if self.train.trainable == "retrieval" and not self.train.retrieval:
+            raise ValueError("train.trainable=retrieval trains only the retrieval encoder and CCA, but "
+                             "train.retrieval is false (the GPT baseline has neither)")
         workers = self.train.num_workers
         if isinstance(workers, tuple) and not 0 < workers[0] <= workers[1]:
             raise ValueError(f"train.num_workers={list(workers)} must be a range [min, max] with 0 < min <= max")
@@ -452,9 +482,18 @@ class Config(Section):
 
 
 def config_hash(*sections: BaseModel) -> str:
-    """Stable short hash of the given sections: the fingerprint a stage's output depends on."""
-    blob = json.dumps([s.model_dump(mode="json", exclude=getattr(s, "UNHASHED", None)) for s in sections],
-                      sort_keys=True)
+    """Stable short hash of the given sections: the fingerprint a stage's output depends on.
+    A section's ``UNHASHED`` fields never count; its ``HASHED_IF_SET`` fields (added after runs
+    were made with it) count only when not at their default, so those runs still resume."""
+
+    def hashed(section: BaseModel) -> dict:
+        data = section.model_dump(mode="json", exclude=getattr(section, "UNHASHED", None))
+        for name in getattr(section, "HASHED_IF_SET", ()):
+            if getattr(section, name) == type(section).model_fields[name].default:
+                del data[name]
+        return data
+
+    blob = json.dumps([hashed(s) for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ the new documents are embedded), with its own index; the run's database is not c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -47,7 +48,12 @@ from retro_ray.storage import MANIFEST, Storage, finished_stage, join
 MODELS = ("gpt", "gpt_rag", "retro_decoder_only", "retro_encoder", "base_rag")
 """Rows of the QA table: the tuned GPT twin without passages, with passages in the prompt; the
 tuned Retro with passages, its encoder dropped or reading the question's top-k passages for
-every chunk (InstructRetro); the base model the run started from, with passages."""
+every chunk; the base model the run started from, with passages."""
+ROWS_NOTE = ("retro_decoder_only is the paper's InstructRetro row: the reference tunes and evaluates with "
+             "--retro-attention-gate 0 (Megatron-LM core_r0.15.0, tools/retro/sft/sft_retro_lm.sh and "
+             "text_generation/retro_generate.sh; the legacy transformer multiplies the cross-attention output by "
+             "that gate), so its decoder reads the passages in its prompt and the encoder adds nothing; "
+             "retro_encoder, the encoder reading the question's top k passages for every chunk, is beyond the paper.")
 RECALL_AT = (1, 5, 20)
 BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.01))
 BUCKET_NAMES = ("0-10%", "10-50%", "50-90%", ">=90%")
@@ -235,9 +241,10 @@ def near_copy_share(samples, n: int, chunk_len: int, ngram: int, threshold: floa
     return hits / max(total, 1)
 
 
-def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
-    """Validation perplexity of every model (and of the base model a run was retro-fitted from);
-    GPT's and Retro's per overlap bucket."""
+def perplexity(cfg: Config, storage: Storage, paths: dict[str, str],
+               bucketed: tuple[str, ...] = ("gpt", "retro")) -> dict:
+    """Validation perplexity of every model in ``paths`` that exists (and of the base model a run
+    was retro-fitted from); those named in ``bucketed`` also per overlap bucket."""
     from retro_ray.dbfiles import ChunkStore, finished_db
     from retro_ray.neighbors import RetroSamples
 
@@ -257,7 +264,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str]) -> dict:
         model = load_model(storage, uri) if uri else base_model(cfg)
         losses, mask = token_losses(model, valid, n, ec.batch_size, model.cfg.retrieval, m)
         result["models"][name] = math.exp(float(losses[mask].mean()))
-        if name in ("gpt", "retro"):
+        if name in bucketed:
             result["buckets"][name] = {}
             for (lo, hi), label in zip(BUCKETS, BUCKET_NAMES):
                 inside = mask & (target_overlap >= lo) & (target_overlap < hi)
@@ -282,7 +289,7 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     from retro_ray.generate import SamplingParams
     from retro_ray.instruct import fit_passages, qa_prompt
 
-    ec, template = cfg.eval, cfg.instruct.template
+    ec, template = cfg.eval, cfg.eval.template or cfg.instruct.template
     params = SamplingParams(max_new_tokens=ec.max_new_tokens)
     room = generator.cfg.max_seq_len - ec.max_new_tokens
     prompts = [fit_passages(lambda given: qa_prompt(q["question"], given, template, tokenizer),
@@ -338,6 +345,22 @@ SETUPS = {"gpt": ("gpt_instruct", False, "off"), "gpt_rag": ("gpt_instruct", Tru
 """Each row of the QA table: (model, passages in the prompt, retrieval mode)."""
 
 
+CELLS = "qa-cells"
+"""``eval/qa-cells/{set}~{row}.json``: one finished cell of the QA table, its answers and the key
+they were computed under (``cell_key``), written as soon as the cell is done."""
+
+
+def cell_key(storage: Storage, cfg: Config, model_uri: str | None, setup: tuple, questions: list[dict],
+             passages: list[list[str]] | None) -> str:
+    """What a cell's answers depend on: the model (its exported files' sizes and times, or the base
+    model's name), the row's setup, the decoding settings, and every question with its passages."""
+    model = {"base": cfg.model.base} if model_uri is None else {
+        uri: storage.fingerprint(uri) for uri in storage.expand(model_uri)}
+    blob = json.dumps([model, list(setup), cfg.eval.max_new_tokens, cfg.eval.template or cfg.instruct.template,
+                       [[q["question"], q["answers"]] for q in questions], passages], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False) -> dict:
     """The QA table: every row of ``SETUPS`` whose model the run has, on every ``eval.qa`` set, both
     scorings; how well retrieval finds the answers, and how many the database holds."""
@@ -359,7 +382,7 @@ def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False
                     "database": {"workdir": db_cfg.workdir, "chunks": db.counts["chunks"], "docs": db.counts["docs"],
                                  "sources": [s.name for s in db_cfg.corpus.sources]},
                     "retrieval": {"search": ec.search, "passage_words": ec.passage_words},
-                    "prompt_passages": ec.prompt_passages, "examples": {}}
+                    "prompt_passages": ec.prompt_passages, "examples": {}, "no_model": {}}
     retrieved = {n: questions for n, (qs, questions, _, _) in sets.items() if qs.context == "retrieved"}
     if retrieved and ec.answer_coverage:
         matcher = AnswerMatcher([q["answers"] for questions in retrieved.values() for q in questions])
@@ -383,15 +406,25 @@ def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False
             report["answer_recall"][name] = answer_recall(passages, [q["answers"] for q in questions], RECALL_AT)
             passages = [texts[: ec.prompt_passages] for texts in passages]
         for row, (model_key, with_passages, mode) in SETUPS.items():
-            if model_key not in generators:
-                model = base_model(cfg) if model_key == "base" else (
-                    load_model(storage, paths[model_key]) if storage.exists(join(paths[model_key], "config.json")) else None)
-                generators[model_key] = Generator(model, tok, retriever) if model is not None else None
-            generator = generators[model_key]
-            if generator is None:
+            uri = None if model_key == "base" else paths[model_key]
+            if not cfg.model.base if uri is None else not storage.exists(join(uri, "config.json")):
+                report["no_model"][row] = "no model.base" if uri is None else f"no model at {uri}"
                 continue
-            rows, per_q = answer_questions(generator, tok, questions, passages if with_passages else None, mode, cfg,
-                                           f"{name} {row}")
+            given = passages if with_passages else None
+            key = cell_key(storage, cfg, uri, SETUPS[row], questions, given)
+            cell_uri = join(eval_dir(cfg), CELLS, f"{name}~{row}.json")
+            cell = storage.read_json(cell_uri) if storage.exists(cell_uri) else None
+            if cell is not None and cell["key"] == key:
+                log.info("eval qa %s %s: answered by an earlier run (same model, questions and settings)", name, row)
+            else:
+                if model_key not in generators:
+                    generators[model_key] = Generator(base_model(cfg) if uri is None else load_model(storage, uri),
+                                                      tok, retriever)
+                rows, per_q = answer_questions(generators[model_key], tok, questions, given, mode, cfg,
+                                               f"{name} {row}")
+                cell = {"key": key, "rows": rows, "seconds_per_question": per_q}
+                storage.write_json(cell_uri, cell)  # a killed eval resumes from the cells it finished
+            rows, per_q = cell["rows"], cell["seconds_per_question"]
             scores = report["datasets"].setdefault(name, {})[row] = scoring.mean_scores(rows)
             report["seconds_per_question"].setdefault(name, {})[row] = per_q
             report["examples"].setdefault(name, {})[row] = rows[:5]
@@ -432,6 +465,9 @@ def qa_markdown(report: dict) -> str:
                  f"search {search['search']}, passages of {size}")
     for name, t in report["tuning"].items():
         lines.append(f"- {name}: tuned {t['steps']} steps on {t['examples']} examples")
+    for row, why in report.get("no_model", {}).items():
+        lines.append(f"- {row}: not run, {why}")
+    lines.append(f"- {ROWS_NOTE}")
     return "\n".join(lines) + "\n"
 
 

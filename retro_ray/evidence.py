@@ -7,8 +7,8 @@
 - ``answer_recall``: the share of questions with a gold answer in their top k passages (DPR's
   top-k retrieval accuracy).
 - ``select_evidence``: an evidence corpus for an open-domain QA set at a small scale: from a
-  corpus of articles (Wikipedia), the articles that hold a question's gold answer and share the
-  most words with it, plus a stated multiple of other articles as distractors.
+  corpus of articles (Wikipedia), the articles that hold a question's gold answer among words of
+  the question, plus a stated multiple of other articles as distractors.
 
 Imports neither torch nor Ray.
 """
@@ -56,12 +56,15 @@ class AnswerMatcher:
 
     def found(self, text: str) -> set[int]:
         """The questions whose gold answer occurs in ``text``."""
+        return {q for q, _ in self.occurrences(normalize(text))}
+
+    def occurrences(self, normalized: str) -> Iterator[tuple[int, int]]:
+        """(question, end offset) of every gold answer occurring in an already ``normalize``d text."""
         if self.empty:
-            return set()
-        out: set[int] = set()
-        for _, questions in self.automaton.iter(f" {normalize(text)} "):
-            out.update(questions)
-        return out
+            return
+        for end, questions in self.automaton.iter(f" {normalized} "):
+            for q in questions:
+                yield q, end
 
 
 def answer_recall(passages: list[list[str]], answers: list[list[str]], ks: Iterable[int] = (1, 5, 20)) -> dict[str, float]:
@@ -87,40 +90,54 @@ def _content_words(text: str) -> set[str]:
     return {w for w in normalize(text).split() if w not in _STOPWORDS}
 
 
+WINDOW_CHARS = 300
+"""Text on either side of an answer occurrence that tells whether the article is about the
+question (about 50 words each way: a DPR passage around the answer)."""
+
+
 def select_evidence(articles: Iterator[tuple[str, str]], questions: list[dict], per_question: int = 1,
                     distractors: float = 4.0, seed: int = 0) -> tuple[list[int], dict]:
     """Choose an evidence corpus for ``questions`` ({question, answers}) from ``articles`` ((title,
     text) in a fixed order, read once) -> (chosen article indices in corpus order, report).
 
-    For each question, the ``per_question`` articles that hold one of its gold answers and share
-    the most content words with the question (title and text); then ``distractors`` times as
-    many other articles drawn uniformly at random (seeded). The report says how many of each,
-    and the share of questions with an answer-holding article (the corpus's answer coverage)."""
+    For each question, the ``per_question`` articles holding one of its gold answers where the
+    answer's neighbourhood (``WINDOW_CHARS`` either side) shares the most content words with the
+    question, then the article's own share as the tie-break: an article about the question, not
+    one where a short answer ("1990", "Donna") occurs by chance. Then ``distractors`` times as many
+    other articles drawn uniformly at random (seeded). The report says how many of each, the share
+    of questions with an answer-holding article (``answer_coverage``), and the share whose
+    evidence holds the answer beside at least half of the question's content words
+    (``evidence_coverage``: the evidence is about the question)."""
     matcher = AnswerMatcher([q["answers"] for q in questions])
     words = [_content_words(q["question"]) for q in questions]
-    best: list[list[tuple[float, int]]] = [[] for _ in questions]  # per question: a min-heap of (score, -index)
+    best: list[list[tuple[float, float, int]]] = [[] for _ in questions]  # per question: a min-heap of scores
     total = 0
     for index, (title, text) in enumerate(articles):
         total += 1
-        hits = matcher.found(f"{title} {text}")
-        if not hits:
+        normalized = normalize(f"{title} {text}")
+        window: dict[int, float] = {}
+        for q, end in matcher.occurrences(normalized):
+            near = set(normalized[max(0, end - WINDOW_CHARS): end + WINDOW_CHARS].split()) & words[q]
+            window[q] = max(window.get(q, 0.0), len(near) / max(len(words[q]), 1))
+        if not window:
             continue
-        present = _content_words(f"{title} {text}")
-        for q in hits:
-            score = len(words[q] & present) / max(len(words[q]), 1)
-            entry = (score, -index)  # ties: the earlier article
+        present = set(normalized.split())
+        for q, near in window.items():
+            entry = (near, len(words[q] & present) / max(len(words[q]), 1), -index)  # ties: the earlier article
             if len(best[q]) < per_question:
                 heapq.heappush(best[q], entry)
             elif entry > best[q][0]:
                 heapq.heapreplace(best[q], entry)
-    holding = sorted({-i for heap in best for _, i in heap})
+    holding = sorted({-i for heap in best for _, _, i in heap})
     others = np.setdiff1d(np.arange(total), holding)
     n_other = min(len(others), int(round(distractors * len(holding))))
     drawn = np.random.default_rng(seed).choice(others, size=n_other, replace=False) if n_other else []
     chosen = sorted(holding + [int(i) for i in drawn])
+    n = max(len(questions), 1)
     report = {"articles": total, "with_answer": len(holding), "distractors": n_other,
-              "questions": len(questions), "answer_coverage": sum(bool(h) for h in best) / max(len(questions), 1),
+              "questions": len(questions), "answer_coverage": sum(bool(h) for h in best) / n,
+              "evidence_coverage": sum(any(near >= 0.5 for near, _, _ in h) for h in best) / n,
               "how": f"for each question the {per_question} article(s) holding a gold answer (SQuAD-normalised, "
-                     f"whole words) that share the most content words with the question, plus {distractors:g}x as "
-                     f"many other articles drawn at random (seed {seed})"}
+                     f"whole words) whose text around the answer shares the most content words with the question, "
+                     f"plus {distractors:g}x as many other articles drawn at random (seed {seed})"}
     return chosen, report

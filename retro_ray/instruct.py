@@ -39,7 +39,7 @@ import torch
 
 from retro_ray.config import Config, InstructConfig, InstructSource, config_hash
 from retro_ray.corpus import BadInputError, describe_skips
-from retro_ray.layout import index_dir, instruct_data_dir, pretrained_runs, run_dir, tuned
+from retro_ray.layout import index_dir, instruct_data_dir, pretrained_runs, run_dir, tuned, tuned_runs
 from retro_ray.locks import locked
 from retro_ray.retrieval import format_passage
 from retro_ray.storage import MANIFEST, EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
@@ -65,7 +65,7 @@ TEMPLATES = {
     "retro": Template(SYSTEM, "Answer the following question with a short span. {question}"),  # reformat_prompt
     "retro_sft": Template(SYSTEM_SFT, "{question} Answer the above question with a short phrase."),  # ..._retro
 }
-TUNING_ONLY = ("lr", "max_steps", "loss", "batch_examples", "weight_decay", "adam_betas")
+TUNING_ONLY = ("lr", "max_steps", "loss", "batch_examples", "weight_decay", "adam_betas", "twin")
 """Instruct settings of the tuning run, not of its data: changing them keeps the data."""
 SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("targets", pa.list_(pa.int8())),
                     ("positions", pa.list_(pa.int32()))])
@@ -483,10 +483,12 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
 
 def tuning_config(cfg: Config) -> Config:
     """The tuning run of a pretrained run's config: ``{run_name}-instruct`` (``layout.tuned``),
-    InstructRetro's constant learning rate and AdamW settings, no retrieval; workers, micro-batch
-    and ZeRO stage as ``train`` (the step's size: ``instruct.batch_examples``)."""
+    InstructRetro's constant learning rate and AdamW settings, the whole model trained, no
+    retrieval; workers, micro-batch and ZeRO stage as ``train`` (the step's size:
+    ``instruct.batch_examples``)."""
     ic, tc = cfg.instruct, tuned(cfg).train
     return cfg.model_copy(update={"train": tc.model_copy(update={
+        "trainable": "all", "retrieval_lr": None,
         "lr": ic.lr, "min_lr": ic.lr, "warmup_steps": 0, "weight_decay": ic.weight_decay, "adam_betas": ic.adam_betas,
         "max_steps": ic.max_steps, "eval_every": min(tc.eval_every, ic.max_steps),
         "checkpoint_every": min(tc.checkpoint_every, ic.max_steps), "seed": ic.seed})})
@@ -496,15 +498,15 @@ def tuning_config(cfg: Config) -> Config:
         lambda cfg: f"checkpoints/{tuned(pretrained_runs(cfg)['gpt']).train.run_name}")
 def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
     """The ``instruct`` stage: the instruction data, then the Retro run and its GPT twin (trained
-    first if missing: the same samples and steps without retrieval), each tuned the same way
-    and exported as ``checkpoints/{run}-instruct/model``. ``--force`` redoes the data and the
-    tuning, not the pretraining."""
+    first if missing: the same samples and steps without retrieval; not with ``instruct.twin:
+    false``), each tuned the same way and exported as ``checkpoints/{run}-instruct/model``.
+    ``--force`` redoes the data and the tuning, not the pretraining."""
     from retro_ray import train
     from retro_ray.runtime import log
 
     data = prepare(cfg, storage, force)
     results = {}
-    for name, run_cfg in pretrained_runs(cfg).items():
+    for name, run_cfg in tuned_runs(cfg).items():
         pretrained = train.run(run_cfg, storage)
         init = finished_stage(storage, run_dir(run_cfg), "pretrain")
         inputs = {"data": data.content_hash(), "pretrained": init.content_hash(),

@@ -77,10 +77,11 @@ def retro(cfg: Config) -> Config:
 
 
 def twin(cfg: Config) -> Config:
-    """The config of the run's GPT twin: the same model, samples and steps, no retrieval,
-    trained as ``{run_name}-gpt``."""
-    return cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"retrieval": False, "run_name": f"{cfg.train.run_name}-gpt"})})
+    """The config of the run's GPT twin: the same model, samples and steps, no retrieval, every
+    weight trained (a frozen retro-fit's twin is the GPT continued on the same tokens), trained
+    as ``{run_name}-gpt``."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "retrieval": False, "trainable": "all", "retrieval_lr": None, "run_name": f"{cfg.train.run_name}-gpt"})})
 
 
 def tuned(cfg: Config) -> Config:
@@ -93,6 +94,12 @@ def tuned(cfg: Config) -> Config:
 def pretrained_runs(cfg: Config) -> dict[str, Config]:
     """The pretrained runs that instruction tuning starts from: the Retro run and its GPT twin."""
     return {"retro": retro(cfg), "gpt": twin(cfg)}
+
+
+def tuned_runs(cfg: Config) -> dict[str, Config]:
+    """The pretrained runs the ``instruct`` stage tunes: the Retro run, and its twin unless
+    ``instruct.twin`` is false."""
+    return {name: run_cfg for name, run_cfg in pretrained_runs(cfg).items() if name == "retro" or cfg.instruct.twin}
 
 
 def models(cfg: Config) -> dict[str, str]:

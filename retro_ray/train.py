@@ -65,6 +65,24 @@ def build_model(cfg: Config, vocab_size: int, seq_len: int, tokenizer_id: str | 
     return model
 
 
+def param_groups(model, tc: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and norm
+    weights (1-D parameters), as Megatron's optimizer; the retrieval encoder and the CCA layers at
+    ``train.retrieval_lr`` (else ``lr``). With ``train.trainable: retrieval`` nothing else trains:
+    the other parameters stop requiring gradients and are in no group, so they stay bit-identical."""
+    new = model.retrieval_parameters()
+    frozen = tc.trainable == "retrieval"
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if frozen and name not in new:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            groups.setdefault((name in new, p.ndim > 1), []).append(p)
+    return [{"params": params, "lr": tc.retrieval_lr if retrieval and tc.retrieval_lr else tc.lr,
+             "weight_decay": tc.weight_decay if decayed else 0.0}
+            for (retrieval, decayed), params in sorted(groups.items())]
+
+
 def make_batch(items: list[dict], chunk_len: int, retrieval: bool, device) -> dict[str, torch.Tensor]:
     """Samples -> model inputs: predict tokens[1:] from tokens[:-1]; padding is not a target."""
     tokens = torch.as_tensor(np.stack([it["tokens"] for it in items]))  # [b, n]
@@ -141,8 +159,8 @@ def train_loop_per_worker(config: dict) -> None:
             start_step, history = state["step"], state["history"]
             if state["world_size"] != world:  # another world size: consolidated weights, fresh optimizer
                 load_weights(model, Path(d) / MODEL_DIR)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.adam_betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=tc.adam_betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(  # every group's peak scaled by the same schedule
             optimizer, lambda s: lr_at(s, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr) / tc.lr)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(cfg, world, gpu, accum))

@@ -186,6 +186,17 @@ def test_questions_find_passages_by_title_words_and_bm25(run):
     assert (np.diff(scores[0]) <= 0).all() and dense.shape == ids.shape
 
 
+def test_hybrid_fusion_weighs_each_lists_normalised_scores():
+    from retro_ray.retrieval import fuse
+
+    dense = (np.array([[0.9, 0.7, 0.1]]), np.array([[1, 2, 3]]))  # normalised: 1 -> 1, 2 -> 0.75, 3 -> 0
+    bm25 = (np.array([[12.0, 2.0, -np.inf]]), np.array([[3, 2, -1]]))  # 3 -> 1, 2 -> 0; -1 is no candidate
+    assert fuse([dense, bm25], [0.6, 0.4], 3)[1].tolist() == [[1, 2, 3]]  # 0.6, 0.45, 0.4
+    scores, ids = fuse([dense, bm25], [0.2, 0.8], 4)
+    assert ids.tolist() == [[3, 1, 2, -1]] and np.allclose(scores[0, :3], [0.8, 0.2, 0.15])
+    assert fuse([dense, bm25], [1.0, 0.0], 3)[1].tolist() == dense[1].tolist()
+
+
 def test_passages_are_titled_and_hold_about_n_words_of_their_document(run):
     cfg, tok, retriever = run
     [rows] = retriever.passages([PROMPT], 3)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +318,29 @@ def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     with torch.no_grad():
         assert torch.allclose(hf(tokens).logits, tuned(tokens)[0], atol=1e-5)
     assert (storage.read_bytes(f"{workdir}/hf/tokenizer.json"))
+
+
+def test_a_killed_qa_eval_resumes_from_its_finished_cells_and_a_changed_model_recomputes_its_own(run):
+    """Each (set, row) cell of the QA table is written when it finishes, keyed by the model, the
+    questions and the settings: what a kill left unfinished is computed again, nothing else."""
+    import os
+
+    from retro_ray.layout import eval_dir, models
+
+    storage = Storage()
+    instruct.run(run, storage)  # tuned already when the test above ran
+    paths = models(run)
+    first = evaluate.qa(run, storage, paths, force=True)  # the database copy of this run (the test above left another)
+    cells = {p.name: p for p in (Path(eval_dir(run)) / evaluate.CELLS).iterdir()}
+    assert set(cells) == {f"{name}~{row}.json" for name, rows in first["datasets"].items() for row in rows}
+    stamps = {name: p.stat().st_mtime_ns for name, p in cells.items()}
+    lost = cells.pop("jsonl~retro_encoder.json")
+    lost.unlink()  # a kill before this cell was written
+    again = evaluate.qa(run, storage, paths)
+    assert again["datasets"] == first["datasets"]
+    assert lost.exists() and all(p.stat().st_mtime_ns == stamps[name] for name, p in cells.items())
+    weights = Path(paths["gpt_instruct"]) / "model.safetensors"
+    os.utime(weights)  # the twin retuned: its files changed
+    evaluate.qa(run, storage, paths)
+    changed = {name for name, p in cells.items() if p.stat().st_mtime_ns != stamps[name]}
+    assert changed == {name for name in cells if name.split("~")[1].removesuffix(".json") in ("gpt", "gpt_rag")}

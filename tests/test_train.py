@@ -48,6 +48,33 @@ def test_short_run_lowers_the_loss_exports_and_resumes(samples):
     assert more["history"][:12] == history
 
 
+def test_a_frozen_retrofit_trains_only_the_retrieval_weights_and_resumes_so(samples):
+    """RETRO's retro-fit (section 4.2): after training steps every other weight is bit-identical
+    to the model it started from, the encoder and CCA moved; a resumed run keeps the same set."""
+    import torch
+
+    from retro_ray.model.io import load_model
+
+    cfg = with_train(samples, run_name="frozen", trainable="retrieval", retrieval_lr=1e-2, max_steps=3,
+                     checkpoint_every=3, eval_every=3)
+    storage = Storage()
+    torch.manual_seed(cfg.train.seed)  # the model the run starts from, built as its first worker builds it
+    start = {k: v.clone() for k, v in train._initial_model(cfg, storage, None).state_dict().items()}
+
+    def check(model) -> None:
+        end, new = model.state_dict(), model.retrieval_parameters()
+        assert new and set(end) == set(start)
+        assert all(torch.equal(end[k], start[k]) for k in end if k not in new)
+        for part in ("encoder.", ".cca.attn.out.weight", ".cca.attn.q.weight"):
+            assert any(part in k and not torch.equal(end[k], start[k]) for k in new), part
+
+    first = train.run(cfg, storage, force=True)
+    check(load_model(storage, first["model"]))
+    more = train.run(with_train(cfg, max_steps=5), storage)  # resumes at step 3 with the same trainable set
+    assert steps(more["history"]) == list(range(1, 6)) and more["history"][:3] == first["history"]
+    check(load_model(storage, more["model"]))
+
+
 def test_killed_worker_resumes_from_the_last_checkpoint(samples):
     cfg = with_train(samples, run_name="crash", max_steps=10, checkpoint_every=5, eval_every=5, max_failures=1)
     result = train.run(cfg, Storage(), force=True, crash_at_step=8)  # SIGKILL after step 8

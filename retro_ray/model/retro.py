@@ -281,6 +281,10 @@ class Retro(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def retrieval_parameters(self) -> set[str]:
+        """Names of the retrieval encoder's and the CCA layers' parameters (with their norms)."""
+        return {n for n, _ in self.named_parameters() if n.startswith("encoder.") or ".cca." in n or ".ln_cca." in n}
+
     def forward(self, tokens: torch.Tensor, neighbors: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None,

@@ -115,6 +115,10 @@ class RetroFit(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def retrieval_parameters(self) -> set[str]:
+        """Names of the parameters the retro-fit added (CCA, their norms, the encoder)."""
+        return {n for n, _ in self.named_parameters() if not n.startswith("base.")}
+
     def new_state_dict(self) -> dict[str, torch.Tensor]:
         """The retro-fitted parts only (CCA, their norms, the encoder)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
