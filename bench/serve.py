@@ -235,13 +235,14 @@ def direct(cfg, storage, work: list[tuple[str, int]], clients: int) -> tuple[flo
     (tokens/s), and each request alone (its text)."""
     import torch
 
-    from retro_ray.engine import EngineConfig, Request, SamplingParams
+    from retro_ray.engine import Engine, EngineConfig, Request, SamplingParams
     from retro_ray.generate import run_generator
 
     torch.set_num_threads(GENERATOR_CPUS)
     gen = run_generator(cfg, storage)
     sc = cfg.serve
-    engine = gen.engine(EngineConfig(kv_tokens=sc.kv_tokens, max_seqs=32, prefill_tokens=sc.prefill_tokens))
+    engine = Engine(gen.model, gen.tokenizer, gen.retriever, device=gen.device,
+                    config=EngineConfig(kv_tokens=sc.kv_tokens, max_seqs=32, prefill_tokens=sc.prefill_tokens))
 
     def request(i: int) -> Request:
         params = SamplingParams(max_new_tokens=work[i][1], ignore_eos=True)
@@ -276,7 +277,7 @@ def main() -> None:
 
     from retro_ray.generate import model_path
     from retro_ray.layout import model_dir, tuned
-    from retro_ray.serve import _model_name
+    from retro_ray.serve import model_name
 
     workdir = str(Path(args.workdir).resolve())
     cfg = load_config(args.config, [f"workdir={workdir}"])
@@ -285,7 +286,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", args.config, "--set",
                         f"workdir={workdir}", "--set", "serve.question=null", "--set", "serve.demo=null"],
                        check=True, cwd=ROOT)
-    model = _model_name(model_path(cfg, storage))
+    model = model_name(model_path(cfg, storage))
     texts = prompts(cfg, storage, args.requests)
     rng = np.random.default_rng(0)
     work = [(texts[i], int(rng.choice(LENGTHS))) for i in range(args.requests)]

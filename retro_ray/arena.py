@@ -1,125 +1,203 @@
-"""The engine's memory, allocated once and reused: every sequence's keys and values in one arena
-of token positions (``Arena``; as a Hugging Face ``Cache`` for retro-fitted models), and what
-the CCA layers read (``ChunkStore``: the decoder states the encoder reads, each sequence's
-current chunk's CCA keys; ``PassNeighbors``: one pass's view, encoding the chunks it completes).
+"""The engine's memory on the device, allocated once and reused, and the attention that reads it
+where it lives.
 
-Notation: b sequences in a pass, T positions per sequence in a pass, S positions read, N arena
+- ``KVCache``: every sequence's keys and values, one tensor of ``tokens`` positions per layer; a
+  sequence owns a contiguous range (``scheduler.KVSpace`` decides which). A pass packs its
+  sequences' tokens one after another (``PassLayout``); each layer writes its new keys at their
+  positions and each sequence attends to its own range through a view: no per-step copy of the
+  cache. Grouped-query heads are folded into the query length, so keys are never repeated.
+  Hugging Face models use it through their attention interface (``hf_attention``) and a ``Cache``
+  (``hf_cache``), so the same packed pass runs a retro-fitted Llama or GPT-2.
+- ``NeighbourState``: what the CCA layers read: the decoder states the encoder reads (every cache
+  position's, at the first CCA layer) and each row's current chunk's projected CCA keys, rows kept
+  in decode order by the scheduler so a pass reads them as one slice. ``PassNeighbours`` is one
+  pass's view of it, encoding the chunks whose last token the pass feeds.
+
+Notation: T tokens in a packed pass, b decode rows, S positions a sequence sees, N cache
 positions, m chunk length, k neighbours, r neighbour length, d width, d' encoder width, h heads,
-e head width. Imports no Ray.
+h_kv key/value heads, g = h / h_kv, e head width. Imports no Ray.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from retro_ray.model.retro import Retro
 
 
-class Arena:
-    """Keys and values of every sequence in one preallocated run of ``tokens`` positions per layer
-    (allocated at a layer's first write, reused for the engine's life). A sequence owns a contiguous
-    range (``alloc``); a pass writes its tokens at ``offset + position`` and reads each sequence's
-    range up to its own position."""
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's tokens in a packed pass: pass rows ``first`` .. ``first + length - 1``, at
+    positions ``start`` .. ``start + length - 1`` of its cache range, which begins at ``offset``."""
+
+    first: int
+    length: int
+    offset: int
+    start: int
+
+    @property
+    def seen(self) -> int:
+        """Positions its last token attends to."""
+        return self.start + self.length
+
+
+class PassLayout:
+    """A packed pass: its segments, where its keys are written, and the causal mask of every
+    segment of more than one token (a prompt slice sees its earlier positions and itself)."""
+
+    def __init__(self, segments: list[Segment], device: torch.device):
+        self.segments = segments
+        self.write = torch.cat([torch.arange(s.offset + s.start, s.offset + s.seen) for s in segments]).to(device)  # [T]
+        self.masks = {i: (torch.arange(s.seen)[None, :] <= torch.arange(s.start, s.seen)[:, None]).to(device)
+                      for i, s in enumerate(segments) if s.length > 1}  # [length, seen]
+
+
+class KVCache:
+    """Keys and values of every layer in ``tokens`` positions (allocated at a layer's first write)."""
 
     def __init__(self, tokens: int, device: torch.device):
         self.tokens, self.device = tokens, device
-        self.free: list[tuple[int, int]] = [(0, tokens)]  # (start, length), sorted, coalesced
-        self.k: dict[int, torch.Tensor] = {}  # layer -> [h, N, e]
+        self.k: dict[int, torch.Tensor] = {}  # layer -> [h_kv, N, e]
         self.v: dict[int, torch.Tensor] = {}
-        self.write = self.read = self.mask = None
 
-    def alloc(self, n: int) -> int | None:
-        """First fit: the start of ``n`` free positions, or None."""
-        for j, (start, length) in enumerate(self.free):
-            if length >= n:
-                self.free[j:j + 1] = [(start + n, length - n)] if length > n else []
-                return start
-        return None
-
-    def release(self, start: int, n: int) -> None:
-        self.free.append((start, n))
-        self.free.sort()
-        merged = [self.free[0]]
-        for s, length in self.free[1:]:
-            ps, pl = merged[-1]
-            if ps + pl == s:
-                merged[-1] = (ps, pl + length)
-            else:
-                merged.append((s, length))
-        self.free = merged
-
-    def used(self) -> int:
-        return self.tokens - sum(length for _, length in self.free)
-
-    def begin(self, offsets: torch.Tensor, positions: torch.Tensor) -> None:
-        """The next pass: sequences at ``offsets`` [b], tokens at ``positions`` [b, T]."""
-        slots = torch.arange(int(positions.max()) + 1, device=self.device)  # [S]
-        self.write = (offsets[:, None] + positions).flatten()  # [b T]
-        self.read = (offsets[:, None] + slots).clamp(max=self.tokens - 1)  # [b, S]
-        self.mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [b, 1, T, S]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v [b, h, T, e] of a pass -> (keys, values [b, h, S, e], mask [b, 1, T, S])."""
-        b, h, T, e = k.shape
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, layout: PassLayout) -> None:
+        """k, v [1, h_kv, T, e] of a pass, at its positions."""
         if layer not in self.k:
-            self.k[layer] = k.new_zeros(h, self.tokens, e)
-            self.v[layer] = v.new_zeros(h, self.tokens, e)
+            self.k[layer] = k.new_zeros(k.shape[1], self.tokens, k.shape[3])
+            self.v[layer] = v.new_zeros(v.shape[1], self.tokens, v.shape[3])
+        self.k[layer].index_copy_(1, layout.write, k[0])
+        self.v[layer].index_copy_(1, layout.write, v[0])
+
+    def attend(self, layer: int, q: torch.Tensor, layout: PassLayout, scale: float | None = None) -> torch.Tensor:
+        """q [1, h, T, e] -> [1, h, T, e]: every segment's queries over its own keys, read in place."""
         keys, values = self.k[layer], self.v[layer]
-        keys.index_copy_(1, self.write, k.permute(1, 0, 2, 3).reshape(h, b * T, e))
-        values.index_copy_(1, self.write, v.permute(1, 0, 2, 3).reshape(h, b * T, e))
-        return keys[:, self.read].transpose(0, 1), values[:, self.read].transpose(0, 1), self.mask
+        h_kv, e = keys.shape[0], keys.shape[2]
+        g = q.shape[1] // h_kv
+        out = torch.empty_like(q)
+        for i, s in enumerate(layout.segments):
+            lo, hi = s.offset, s.offset + s.seen
+            # [1, h_kv, g length, e]: a key head's g query heads read it together, so it is never repeated
+            qs = q[:, :, s.first:s.first + s.length].reshape(1, h_kv, g * s.length, e)
+            mask = layout.masks[i].repeat(g, 1) if s.length > 1 else None  # [g length, seen]
+            y = F.scaled_dot_product_attention(qs, keys[None, :, lo:hi], values[None, :, lo:hi], attn_mask=mask,
+                                               scale=scale)
+            out[:, :, s.first:s.first + s.length] = y.view(1, -1, s.length, e)
+        return out
 
     def copy(self, src: int, dst: int, n: int) -> None:
         """Positions src..src+n-1 -> dst..dst+n-1 in every layer (a forked sequence)."""
         for store in (*self.k.values(), *self.v.values()):
             store[:, dst:dst + n] = store[:, src:src + n]
 
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+
 
 class LayerView:
-    """One ``Retro`` layer's cache: ``Block`` calls ``update(k, v)``."""
+    """One ``Retro`` layer's cache for a pass: ``Block`` calls ``attend(attn, h)``."""
 
-    def __init__(self, arena: Arena, layer: int):
-        self.arena, self.layer = arena, layer
+    def __init__(self, cache: KVCache, layer: int, layout: PassLayout):
+        self.cache, self.layer, self.layout = cache, layer, layout
 
-    def update(self, k, v):
-        return self.arena.update(self.layer, k, v)
+    def attend(self, attn, h: torch.Tensor) -> torch.Tensor:
+        """h [1, T, d] -> the self-attention's output [1, T, d], its keys written to the cache."""
+        _, T, d = h.shape
+        q = attn.q(h).view(1, T, attn.h, d // attn.h).transpose(1, 2)  # [1, h, T, e]
+        self.cache.write(self.layer, *attn.keys_values(h), self.layout)
+        y = self.cache.attend(self.layer, q, self.layout)  # [1, h, T, e]
+        return attn.out(y.transpose(1, 2).reshape(1, T, d))
 
 
-def hf_cache(arena: Arena):
-    """The arena as a Hugging Face ``Cache``: every attention layer writes and reads through it;
-    its 4-D mask goes in as ``attention_mask`` (each sequence at its own position)."""
+# -- Hugging Face models ---------------------------------------------------------------------------
+
+HF_ATTENTION = "retro_ray_packed"
+"""The attention implementation name a retro-fitted Hugging Face model runs with in the engine."""
+_PASS: contextvars.ContextVar[tuple[KVCache, PassLayout] | None] = contextvars.ContextVar("retro_ray_pass",
+                                                                                            default=None)
+
+
+def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Hugging Face's attention interface: in an engine pass, the packed attention over the cache;
+    elsewhere (training, the full-recompute reference) plain SDPA."""
+    current = _PASS.get()
+    if current is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    cache, layout = current
+    return cache.attend(module.layer_idx, query, layout, scaling).transpose(1, 2), None  # [1, T, h, e]
+
+
+def use_packed_attention(model) -> None:
+    """Make a Hugging Face model's attention the engine's (outside a pass it stays SDPA)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_ATTENTION, hf_attention)
+    model.set_attn_implementation(HF_ATTENTION)
+
+
+class packed_pass:
+    """``with packed_pass(cache, layout):`` the Hugging Face model's attention reads the cache."""
+
+    def __init__(self, cache: KVCache, layout: PassLayout):
+        self.value = (cache, layout)
+
+    def __enter__(self):
+        self.token = _PASS.set(self.value)
+
+    def __exit__(self, *exc):
+        _PASS.reset(self.token)
+
+
+def hf_cache(cache: KVCache, layout: PassLayout):
+    """The cache as a Hugging Face ``Cache`` for one pass: every attention layer writes its keys."""
     from transformers.cache_utils import Cache
 
-    class ArenaCache(Cache):
+    class PassCache(Cache):
         def __init__(self):
             super().__init__(layers=[])
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            keys, values, _ = arena.update(layer_idx, key_states, value_states)
-            return keys, values
+            cache.write(layer_idx, key_states, value_states, layout)
+            return key_states, value_states  # the attention reads the cache (hf_attention), not these
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return 0  # positions are always given
 
-    return ArenaCache()
+    return PassCache()
 
 
-class ChunkStore:
-    """What CCA layers read: the decoder states at the first CCA layer of every arena position (the
-    encoder reads a chunk's states there), and each sequence row's current chunk's CCA keys and
-    values (a decode token only ever sees its current chunk: position p sees chunk (p - m + 1) // m)."""
+# -- what CCA reads --------------------------------------------------------------------------------
 
-    def __init__(self, model, max_seqs: int, tokens: int):
+
+class NeighbourState:
+    """The decoder states at the first CCA layer of every cache position (the encoder reads a
+    chunk's states there), and per row the current chunk's projected CCA keys and values (a decode
+    token only ever sees its current chunk: position p sees chunk (p - m + 1) // m)."""
+
+    def __init__(self, model, rows: int, tokens: int):
         self.encoder, self.m = model.encoder, model.cfg.chunk_length
         self.embed = model.wte if isinstance(model, Retro) else model.base.get_input_embeddings()
-        self.rows, self.tokens = max_seqs, tokens
+        self.rows, self.tokens = rows, tokens
         self.states: torch.Tensor | None = None  # [N, d]
         self.keys: dict = {}  # CCA module -> (keys, values) [rows, h, k r, e]
         self.mask: torch.Tensor | None = None  # [rows, k r]
-        self.chunk = [-1] * max_seqs  # the chunk each row's keys are of
+        self.chunk = [-1] * rows  # host: the chunk each row's keys are of (-1: none)
         self.encode_s = 0.0
+
+    def swap(self, a: int, b: int) -> None:
+        """Rows a and b trade places (the scheduler keeps the decoding rows first)."""
+        for keys, values in self.keys.values():
+            keys[[a, b]], values[[a, b]] = keys[[b, a]], values[[b, a]]
+        if self.mask is not None:
+            self.mask[[a, b]] = self.mask[[b, a]]
+        self.chunk[a], self.chunk[b] = self.chunk[b], self.chunk[a]
 
     def copy_row(self, src: int, dst: int) -> None:
         for keys, values in self.keys.values():
@@ -128,85 +206,96 @@ class ChunkStore:
             self.mask[dst] = self.mask[src]
         self.chunk[dst] = self.chunk[src]
 
+    def copy_states(self, src: int, dst: int, n: int) -> None:
+        if self.states is not None:
+            self.states[dst:dst + n] = self.states[src:src + n]
 
-class PassNeighbors:
-    """``retrieved(cca, states)`` for one pass: b sequence rows at positions [b, T] (decode: T = 1;
-    prefill: b = 1), and the chunks whose neighbours are encoded in it (their last position is in
-    the pass): ``new[i] = [(u, tokens [k, r], mask [k, r]), ...]``."""
 
-    def __init__(self, store: ChunkStore, rows: list[int], offsets: torch.Tensor, positions: torch.Tensor,
-                 new: list[list[tuple]]):
-        self.store, self.rows, self.offsets, self.positions, self.new = store, rows, offsets, positions, new
-        self.enc: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None  # (i, u) -> enc, mask
-        self.visible: torch.Tensor | None = None  # decode: [b, k r] the keys each row sees
-        self.row_index: torch.Tensor | None = None  # decode: [b] the rows as a tensor
+@dataclass
+class NewChunk:
+    """A chunk whose neighbours a pass encodes: segment ``segment``'s sequence, its chunk ``u``."""
+
+    segment: int
+    u: int
+    tokens: torch.Tensor  # [k, r]
+    mask: torch.Tensor  # [k, r]
+
+
+class PassNeighbours:
+    """``retrieved(cca, states)`` for one packed pass: decode rows 0..b-1 first (one token each,
+    row i of ``NeighbourState``), then prompt slices; ``new``: the chunks whose neighbours the
+    pass encodes (their last position is in it); ``uses[i]``: whether segment i's sequence reads
+    neighbours at all; ``rows[i]``: its row."""
+
+    def __init__(self, state: NeighbourState, layout: PassLayout, decode: int, rows: list[int], uses: list[bool],
+                 new: list[NewChunk]):
+        self.state, self.layout, self.decode, self.rows, self.uses, self.new = state, layout, decode, rows, uses, new
+        self.enc: torch.Tensor | None = None  # [n, k, r, d'] the new chunks' encodings
+        self.visible: torch.Tensor | None = None  # [b, k r] what each decode row sees
+        self.started = False
 
     def _first_layer(self, h: torch.Tensor) -> None:
-        """Keep the states, encode the new chunks' neighbours."""
-        st, m = self.store, self.store.m
+        """Keep the pass's states; encode the new chunks against their chunk's states."""
+        st, m = self.state, self.state.m
         if st.states is None:
             st.states = h.new_zeros(st.tokens, h.shape[-1])
-        st.states[(self.offsets[:, None] + self.positions).flatten()] = h.flatten(0, 1)
-        self.enc = {}
-        todo = [(i, u, t, msk) for i, items in enumerate(self.new) for u, t, msk in items]
-        if not todo:
+        st.states.index_copy_(0, self.layout.write, h[0])
+        if not self.new:
             return
         start = time.perf_counter()
-        chunks = torch.stack([st.states[int(self.offsets[i]) + u * m:int(self.offsets[i]) + (u + 1) * m]
-                              for i, u, _, _ in todo])  # [n, m, d]
-        tokens = torch.stack([t for _, _, t, _ in todo])[:, None]  # [n, 1, k, r]
-        masks = torch.stack([msk for _, _, _, msk in todo])[:, None]
-        enc = st.encoder(st.embed(tokens).to(h.dtype), masks, chunks[:, None])[:, 0]  # [n, k, r, d']
-        for j, (i, u, _, msk) in enumerate(todo):
-            self.enc[(i, u)] = (enc[j], msk.flatten())
-        if h.is_cuda:
+        segments = self.layout.segments
+        at = torch.cat([torch.arange(m) + segments[c.segment].offset + c.u * m for c in self.new]).to(h.device)
+        chunks = st.states[at].view(len(self.new), 1, m, -1)  # [n, 1, m, d]
+        tokens = torch.stack([c.tokens for c in self.new])[:, None]  # [n, 1, k, r]
+        masks = torch.stack([c.mask for c in self.new])[:, None]
+        self.enc = st.encoder(st.embed(tokens).to(h.dtype), masks, chunks)[:, 0]  # [n, k, r, d']
+        if h.is_cuda:  # the encoder's own time, for the benchmark's share (the engine's one sync)
             torch.cuda.synchronize(h.device)
         st.encode_s += time.perf_counter() - start
 
     def __call__(self, cca, h: torch.Tensor) -> torch.Tensor:
-        """h [b, T, d] states of a CCA layer -> [b, T, d] CCA output."""
-        if self.enc is None:
+        """h [1, T, d] states of a CCA layer -> [1, T, d] CCA output."""
+        first = not self.started
+        if first:
             self._first_layer(h)
-        st, m = self.store, self.store.m
-        projected = {key: cca.attn.keys_values(enc.flatten(0, 1)[None]) for key, (enc, _) in self.enc.items()}
+            self.started = True
+        st, m, b = self.state, self.state.m, self.decode
+        projected = ([cca.attn.keys_values(self.enc[j].flatten(0, 1)[None]) for j in range(len(self.new))]
+                     if self.new else [])  # [1, h, k r, e] each
         if cca not in st.keys:
             if not projected:
                 return torch.zeros_like(h)  # no chunk of any sequence encoded yet: nothing to see
-            k0 = next(iter(projected.values()))[0]  # [1, h, k r, e]
+            k0 = projected[0][0]
             st.keys[cca] = (k0.new_zeros(st.rows, *k0.shape[1:]), k0.new_zeros(st.rows, *k0.shape[1:]))
             if st.mask is None:
                 st.mask = torch.zeros(st.rows, k0.shape[2], dtype=torch.bool, device=h.device)  # [rows, k r]
         keys, values = st.keys[cca]
-        b, T, _ = h.shape
-        if T == 1:  # decode: every row reads its current chunk, newly encoded ones first stored
-            for (i, u), (k, v) in projected.items():
-                keys[self.rows[i]], values[self.rows[i]] = k[0], v[0]
-            if self.visible is None:  # the same for every CCA layer of the pass
-                for (i, u), (_, mask) in self.enc.items():
-                    st.mask[self.rows[i]], st.chunk[self.rows[i]] = mask, u
-                self.row_index = self.offsets.new_tensor(self.rows)  # [b]
-                has = torch.as_tensor([st.chunk[r] >= 0 for r in self.rows], device=h.device)
-                self.visible = st.mask[self.row_index] & (has & (self.positions[:, 0] >= m - 1))[:, None]  # [b, k r]
-            rows = self.row_index
-            return cca.attn.attend(h, keys[rows], values[rows], key_mask=self.visible)  # [b, 1, d]
-        # prefill of one row: the pass's tokens grouped by the chunk they see
-        row, pos = self.rows[0], self.positions[0]  # [T]
         out = torch.zeros_like(h)
-        sees = torch.div(pos - m + 1, m, rounding_mode="floor")  # [T]; < 0: none yet
-        for u in sorted(set(sees.tolist())):
-            if u < 0:
+        newest = {c.segment: j for j, c in sorted(enumerate(self.new), key=lambda jc: jc[1].u)}  # its latest chunk
+        for i, j in newest.items():  # decode rows read their row; a prompt's last chunk stays for its decoding
+            row = self.rows[i]
+            keys[row], values[row] = projected[j][0][0], projected[j][1][0]
+            if first:
+                st.mask[row], st.chunk[row] = self.new[j].mask.flatten(), self.new[j].u
+        if b:
+            if first:  # the same for every CCA layer of the pass
+                sees = [self.uses[i] and st.chunk[i] >= 0 and self.layout.segments[i].start >= m - 1 for i in range(b)]
+                self.visible = st.mask[:b] & torch.tensor(sees, device=h.device)[:, None]  # [b, k r]
+            out[0, :b] = cca.attn.attend(h[0, :b, None], keys[:b], values[:b], key_mask=self.visible)[:, 0]
+        for i in range(b, len(self.layout.segments)):  # a prompt slice: its tokens grouped by the chunk they see
+            if not self.uses[i]:
                 continue
-            if (0, u) in projected:
-                k, v = projected[(0, u)]
-                visible = self.enc[(0, u)][1][None]  # [1, k r]
-            elif st.chunk[row] == u:
-                k, v, visible = keys[row][None], values[row][None], st.mask[row][None]
-            else:
-                continue  # that chunk has no neighbours (retrieval off for this sequence)
-            at = (sees == u).nonzero().flatten()
-            out[:, at] = cca.attn.attend(h[:, at], k, v, key_mask=visible)
-        if projected:
-            (i, u) = max(projected)
-            keys[row], values[row] = projected[(i, u)][0][0], projected[(i, u)][1][0]
-            st.mask[row], st.chunk[row] = self.enc[(i, u)][1], u
+            s, row = self.layout.segments[i], self.rows[i]
+            mine = {c.u: j for j, c in enumerate(self.new) if c.segment == i}
+            for u in range(max(0, (s.start - m + 1) // m), (s.seen - m) // m + 1):
+                first = max(s.start, u * m + m - 1)
+                last = min(s.seen, u * m + 2 * m - 1)  # positions first..last-1 see chunk u
+                if u in mine:
+                    (k, v), visible = projected[mine[u]], self.new[mine[u]].mask.flatten()[None]
+                elif st.chunk[row] == u:
+                    k, v, visible = keys[row][None], values[row][None], st.mask[row][None]
+                else:
+                    continue  # that chunk has no neighbours
+                at = slice(s.first + first - s.start, s.first + last - s.start)
+                out[:, at] = cca.attn.attend(h[:, at], k, v, key_mask=visible)
         return out

@@ -399,7 +399,14 @@ class ServeConfig(Section):
     """``continuous``: sequences join and leave the running batch at every step; ``static``: a batch
     runs to its end before the next is admitted (the baseline of ``bench/serve.py``)."""
     retrieval_timeout_s: float = Field(30.0, gt=0)
-    """A chunk's retrieval taking longer fails its request alone."""
+    """A chunk's retrieval taking longer fails its request alone; a retried one gets only the time left."""
+    stream_interval_ms: float = Field(20.0, ge=0)
+    """A streaming request's first token goes out at once, then what its sequence generated in
+    each interval as one message (0: every step's): one Ray stream item and one server-sent event
+    an interval, not one a token."""
+    retriever_gpus: float = Field(0.0, ge=0, lt=1)
+    """GPU share of each Retriever replica on a GPU cluster (0: it embeds and searches on the
+    CPU); the Generator then takes the rest of one GPU, so both fit a one-GPU node."""
     question: str | None = None
     """What ``retro-ray pipeline`` asks the served model over HTTP after its last stage (the
     answer and its passages are printed); None: the pipeline does not serve."""

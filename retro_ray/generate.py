@@ -25,10 +25,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from retro_ray.engine import Engine, EngineConfig, GenerationError, Request, SamplingParams
+from retro_ray.engine import Engine, EngineConfig
 from retro_ray.model.retro import Retro
 from retro_ray.model.retrofit import RetroFit
 from retro_ray.retrieval import format_passage
+from retro_ray.sequence import GenerationError, Request, SamplingParams
 
 __all__ = ["Generator", "Generation", "GenerationError", "SamplingParams", "MODES"]
 
@@ -135,9 +136,9 @@ class Generator:
             raise GenerationError("retrieval mode 'encoder' needs an index; use mode 'off' for the decoder alone")
         reqs = [Request(self.encode_prompt(text, p), p, retrieve, None if fixed is None else fixed[i],
                         keep_logits=keep_logits) for i, (text, p) in enumerate(zip(shown, params))]
-        engine = self.engine(EngineConfig(kv_tokens=sum(len(r.ids) + r.params.max_new_tokens for r in reqs),
-                                          max_seqs=len(reqs), prefill_tokens=sum(len(r.ids) for r in reqs),
-                                          use_cache=self.use_cache))
+        engine = Engine(self.model, self.tokenizer, self.retriever, device=self.device, config=EngineConfig(
+            kv_tokens=sum(len(r.ids) + r.params.max_new_tokens for r in reqs), max_seqs=len(reqs),
+            prefill_tokens=sum(len(r.ids) for r in reqs), use_cache=self.use_cache))
         try:
             seqs = engine.run(reqs)
         finally:
@@ -145,17 +146,14 @@ class Generator:
         failed = next((s.error for s in seqs if s.error is not None), None)
         if failed:
             raise GenerationError(failed)
+        neighbours = engine.runner.neighbours
         self.last_timings = {"retrieve_s": engine.stats.retrieval_s,
-                             "encode_s": engine.store.encode_s if engine.store else 0.0,
+                             "encode_s": neighbours.encode_s if neighbours else 0.0,
                              "total_s": time.perf_counter() - start}
         return [Generation(prompt=text, text=s.text, tokens=s.generated, prompt_tokens=s.prompt_len,
                            finish_reason=s.finish, retrieved=s.retrieved, passages=passage_rows[i],
                            logits=s.logits if keep_logits else None)
                 for i, (text, s) in enumerate(zip(shown, seqs))]
-
-    def engine(self, config: EngineConfig) -> Engine:
-        """A decoding engine over this generator's model, tokenizer and retriever."""
-        return Engine(self, config)
 
     def encode_prompt(self, text: str, params: SamplingParams) -> list[int]:
         """A prompt's token ids, checked against the context and the sampling settings."""

@@ -188,12 +188,12 @@ def _check_text(value, path: str) -> None:
             _check_text(v, f"{path}.{i}")
 
 
-def failure(message: str, param: str) -> APIError:
-    """A request that failed while decoding: the server's fault (503) when retrieval or the model
-    failed, else the request's (400)."""
-    if message.startswith(("retrieval", "the generator", "the model failed")):
-        return APIError(503, message, code="generation_failed", kind="server_error")
-    return APIError(400, message, param)
+def failure(news: dict, param: str) -> APIError:
+    """A request that failed while decoding (``{"error", "fault"}`` of its stream): a 503 when
+    it is the server's fault (retrieval or the model failed), else a 400."""
+    if news["fault"] == "server":
+        return APIError(503, news["error"], code="generation_failed", kind="server_error")
+    return APIError(400, news["error"], param)
 
 
 def usage(choices: list[dict], results: list[dict]) -> dict:

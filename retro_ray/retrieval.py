@@ -54,6 +54,12 @@ class Neighbors:
     texts: list[list[str]]
     titles: list[list[str]]
 
+    def slice(self, first: int, stop: int) -> "Neighbors":
+        """Queries first..stop-1 of these."""
+        rows = slice(first, stop)
+        return Neighbors(self.chunk_ids[rows], self.doc_ids[rows], self.scores[rows], self.tokens[rows],
+                         self.mask[rows], self.texts[rows], self.titles[rows])
+
     def describe(self, i: int) -> list[dict]:
         """Query ``i``'s neighbours as JSON-ready rows."""
         return [{"chunk_id": int(c), "doc_id": int(d), "score": float(s), "title": h, "text": t}
@@ -166,13 +172,18 @@ class Retriever:
         return fuse([dense, self.lexical.search(texts, depth)], [self.dense_weight, 1 - self.dense_weight], k)
 
     def retrieve(self, texts: list[str], k: int, exclude_docs: list[set[int]] | None = None,
-                 search: Search = "dense") -> Neighbors:
-        """The top ``k`` neighbours of each text (one batched search for all of them)."""
+                 search: Search = "dense", timeout_s: float | None = None) -> Neighbors:
+        """The top ``k`` neighbours of each text (one batched search for all of them). A search
+        that ends after ``timeout_s`` raises ``TimeoutError`` instead of reading its neighbours
+        (a search in this process cannot be stopped midway; the engine gives up on it at the
+        deadline all the same)."""
         from retro_ray.neighbors import filter_neighbors
 
         start = time.perf_counter()
         n_candidates = max(k, self.k_candidates) if exclude_docs else k
         scores, ids = self.search(texts, n_candidates, search)  # [q, c] each
+        if timeout_s is not None and time.perf_counter() - start > timeout_s:
+            raise TimeoutError(f"the search took more than {timeout_s:g} s")
         docs = self.store.doc_ids_of(ids)  # [q, c]
         if exclude_docs:
             width = max(1, max(len(e) for e in exclude_docs))

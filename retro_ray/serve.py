@@ -43,9 +43,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 
 from retro_ray.config import Config, ServeConfig, format_errors, load_config
-from retro_ray.engine import EngineConfig, EngineStats, GenerationError, SamplingParams
+from retro_ray.engine import Engine, EngineConfig, EngineStats, GenerationError, SamplingParams
 from retro_ray.engine import Request as EngineRequest
 from retro_ray.errors import UserError
+from retro_ray.sequence import Fault
 from retro_ray.generate import passages_prompt
 from retro_ray.openai_api import (APIError, ChatRequest, CompletionRequest, RetrieveRequest, GenerationRequest, api,
                                   api_key, failure, read_json, usage)
@@ -76,57 +77,90 @@ class RetrieverServer:
 
 
 class RemoteRetriever:
-    """The ``Retriever`` interface over the Retriever deployment, for a ``Generator`` that
-    decodes in a worker thread (``result()`` blocks that thread, not the replica's event loop)."""
+    """The engine's retriever over the Retriever deployment (``result()`` blocks the engine's
+    retrieval thread, not the replica's event loop)."""
 
-    def __init__(self, handle, tokenizer_id: str, timeout_s: float):
-        self.handle, self.tokenizer_id, self.timeout_s = handle, tokenizer_id, timeout_s
+    def __init__(self, handle, tokenizer_id: str):
+        self.handle, self.tokenizer_id = handle, tokenizer_id
 
-    def retrieve(self, texts: list[str], k: int, exclude_docs=None):
-        return self.handle.retrieve.remote(texts, k).result(timeout_s=self.timeout_s)
+    def retrieve(self, texts: list[str], k: int, timeout_s: float):
+        return self.handle.retrieve.remote(texts, k).result(timeout_s=timeout_s)
 
 
 class EngineMetrics:
-    """The engine's figures through Ray's metrics API (Ray's Prometheus endpoint and dashboard):
-    waiting and running sequences, time to first token, time per output token, tokens, retrieval
-    calls and seconds, rejected requests."""
+    """The engine's figures through Ray's metrics API (each node's Prometheus endpoint, the
+    dashboard), named as vLLM names them under our own prefix (Ray adds ``ray_`` and refuses
+    vLLM's ``:``), with a ``model_name`` label: requests running, waiting and parked for their
+    neighbours, the cache's usage, time to first token, time per output token, end-to-end latency,
+    prompt and generation tokens, retrieval latency, requests refused. Gauges follow the engine
+    when it is idle too (zero)."""
 
-    def __init__(self, every_s: float = 0.5):
+    def __init__(self, model_name: str, every_s: float = 0.5):
         from ray.util import metrics
 
-        latency = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
-        self.waiting = metrics.Gauge("retro_ray_waiting_sequences", "Sequences waiting for room in the engine.")
-        self.running = metrics.Gauge("retro_ray_running_sequences", "Sequences in the engine's running batch.")
-        self.tokens = metrics.Counter("retro_ray_generated_tokens", "Tokens sampled.")
-        self.retrievals = metrics.Counter("retro_ray_retrievals", "Batched retriever calls of the decoding loop.")
-        self.retrieval_s = metrics.Counter("retro_ray_retrieval_seconds", "Seconds those retriever calls took.")
-        self.rejects = metrics.Counter("retro_ray_rejected_requests", "Requests the engine refused (400).")
-        self.ttft = metrics.Histogram("retro_ray_time_to_first_token_s", "Arrival to first token.", latency)
-        self.tpot = metrics.Histogram("retro_ray_time_per_output_token_s", "Mean seconds per token after the first.",
-                                      latency)
+        latency = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+        p = "retro_ray_"
+        made = [
+            ("running", metrics.Gauge, "num_requests_running", "Sequences in the engine's running batch."),
+            ("waiting", metrics.Gauge, "num_requests_waiting", "Sequences waiting for room in the engine."),
+            ("retrieving", metrics.Gauge, "num_requests_retrieving", "Running sequences parked for their neighbours."),
+            ("kv", metrics.Gauge, "kv_cache_usage_perc", "Share of the key/value cache's positions held (0-1)."),
+            ("prompt_tokens", metrics.Counter, "prompt_tokens", "Prompt tokens admitted."),
+            ("tokens", metrics.Counter, "generation_tokens", "Tokens generated."),
+            ("rejects", metrics.Counter, "request_rejected", "Requests the engine refused (400)."),
+        ]
+        for attr, kind, name, doc in made:
+            setattr(self, attr, kind(p + name, doc, tag_keys=("model_name",)))
+        for attr, name, doc in (("ttft", "time_to_first_token_seconds", "Arrival to first token."),
+                                ("tpot", "time_per_output_token_seconds", "Mean seconds per token after the first."),
+                                ("e2e", "e2e_request_latency_seconds", "Arrival to the last token."),
+                                ("retrieval", "retrieval_latency_seconds", "A batched retriever call of the loop.")):
+            setattr(self, attr, metrics.Histogram(p + name, doc, latency, tag_keys=("model_name",)))
+        for m in (*[getattr(self, a) for a, *_ in made], self.ttft, self.tpot, self.e2e, self.retrieval):
+            m.set_default_tags({"model_name": model_name})
         self.every_s, self.last_at, self.last = every_s, 0.0, EngineStats()
 
-    def step(self, st: EngineStats) -> None:
+    def step(self, st: EngineStats, force: bool = False) -> None:
         now = time.perf_counter()
-        if now - self.last_at < self.every_s:
+        if now - self.last_at < self.every_s and not force:
             return
-        self.waiting.set(st.waiting)
         self.running.set(st.running)
-        for name in ("tokens", "retrievals", "retrieval_s"):
+        self.waiting.set(st.waiting)
+        self.retrieving.set(st.retrieving)
+        self.kv.set(st.kv_used)
+        for name in ("prompt_tokens", "tokens"):
             delta = getattr(st, name) - getattr(self.last, name)
             if delta > 0:
                 getattr(self, name).inc(delta)
+        calls = st.retrievals - self.last.retrievals
+        if calls > 0:
+            self.retrieval.observe((st.retrieval_s - self.last.retrieval_s) / calls)
         self.last_at, self.last = now, replace(st)
 
     def finished(self, seq) -> None:
+        end = time.perf_counter()
+        self.e2e.observe(end - seq.arrived)
         if seq.first_token_at is None:
             return
         self.ttft.observe(seq.first_token_at - seq.arrived)
         if len(seq.generated) > 1:
-            self.tpot.observe((time.perf_counter() - seq.first_token_at) / (len(seq.generated) - 1))
+            self.tpot.observe((end - seq.first_token_at) / (len(seq.generated) - 1))
 
     def rejected(self) -> None:
         self.rejects.inc()
+
+
+def merged(items: list[dict]) -> list[dict]:
+    """Stream items that came in one interval -> one per choice: its texts joined, its latest
+    counts and finish reason (and neighbours); an error stands alone."""
+    out: dict[int, dict] = {}
+    for item in items:
+        c, last = item["choice"], out.get(item["choice"])
+        if last is None or "error" in item or "error" in last:
+            out[c] = item if last is None or "error" in item else last
+        else:
+            out[c] = {**item, "text": last["text"] + item["text"]}
+    return list(out.values())
 
 
 @dataclass
@@ -159,13 +193,13 @@ class GeneratorServer:
         remote = None
         sc = cfg.serve
         if retriever is not None and loaded.cfg.retrieval:
-            remote = RemoteRetriever(retriever, tokenizer.finished_tokenizer(cfg, storage).content_hash(),
-                                     sc.retrieval_timeout_s)
-        self.generator = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
-        self.engine = self.generator.engine(EngineConfig(
+            remote = RemoteRetriever(retriever, tokenizer.finished_tokenizer(cfg, storage).content_hash())
+        gen = self.generator = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
+        self.engine = Engine(gen.model, gen.tokenizer, remote, device=gen.device, config=EngineConfig(
             kv_tokens=sc.kv_tokens, max_seqs=sc.max_seqs, prefill_tokens=sc.prefill_tokens, policy=sc.policy,
             retrieval_timeout_s=sc.retrieval_timeout_s))
-        self.metrics = EngineMetrics()
+        self.interval_s = sc.stream_interval_ms / 1000
+        self.metrics = EngineMetrics(sc.model_name or model_name(model))
         self.died: str | None = None
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="retro-ray-engine", daemon=True)
@@ -176,6 +210,7 @@ class GeneratorServer:
         try:
             while not self.closing.is_set():
                 if not engine.has_work():
+                    self.metrics.step(engine.stats)  # idle: the gauges go to zero
                     engine.wake.wait(0.1)
                     engine.wake.clear()
                     continue
@@ -184,9 +219,11 @@ class GeneratorServer:
         except BaseException as e:  # the replica is unhealthy from here on; its requests hear why
             self.died = f"{type(e).__name__}: {e}"
             log.exception("serve: the decoding loop died")
-            for seq in list(engine.running) + [s for group in engine.waiting for s in group]:
+            with engine.lock:
+                queued = [s for group in (*engine.inbox, *engine.scheduler.waiting) for s in group]
+            for seq in [*engine.scheduler.running, *queued]:
                 if seq.req.listener is not None:
-                    seq.req.listener(seq, {"error": f"the generator failed: {self.died}"})
+                    seq.req.listener(seq, {"error": f"the generator failed: {self.died}", "fault": Fault.SERVER.value})
 
     def check_health(self) -> None:
         if self.died is not None or not self.thread.is_alive():
@@ -199,16 +236,17 @@ class GeneratorServer:
         import psutil
         import torch
 
-        engine = self.engine
-        return {**vars(engine.stats), "arena_used": engine.arena.used(), "arena_free_ranges": len(engine.arena.free),
-                "free_rows": len(engine.free_rows), "torch_threads": torch.get_num_threads(), "died": self.died,
+        sc = self.engine.scheduler
+        return {**vars(self.engine.stats), "kv_used_positions": sc.space.used(), "kv_free_ranges": len(sc.space.free),
+                "free_rows": len(sc.free_rows), "torch_threads": torch.get_num_threads(), "died": self.died,
                 "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
-    async def stream(self, job: Job) -> AsyncIterator[dict]:
-        """``{"choice", "text", "completion_tokens", "finish_reason"}`` for each step with news of
-        one of the job's n sequences (the last with the chunks' ``neighbors``; only that one, with
-        all the text, unless ``job.stream``), or ``{"choice", "error"}``. A caller that goes away
-        cancels its sequences."""
+    async def stream(self, job: Job) -> AsyncIterator[list[dict]]:
+        """Lists of ``{"choice", "text", "completion_tokens", "finish_reason"}`` (a choice's last
+        with its chunks' ``neighbors``) or ``{"choice", "error", "fault"}``: with ``job.stream``
+        the first token at once, then what came in each ``serve.stream_interval_ms`` (one Ray
+        stream item an interval, not one a token); else each choice once, whole, at its end. A
+        caller that goes away cancels its sequences."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         choice: dict = {}
 
@@ -216,32 +254,41 @@ class GeneratorServer:
             loop.call_soon_threadsafe(queue.put_nowait, {"choice": choice.get(seq.id, 0), **news})
 
         if self.died is not None:  # Serve replaces this replica soon; until then, say why, do not hang
-            yield {"choice": 0, "error": f"the generator failed: {self.died}"}
+            yield [{"choice": 0, "error": f"the generator failed: {self.died}", "fault": Fault.SERVER.value}]
             return
         try:
             ids = self.generator.encode_prompt(job.prompt, job.params)
             fixed = None if job.neighbors is None else self.generator.passage_neighbors(job.neighbors)
-            seqs = self.engine.add(EngineRequest(ids, job.params, job.retrieve and self.generator.cfg.retrieval, fixed,
-                                           listener), job.n)
+            seqs = self.engine.add(EngineRequest(ids, job.params, job.retrieve, fixed, listener), job.n)
         except GenerationError as e:
             self.metrics.rejected()
-            yield {"choice": 0, "error": str(e)}
+            yield [{"choice": 0, "error": str(e), "fault": Fault.REQUEST.value}]
             return
         choice.update({s.id: j for j, s in enumerate(seqs)})
-        texts, left = [""] * job.n, job.n
+        texts, left, first = [""] * job.n, job.n, True
         try:
             while left:
-                out = await queue.get()
-                done = "error" in out or out["finish_reason"] is not None
-                if done:
-                    left -= 1
-                    self.metrics.finished(seqs[out["choice"]])
-                if job.stream or "error" in out:
-                    yield out
-                    continue
-                texts[out["choice"]] += out["text"]
-                if done:
-                    yield {**out, "text": texts[out["choice"]]}
+                items = [await queue.get()]
+                deadline = loop.time() + (0 if first else self.interval_s)
+                while job.stream and (wait := deadline - loop.time()) > 0:
+                    try:
+                        items.append(await asyncio.wait_for(queue.get(), wait))
+                    except asyncio.TimeoutError:
+                        break
+                first, batch = False, []
+                for out in merged(items):
+                    done = "error" in out or out["finish_reason"] is not None
+                    if done:
+                        left -= 1
+                        self.metrics.finished(seqs[out["choice"]])
+                    if job.stream or "error" in out:
+                        batch.append(out)
+                        continue
+                    texts[out["choice"]] += out["text"]
+                    if done:
+                        batch.append({**out, "text": texts[out["choice"]]})
+                if batch:
+                    yield batch
         finally:
             self.engine.cancel([s for s in seqs if not s.done])
 
@@ -253,24 +300,28 @@ async def _collect(stream, n: int) -> list[dict]:
     """A job's stream -> per choice its whole text, token count, finish reason and neighbours (or
     its error)."""
     results = [{"text": ""} for _ in range(n)]
-    async for out in stream:
-        done = results[out["choice"]]
-        results[out["choice"]] = out if "error" in out else {**out, "text": done["text"] + out["text"]}
+    async for batch in stream:
+        for out in batch:
+            done = results[out["choice"]]
+            results[out["choice"]] = out if "error" in out else {**out, "text": done["text"] + out["text"]}
     return results
 
 
-async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
-    """(stream index, item) from all ``streams`` as they come; a stream's failure is raised."""
+async def _interleaved(streams: list) -> AsyncIterator[tuple[int, dict]]:
+    """(stream index, item) from all ``streams`` of item lists as they come; a stream's failure
+    is raised."""
     if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
+        async for batch in streams[0]:
+            for out in batch:
+                yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream) -> None:
         try:
-            async for out in stream:
-                await queue.put((i, out))
+            async for batch in stream:
+                for out in batch:
+                    await queue.put((i, out))
         except Exception as e:  # a lost replica: raised to the consumer, not lost in the task
             await queue.put((i, e))
         finally:
@@ -292,7 +343,7 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, dict]]:
             t.cancel()
 
 
-def _model_name(path: str) -> str:
+def model_name(path: str) -> str:
     """``.../checkpoints/pretrain-instruct/model`` -> ``pretrain-instruct``."""
     parts = path.rstrip("/").split("/")
     return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
@@ -307,7 +358,7 @@ class Ingress:
 
         storage = Storage(cfg.storage)
         self.cfg, self.sc, self.generator, self.retriever = cfg, cfg.serve, generator, retriever
-        self.name = cfg.serve.model_name or _model_name(model)
+        self.name = cfg.serve.model_name or model_name(model)
         self.tokenizer = tokenizer.load_run_tokenizer(cfg, storage)
         model_cfg = storage.read_json(f"{model.rstrip('/')}/{CONFIG}")["retro"]
         self.context, self.encoder = model_cfg["max_seq_len"], bool(model_cfg.get("retrieval", True))
@@ -354,8 +405,17 @@ class Ingress:
         k = max(k, self.k) if mode == "question" and self.encoder else k
         if k == 0:
             return []
-        found = await self.retriever.passages.remote([query], k, req.search or self.sc.search, self.sc.passage_words)
-        return found[0]
+        return (await self._search([query], k, req.search))[0]
+
+    async def _search(self, queries: list[str], k: int, search: str | None) -> list[list[dict]]:
+        """The Retriever's passages of ``queries``, within ``serve.retrieval_timeout_s`` (a 503 after)."""
+        timeout = self.sc.retrieval_timeout_s
+        try:
+            return await asyncio.wait_for(self.retriever.passages.remote(
+                queries, k, search or self.sc.search, self.sc.passage_words), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"retrieval timed out after {timeout:g} s", code="retrieval_timeout",
+                           kind="server_error") from None
 
     def _fit(self, build, passages: list[dict], max_tokens: int, param: str) -> tuple[str, list[dict], int]:
         """The prompt with as many passages as fit; checked against the prompt and context limits."""
@@ -408,7 +468,7 @@ class Ingress:
         queries = [req.query] if isinstance(req.query, str) else req.query
         if not queries or len(queries) > self.sc.max_n or not all(q.strip() for q in queries):
             raise APIError(400, f"give 1 to {self.sc.max_n} non-empty queries", "query")
-        found = await self.retriever.passages.remote(queries, k, req.search or self.sc.search, self.sc.passage_words)
+        found = await self._search(queries, k, req.search)
         return {"object": "list", "data": [{"query": q, "passages": rows} for q, rows in zip(queries, found)]}
 
     @api.post("/v1/completions")
@@ -472,7 +532,7 @@ class Ingress:
         out = []
         for i, (res, choice) in enumerate(zip(results, choices)):
             if "error" in res:
-                raise failure(res["error"], "prompt" if kind == "text_completion" else "messages")
+                raise failure(res, "prompt" if kind == "text_completion" else "messages")
             body = ({"message": {"role": "assistant", "content": res["text"]}} if kind == "chat.completion"
                     else {"text": res["text"], "logprobs": None})
             out.append({"index": i, **body, "finish_reason": res["finish_reason"], "passages": choice["passages"],
@@ -493,10 +553,10 @@ class Ingress:
                              "passages": choice["passages"]})
         n = len(choices) // len(streams)
         try:
-            async for job, out in _merged(streams):
+            async for job, out in _interleaved(streams):
                 i = job * n + out["choice"]
                 if "error" in out:
-                    yield f"data: {json.dumps(failure(out['error'], 'prompt').body())}\n\n"
+                    yield f"data: {json.dumps(failure(out, 'prompt').body())}\n\n"
                     continue
                 results[i] = out
                 if not out["text"] and out["finish_reason"] is None:
@@ -536,37 +596,45 @@ class AppArgs(BaseModel):
     """Overrides of the run config's ``serve`` section."""
 
 
-def build(cfg: Config, options: dict[str, dict] | None = None):
-    """The application: Ingress -> Generator (-> Retriever), with each deployment's Serve
-    ``options`` (autoscaling, replicas, actor resources). Where the options do not say: the
-    generator gets a GPU when the cluster has one (the retriever a quarter), else all CPUs but
-    one (its torch threads; up to 8); the retriever half a CPU, the ingress none (it waits on
-    the others), so that the app starts on a 2-core laptop."""
+def deployment_options(cfg: Config, resources: dict[str, float], options: dict[str, dict] | None = None) -> dict:
+    """Each deployment's Serve options on a cluster of ``resources`` (``ray.cluster_resources()``),
+    where ``options`` (a Serve config file's) do not say: with GPUs, the Generator one GPU less
+    the Retriever's ``serve.retriever_gpus`` (0: the Retriever embeds and searches on the CPU), so
+    that one replica of each fits a one-GPU node; without, the Generator all CPUs but one (its
+    torch threads; up to 8), the Retriever half a CPU and the Ingress none (it waits on the
+    others), so that the app starts on a 2-core laptop."""
     import copy
 
+    options = copy.deepcopy(options or {})
+    gpus = resources.get("GPU", 0) > 0
+    generator_cpus = 1 if gpus else max(1, min(8, int(resources.get("CPU", 2)) - 1))
+    for name, count in {"Ingress": 0, "Retriever": 0.5, "Generator": generator_cpus}.items():
+        options.setdefault(name, {}).setdefault("ray_actor_options", {}).setdefault("num_cpus", count)
+    share = cfg.serve.retriever_gpus
+    for name, gpu in (("Generator", 1.0 - share), ("Retriever", share)):
+        actor = options[name]["ray_actor_options"]
+        if cfg.resources.serve:
+            actor.setdefault("resources", dict(cfg.resources.serve))
+        if gpus and gpu and "num_gpus" not in actor:
+            actor["num_gpus"] = gpu
+        elif not gpus:  # torch's idle OpenMP threads would spin on the cores the other replicas need
+            env = actor.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return options
+
+
+def build(cfg: Config, options: dict[str, dict] | None = None):
+    """The application: Ingress -> Generator (-> Retriever), with each deployment's Serve
+    ``options`` (autoscaling, replicas, actor resources; ``deployment_options`` fills the rest)."""
     import ray
 
     from retro_ray.generate import model_path
     from retro_ray.layout import index_dir
     from retro_ray.storage import MANIFEST, join
 
-    options, storage = copy.deepcopy(options or {}), Storage(cfg.storage)
+    storage = Storage(cfg.storage)
     model = model_path(cfg, storage, cfg.serve.model)
-    resources = ray.cluster_resources() if ray.is_initialized() else {}
-    gpus = resources.get("GPU", 0) > 0
-    generator_cpus = 1 if gpus else max(1, min(8, int(resources.get("CPU", 2)) - 1))
-    cpus = {"Ingress": 0, "Retriever": 0.5, "Generator": generator_cpus}
-    for name, count in cpus.items():
-        options.setdefault(name, {}).setdefault("ray_actor_options", {}).setdefault("num_cpus", count)
-    for name, share in (("Generator", 1.0), ("Retriever", 0.25)):
-        actor = options[name]["ray_actor_options"]
-        if cfg.resources.serve:
-            actor.setdefault("resources", dict(cfg.resources.serve))
-        if gpus and "num_gpus" not in actor:
-            actor["num_gpus"] = share
-        elif not gpus:  # torch's idle OpenMP threads would spin on the cores the other replicas need
-            env = actor.setdefault("runtime_env", {}).setdefault("env_vars", {})
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    options = deployment_options(cfg, ray.cluster_resources() if ray.is_initialized() else {}, options)
     retriever = None
     if storage.exists(join(index_dir(cfg), MANIFEST)):
         retriever = RetrieverServer.options(**options["Retriever"]).bind(cfg)

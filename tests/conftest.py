@@ -27,19 +27,24 @@ SHARED = ROOT / ".." / "shared" / "data"
 WIKI = SHARED / "wiki" / "part-003.parquet"
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()
+"""Where the session's Ray node serves its Prometheus metrics."""
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

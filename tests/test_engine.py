@@ -5,10 +5,10 @@ not held behind a long one; a failing request fails alone; a cancelled one frees
 import time
 
 import pytest
-from conftest import PROMPT, generation_run, make_model
+from conftest import M, PROMPT, generation_run, make_model
 
 from retro_ray import tokenizer
-from retro_ray.engine import EngineConfig, GenerationError, Request, SamplingParams
+from retro_ray.engine import Engine, EngineConfig, GenerationError, Request, SamplingParams
 from retro_ray.generate import Generator
 from retro_ray.retrieval import run_retriever
 from retro_ray.storage import Storage
@@ -18,6 +18,10 @@ from retro_ray.storage import Storage
 def run(built_db, tmp_path_factory):
     cfg = generation_run(built_db, tmp_path_factory.mktemp("engine"))
     return cfg, tokenizer.load_run_tokenizer(cfg, Storage()), run_retriever(cfg, Storage())
+
+
+def engine_of(gen, config: EngineConfig) -> Engine:
+    return Engine(gen.model, gen.tokenizer, gen.retriever, device=gen.device, config=config)
 
 
 def _request(gen, prompt: str, params: SamplingParams, retrieve: bool = True, **kw) -> Request:
@@ -35,7 +39,7 @@ def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind
     cases = [(PROMPT, 90, True), (PROMPT[:30], 70, True), (PROMPT * 3, 40, True), (PROMPT[:50], 60, False),
              (PROMPT * 2, 50, True)]
     arrive = [0, 5, 11, 37, 52]  # steps; 37 is mid-chunk for the first sequence
-    engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=8, prefill_tokens=48))
+    engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=8, prefill_tokens=48))
     seqs, step = {}, 0
     while len(seqs) < len(cases) or engine.has_work():
         for i, at in enumerate(arrive):
@@ -44,7 +48,7 @@ def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind
                 seqs[i] = engine.add(_request(gen, prompt, SamplingParams(max_new_tokens=n), retrieve))[0]
         engine.step()
         step += 1
-    assert engine.stats.largest_batch >= 3 and engine.arena.used() == 0
+    assert engine.stats.largest_batch >= 3 and engine.scheduler.space.used() == 0
     for i, (prompt, n, retrieve) in enumerate(cases):
         alone = ref.generate([prompt], SamplingParams(max_new_tokens=n), mode="encoder" if retrieve else "off")[0]
         s = seqs[i]
@@ -57,7 +61,7 @@ def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind
 def test_a_short_request_finishes_while_a_long_one_decodes(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
-    engine = gen.engine(EngineConfig(kv_tokens=2048, max_seqs=4))
+    engine = engine_of(gen, EngineConfig(kv_tokens=2048, max_seqs=4))
     long = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=200)))[0]
     for _ in range(10):
         engine.step()
@@ -70,7 +74,7 @@ def test_a_short_request_finishes_while_a_long_one_decodes(run):
 def test_static_policy_admits_only_when_empty(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
-    engine = gen.engine(EngineConfig(kv_tokens=2048, max_seqs=4, policy="static"))
+    engine = engine_of(gen, EngineConfig(kv_tokens=2048, max_seqs=4, policy="static"))
     long = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=40)))[0]
     engine.step()
     short = engine.add(_request(gen, PROMPT[:20], SamplingParams(max_new_tokens=4)))[0]
@@ -82,13 +86,13 @@ def test_static_policy_admits_only_when_empty(run):
 def test_a_poisoned_request_fails_alone(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
-    engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=8))
+    engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=8))
     poison = SamplingParams(max_new_tokens=30, temperature=float("nan"))  # no distribution to sample
     reqs = [_request(gen, PROMPT[: 20 + 9 * i], poison if i == 3 else SamplingParams(max_new_tokens=30))
             for i in range(8)]
     seqs = engine.run(reqs)
     assert [s.error is None for s in seqs] == [i != 3 for i in range(8)]
-    assert "sampling failed" in seqs[3].error and seqs[3].news() == {"error": seqs[3].error}
+    assert "sampling failed" in seqs[3].error and seqs[3].news() == {"error": seqs[3].error, "fault": "request"}
     assert all(len(s.generated) == 30 for i, s in enumerate(seqs) if i != 3)
 
 
@@ -102,7 +106,7 @@ def test_a_retrieval_that_fails_or_times_out_fails_its_sequence_alone(run):
         def __init__(self, how):
             self.how = how
 
-        def retrieve(self, texts, k):
+        def retrieve(self, texts, k, timeout_s=None):
             if any("Zanzibar" in t for t in texts):
                 if self.how == "stall":
                     time.sleep(3)
@@ -112,7 +116,7 @@ def test_a_retrieval_that_fails_or_times_out_fails_its_sequence_alone(run):
     model = make_model("retro", len(tok), tok.eos_token_id)
     for how in ("fail", "stall"):
         gen = Generator(model, tok, Flaky(how))
-        engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=4, retrieval_timeout_s=1.0))
+        engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=4, retrieval_timeout_s=1.0))
         bad = engine.add(_request(gen, "Zanzibar " * 40, SamplingParams(max_new_tokens=10)))  # a complete chunk
         if how == "stall":
             engine.step()  # its query is out before the other's: they are not one batch
@@ -122,23 +126,23 @@ def test_a_retrieval_that_fails_or_times_out_fails_its_sequence_alone(run):
         assert seqs[0].error == ("retrieval timed out after 1 s" if how == "stall" else
                                  "retrieval failed: ConnectionError: shard 0 is gone")
         assert seqs[1].error is None and len(seqs[1].generated) == 80 and seqs[1].retrieved
-        assert engine.arena.used() == 0
+        assert engine.scheduler.space.used() == 0
 
 
 def test_a_cancelled_sequence_frees_its_room_at_the_next_step(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
-    engine = gen.engine(EngineConfig(kv_tokens=700, max_seqs=4))
+    engine = engine_of(gen, EngineConfig(kv_tokens=700, max_seqs=4))
     first = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=300)))
     for _ in range(3):
         engine.step()
-    used = engine.arena.used()
+    used = engine.scheduler.space.used()
     waiting = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=300)))[0]  # no room beside it
     engine.step()
     assert used > 0 and waiting.offset < 0 and engine.stats.waiting == 1
     engine.cancel(first)
     engine.step()
-    assert first[0].finish == "cancelled" and waiting.offset >= 0 and engine.arena.used() == used
+    assert first[0].finish == "cancelled" and waiting.offset >= 0 and engine.scheduler.space.used() == used
     with pytest.raises(GenerationError, match="never fit"):
         engine.add(Request(list(range(5, 405)), SamplingParams(max_new_tokens=400)))  # 800 > kv_tokens
 
@@ -147,7 +151,7 @@ def test_n_forks_share_one_prefill_and_each_samples_its_own(run):
     cfg, tok, retriever = run
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, retriever)
     params = SamplingParams(max_new_tokens=70, temperature=0.9, seed=5)
-    engine = gen.engine(EngineConfig(kv_tokens=4096, max_seqs=4))
+    engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=4))
     forks = engine.add(_request(gen, PROMPT * 2, params), n=3)
     while engine.has_work():
         engine.step()
@@ -155,4 +159,53 @@ def test_n_forks_share_one_prefill_and_each_samples_its_own(run):
              for i in range(3)]
     assert [f.generated for f in forks] == [a.tokens for a in alone]  # forked = prefilled apiece
     assert len({tuple(f.generated) for f in forks}) == 3
-    assert all(f.retrieved for f in forks) and engine.arena.used() == 0
+    assert all(f.retrieved for f in forks) and engine.scheduler.space.used() == 0
+
+
+def test_a_malformed_retrieval_fails_its_own_sequence_and_retries_stop_at_the_deadline(run):
+    """A retriever that returns the wrong number of rows fails only the sequence whose query it
+    cannot answer (asked again alone), and a batch that fails is retried only while time is left:
+    the engine goes on, no pool thread is held past the deadline by retries."""
+    cfg, tok, retriever = run
+
+    class Short:
+        tokenizer_id = getattr(retriever, "tokenizer_id", None)
+
+        def retrieve(self, texts, k, timeout_s=None):
+            found = retriever.retrieve(texts, k)
+            return found.slice(0, len(texts) - 1) if any("Zanzibar" in t for t in texts) else found
+
+    class Refusing(Short):
+        def __init__(self):
+            self.calls = []
+
+        def retrieve(self, texts, k, timeout_s=None):
+            self.calls.append((len(texts), timeout_s))
+            if len(texts) > 1:
+                raise ConnectionError("the batch is refused")
+            time.sleep(1.5)  # alone, each takes longer than the timeout
+            return retriever.retrieve(texts, k)
+
+    model = make_model("retro", len(tok), tok.eos_token_id)
+    gen = Generator(model, tok, Short())
+    engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=4))
+    bad = engine.add(_request(gen, "Zanzibar " * 40, SamplingParams(max_new_tokens=10)))[0]  # asked together
+    good = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=80)))[0]
+    while engine.has_work():
+        engine.step()
+    n = bad.prompt_len // M
+    assert bad.error == f"retrieval failed: ValueError: the retriever returned {n - 1} rows for {n} texts"
+    assert good.error is None and len(good.generated) == 80 and good.retrieved
+    refusing = Refusing()
+    gen = Generator(model, tok, refusing)
+    engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=4, retrieval_timeout_s=1.0))
+    seqs = [engine.add(_request(gen, p, SamplingParams(max_new_tokens=10)))[0] for p in (PROMPT, PROMPT * 2)]
+    chunks = [s.prompt_len // M for s in seqs]
+    start = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    assert time.perf_counter() - start < 1.4 and [s.error for s in seqs] == ["retrieval timed out after 1 s"] * 2
+    engine.close()
+    engine.pool.shutdown(wait=True)
+    assert [n for n, _ in refusing.calls] == [sum(chunks), chunks[0]]  # the batch, one retry; none had time left after
+    assert all(0 < left <= 1.0 for _, left in refusing.calls)

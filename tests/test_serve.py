@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 import yaml
-from conftest import PROMPT, _free_port, generation_run, make_model
+from conftest import METRICS_PORT, PROMPT, _free_port, generation_run, make_model
 
 from retro_ray import tokenizer
 from retro_ray.instruct import chat_prompt, format_passage
@@ -22,7 +22,7 @@ from retro_ray.storage import Storage
 KEY = "sk-test-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_tokens": 400, "max_prompt_tokens": 480, "max_n": 2, "max_body_bytes": 20000, "max_passages": 4,
-          "passages": 1, "max_seqs": 16, "kv_tokens": 8192}
+          "passages": 1, "max_seqs": 16, "kv_tokens": 8192, "stream_interval_ms": 0}  # 0: every step's tokens
 
 
 @pytest.fixture(scope="module")
@@ -273,11 +273,93 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(app):
     deadline = time.time() + 60
     while (stats := generator.statistics.remote().result())["running"] and time.time() < deadline:
         time.sleep(0.1)
-    assert stats["running"] == 0 and stats["arena_used"] == 0 and stats["cancelled"] - before["cancelled"] == 1
+    assert stats["running"] == 0 and stats["kv_used_positions"] == 0 and stats["cancelled"] - before["cancelled"] == 1
     assert stats["tokens"] - before["tokens"] < 360  # dropped at a step, not decoded to the end
     after = client(url).completions.create(model="pretrain-instruct", prompt="The battle", max_tokens=5,
                                            temperature=0, extra_body={"retrieval": "off", "ignore_eos": True})
     assert after.usage.completion_tokens == 5
+
+
+def scrape(prefix: str, label: str) -> dict[str, float]:
+    """Ray's Prometheus endpoint -> {metric name: value summed over the series with ``label``}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix) and label in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def test_the_engines_metrics_are_on_rays_endpoint_under_vllms_names(app):
+    """After a few requests Ray's metrics endpoint has the engine's figures, named as vLLM names
+    them (under Ray's ``ray_`` and our ``retro_ray_``) with a model_name label; idle, the gauges are 0."""
+    url, _, _ = app
+    for i in range(3):
+        client(url).completions.create(model="pretrain-instruct", prompt=PROMPT[: 60 + i], max_tokens=8, temperature=0,
+                                       extra_body={"retrieval": "encoder", "ignore_eos": True})
+    p, deadline = "ray_retro_ray_", time.time() + 120
+    while True:
+        found = scrape(p, 'model_name="pretrain-instruct"')
+        tokens = found.get(f"{p}generation_tokens_total", found.get(f"{p}generation_tokens", 0))
+        if tokens >= 24 and found.get(f"{p}time_to_first_token_seconds_count", 0) >= 3 and \
+                found.get(f"{p}num_requests_running", 1) == 0:
+            break
+        assert time.time() < deadline, sorted(found)
+        time.sleep(2)
+    for name in ("num_requests_running", "num_requests_waiting", "num_requests_retrieving", "kv_cache_usage_perc"):
+        assert found[p + name] == 0, name  # idle
+    for name in ("e2e_request_latency_seconds", "time_per_output_token_seconds", "retrieval_latency_seconds"):
+        assert found[f"{p}{name}_count"] >= 3 and found[f"{p}{name}_sum"] > 0, name
+    prompt_tokens = found.get(f"{p}prompt_tokens_total", found.get(f"{p}prompt_tokens", 0))
+    assert prompt_tokens >= 3 * 10
+
+
+def test_a_stream_comes_at_the_clients_pace_one_message_an_interval(app):
+    """With serve.stream_interval_ms, the first token goes out at once and then what an interval
+    gathered as one message: far fewer messages than tokens, the same text."""
+    from ray import serve
+
+    from retro_ray.serve import build
+
+    url, cfg, _ = app
+    batched = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={**LIMITS, "stream_interval_ms": 400})})
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    serve.run(build(batched, {"Ingress": small, "Generator": small, "Retriever": small}), name="batched",
+              route_prefix="/batched")
+    try:
+        body = {"model": "pretrain-instruct", "prompt": PROMPT, "max_tokens": 60, "temperature": 0,
+                "retrieval": "encoder", "ignore_eos": True}
+        whole = requests.post(f"{url}/batched/v1/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {KEY}"}).json()["choices"][0]["text"]
+        with requests.post(f"{url}/batched/v1/completions", json={**body, "stream": True}, timeout=120, stream=True,
+                           headers={"Authorization": f"Bearer {KEY}"}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+                      if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events) == whole
+        assert 2 <= len(events) <= 30  # 60 tokens: a message for the first, then one an interval
+    finally:
+        serve.delete("batched")
+
+
+def test_the_deployments_fit_a_one_gpu_node_and_an_eight_gpu_one(app):
+    from retro_ray.serve import deployment_options
+
+    _, cfg, _ = app
+    for node in ({"CPU": 8, "GPU": 1}, {"CPU": 96, "GPU": 8}):
+        options = deployment_options(cfg, node)
+        actors = {name: options[name]["ray_actor_options"] for name in ("Ingress", "Generator", "Retriever")}
+        assert actors["Generator"]["num_gpus"] == 1 and "num_gpus" not in actors["Retriever"]  # the retriever on CPU
+        assert sum(a.get("num_gpus", 0) for a in actors.values()) <= 1  # one replica of each fits one GPU
+        assert sum(a["num_cpus"] for a in actors.values()) <= node["CPU"]
+        shared = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"retriever_gpus": 0.25})})
+        actors = deployment_options(shared, node)
+        assert [actors[n]["ray_actor_options"]["num_gpus"] for n in ("Generator", "Retriever")] == [0.75, 0.25]
+    laptop = deployment_options(cfg, {"CPU": 2})
+    assert all("num_gpus" not in o["ray_actor_options"] for o in laptop.values())
+    assert laptop["Generator"]["ray_actor_options"]["num_cpus"] == 1
 
 
 def test_serve_config_files_are_valid_serve_configs(tmp_path):
@@ -362,7 +444,7 @@ def test_the_replica_keeps_nothing_per_request(app):
         assert set(pool.map(ask, range(100, 500))) == {200}
     after = generator.statistics.remote().result()
     assert after["finished"] - warm["finished"] == 400 and after["running"] == 0 and after["waiting"] == 0
-    assert after["arena_used"] == 0 and after["arena_free_ranges"] == 1 and after["free_rows"] == LIMITS["max_seqs"]
+    assert after["kv_used_positions"] == 0 and after["kv_free_ranges"] == 1 and after["free_rows"] == LIMITS["max_seqs"]
     assert after["rss_mb"] - warm["rss_mb"] < 25, (warm["rss_mb"], after["rss_mb"])
 
 

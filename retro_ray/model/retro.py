@@ -121,15 +121,16 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.h, d // self.h).transpose(1, 2)  # [B, h, T, e]
         mask = attn_mask
         if key_mask is not None:
-            # A query whose keys are all masked would give NaN: let it see key 0, zero it below.
-            empty = ~key_mask.any(-1)  # [B]
-            key_mask = key_mask.clone()
-            key_mask[empty, 0] = True
-            mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
+            # A query whose keys are all masked would give NaN: let it see key 0, zero it below
+            # (element-wise, so the device never waits for the host).
+            empty = ~key_mask.any(-1, keepdim=True)  # [B, 1]
+            first = torch.zeros_like(key_mask)
+            first[:, 0] = True
+            mask = (key_mask | (empty & first))[:, None, None, :]  # [B, 1, 1, S]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = self.out(y.transpose(1, 2).reshape(B, T, d))  # [B, T, d]
-        return y.masked_fill(empty[:, None, None], 0.0) if key_mask is not None else y
+        return y.masked_fill(empty[:, :, None], 0.0) if key_mask is not None else y
 
 
 class MLP(nn.Module):
@@ -228,12 +229,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, retrieved=None, cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, T, d]; ``retrieved(cca, states)`` -> the CCA output [b, T, d] on CCA layers;
-        ``cache`` (generation): ``update(k, v)`` -> (all keys, all values, attention mask);
-        ``attn_mask`` [b, 1, T, T] replaces the causal mask (packed examples)."""
+        ``cache`` (generation): ``attend(attn, h)`` -> the self-attention's output [b, T, d] over
+        the cached keys; ``attn_mask`` [b, 1, T, T] replaces the causal mask (packed examples)."""
         h = self.ln1(x)
         if cache is not None:
-            k, v, mask = cache.update(*self.attn.keys_values(h))
-            x = x + self.attn.attend(h, k, v, attn_mask=mask)
+            x = x + cache.attend(self.attn, h)
         elif attn_mask is not None:
             x = x + self.attn.attend(h, *self.attn.keys_values(h), attn_mask=attn_mask)
         else:
@@ -307,13 +307,14 @@ class Retro(nn.Module):
         return logits, lm_loss(logits, targets, loss_mask)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, retrieved=None, caches=None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder on tokens [b, T] at positions [b, T] (or [T]) -> logits [b, T, vocab].
-        ``retrieved`` feeds the CCA layers; ``caches`` (one per layer) make it incremental."""
+               attn_mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder on tokens [b, T] at positions [b, T] (or [T]) -> logits [b, T, vocab], or
+        [b, P, vocab] at the positions ``logits_at`` [P] only. ``retrieved`` feeds the CCA layers;
+        ``caches`` (one per layer) make it incremental."""
         x = self.drop(self.wte(tokens) + self.wpe(positions))  # [b, T, d]
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x = block(x, retrieved, cache, attn_mask)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x if logits_at is None else x[:, logits_at]))
 
     def _retriever(self, neighbors, neighbor_mask, n: int):
         return make_retriever(self.encoder, self.wte, self.cfg.chunk_length, neighbors, neighbor_mask, n)

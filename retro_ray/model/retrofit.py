@@ -97,20 +97,20 @@ class RetroFit(nn.Module):
         embed = self.base.get_input_embeddings()
         retrieved = make_retriever(self.encoder, embed, self.cfg.chunk_length, neighbors, neighbor_mask,
                                    tokens.shape[1])
-        logits, _ = self.decode(tokens, positions, retrieved, use_cache=False)  # [b, n, V]
+        logits = self.decode(tokens, positions, retrieved)  # [b, n, V]
         return logits, lm_loss(logits, targets, loss_mask)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor | None, retrieved=None, attention_mask=None,
-               past_key_values=None, use_cache: bool = True):
-        """The base model on tokens [b, T] at positions [b, T] with its own KV cache
-        (``past_key_values``) and ``retrieved`` feeding the CCA hooks -> (logits [b, T, V], cache)."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor | None, retrieved=None, past_key_values=None,
+               logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The base model on tokens [b, T] at positions [b, T], ``retrieved`` feeding the CCA hooks,
+        with a cache (``past_key_values``: the engine's) -> logits [b, T, V], or [b, P, V] at the
+        positions ``logits_at`` [P] only."""
         self._retrieved = retrieved
         try:
-            out = self.base(input_ids=tokens, position_ids=positions, attention_mask=attention_mask,
-                            past_key_values=past_key_values, use_cache=use_cache)
+            return self.base(input_ids=tokens, position_ids=positions, past_key_values=past_key_values,
+                             use_cache=False, logits_to_keep=0 if logits_at is None else logits_at).logits
         finally:
             self._retrieved = None
-        return out.logits, out.past_key_values
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
