@@ -88,3 +88,36 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+
+COPY_OPS = ("aten::copy_", "aten::index_copy_", "aten::index", "aten::index_select", "aten::gather", "aten::cat",
+            "aten::stack", "aten::clone", "aten::_to_copy", "aten::index_put_", "aten::_index_put_impl_",
+            "aten::masked_scatter_", "aten::repeat", "aten::contiguous")
+"""Operators that move data rather than compute: the engine's copies of its cache and state."""
+
+
+def step_profile(run, label: str = "stream") -> dict[str, float]:
+    """Where the time of ``run()`` (a few engine steps) goes, as shares of its wall time: ``copies``
+    (the self time of the operators in ``COPY_OPS``), ``model`` (every other operator's), ``stream``
+    (inside ``torch.profiler.record_function(label)``: the listeners, i.e. handing each step's news
+    to its request) and ``other`` (the rest: Python, scheduling, sampling bookkeeping)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    wall = time.perf_counter() - start
+    copies = model = stream = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key == label:
+            stream = event.cpu_time_total / 1e6
+        elif event.key in COPY_OPS:
+            copies += seconds
+        elif event.key.startswith("aten::"):
+            model += seconds
+    shares = {"model": model / wall, "copies": copies / wall, "stream": stream / wall}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return {k: round(v, 3) for k, v in shares.items()}

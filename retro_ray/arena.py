@@ -255,47 +255,66 @@ class PassNeighbours:
 
     def __call__(self, cca, h: torch.Tensor) -> torch.Tensor:
         """h [1, T, d] states of a CCA layer -> [1, T, d] CCA output."""
+        st, m, b, segments = self.state, self.state.m, self.decode, self.layout.segments
         first = not self.started
         if first:
             self._first_layer(h)
             self.started = True
-        st, m, b = self.state, self.state.m, self.decode
-        projected = ([cca.attn.keys_values(self.enc[j].flatten(0, 1)[None]) for j in range(len(self.new))]
-                     if self.new else [])  # [1, h, k r, e] each
+            self.newest = {c.segment: j for j, c in sorted(enumerate(self.new), key=lambda jc: jc[1].u)}
+            # a prompt slice's first tokens may see the chunk its row held before this pass
+            self.before = {i: st.chunk[self.rows[i]] for i in range(b, len(segments))}
+            self.before_mask = {i: st.mask[self.rows[i]].clone() for i in range(b, len(segments))
+                                if st.mask is not None and self.before[i] >= 0}
+        k_new = v_new = None
+        if self.new:
+            k_new, v_new = cca.attn.keys_values(self.enc.flatten(1, 2))  # [n, h, k r, e] each
         if cca not in st.keys:
-            if not projected:
+            if k_new is None:
                 return torch.zeros_like(h)  # no chunk of any sequence encoded yet: nothing to see
-            k0 = projected[0][0]
-            st.keys[cca] = (k0.new_zeros(st.rows, *k0.shape[1:]), k0.new_zeros(st.rows, *k0.shape[1:]))
+            st.keys[cca] = (k_new.new_zeros(st.rows, *k_new.shape[1:]), v_new.new_zeros(st.rows, *v_new.shape[1:]))
             if st.mask is None:
-                st.mask = torch.zeros(st.rows, k0.shape[2], dtype=torch.bool, device=h.device)  # [rows, k r]
+                st.mask = torch.zeros(st.rows, k_new.shape[2], dtype=torch.bool, device=h.device)  # [rows, k r]
         keys, values = st.keys[cca]
-        out = torch.zeros_like(h)
-        newest = {c.segment: j for j, c in sorted(enumerate(self.new), key=lambda jc: jc[1].u)}  # its latest chunk
-        for i, j in newest.items():  # decode rows read their row; a prompt's last chunk stays for its decoding
-            row = self.rows[i]
-            keys[row], values[row] = projected[j][0][0], projected[j][1][0]
-            if first:
-                st.mask[row], st.chunk[row] = self.new[j].mask.flatten(), self.new[j].u
+        if first:
+            for i, j in self.newest.items():
+                st.mask[self.rows[i]], st.chunk[self.rows[i]] = self.new[j].mask.flatten(), self.new[j].u
+        decoded = None
         if b:
-            if first:  # the same for every CCA layer of the pass
-                sees = [self.uses[i] and st.chunk[i] >= 0 and self.layout.segments[i].start >= m - 1 for i in range(b)]
-                self.visible = st.mask[:b] & torch.tensor(sees, device=h.device)[:, None]  # [b, k r]
-            out[0, :b] = cca.attn.attend(h[0, :b, None], keys[:b], values[:b], key_mask=self.visible)[:, 0]
-        for i in range(b, len(self.layout.segments)):  # a prompt slice: its tokens grouped by the chunk they see
+            for i, j in self.newest.items():
+                if i < b:  # a decode row reads its chunk's keys from its row
+                    keys[self.rows[i]], values[self.rows[i]] = k_new[j], v_new[j]
+            if first:  # what each decode row sees, the same at every CCA layer of the pass
+                sees = [self.uses[i] and st.chunk[i] >= 0 and segments[i].start >= m - 1 for i in range(b)]
+                visible = st.mask[:b] & torch.tensor(sees, device=h.device)[:, None]  # [b, k r]
+                self.empty = ~visible.any(-1)[:, None, None]  # [b, 1, 1]: nothing to see, output 0
+                key0 = torch.zeros_like(visible)
+                key0[:, 0] = True  # a row that sees nothing attends to key 0, zeroed after (no NaN, no sync)
+                self.visible = (visible | (self.empty[:, 0] & key0))[:, None, None, :]  # [b, 1, 1, k r]
+            y = cca.attn.attend(h[0, :b, None], keys[:b], values[:b], attn_mask=self.visible)  # [b, 1, d]
+            decoded = y.masked_fill(self.empty, 0.0)
+            if b == len(segments):
+                return decoded.transpose(0, 1)  # [1, b, d]: a decode-only pass
+        out = torch.zeros_like(h)
+        if b:
+            out[0, :b] = decoded[:, 0]
+        for i in range(b, len(segments)):  # a prompt slice: its tokens grouped by the chunk they see
             if not self.uses[i]:
                 continue
-            s, row = self.layout.segments[i], self.rows[i]
+            s, row = segments[i], self.rows[i]
             mine = {c.u: j for j, c in enumerate(self.new) if c.segment == i}
             for u in range(max(0, (s.start - m + 1) // m), (s.seen - m) // m + 1):
-                first = max(s.start, u * m + m - 1)
-                last = min(s.seen, u * m + 2 * m - 1)  # positions first..last-1 see chunk u
+                first_at = max(s.start, u * m + m - 1)
+                last_at = min(s.seen, u * m + 2 * m - 1)  # positions first_at..last_at-1 see chunk u
                 if u in mine:
-                    (k, v), visible = projected[mine[u]], self.new[mine[u]].mask.flatten()[None]
-                elif st.chunk[row] == u:
-                    k, v, visible = keys[row][None], values[row][None], st.mask[row][None]
+                    j = mine[u]
+                    k, v, visible = k_new[j:j + 1], v_new[j:j + 1], self.new[j].mask.flatten()[None]
+                elif self.before[i] == u:
+                    k, v, visible = keys[row][None], values[row][None], self.before_mask[i][None]
                 else:
                     continue  # that chunk has no neighbours
-                at = slice(s.first + first - s.start, s.first + last - s.start)
+                at = slice(s.first + first_at - s.start, s.first + last_at - s.start)
                 out[:, at] = cca.attn.attend(h[:, at], k, v, key_mask=visible)
+        for i, j in self.newest.items():
+            if i >= b:  # a prompt's last chunk stays in its row for its decoding
+                keys[self.rows[i]], values[self.rows[i]] = k_new[j], v_new[j]
         return out
