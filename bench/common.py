@@ -24,9 +24,9 @@ def wiki_db(workdir: Path, docs: int, fresh: bool = False, **sections):
 
     import pyarrow.parquet as pq
 
-    from retro_ray import chunks, tokenizer
-    from retro_ray.config import Config
-    from retro_ray.storage import Storage
+    from retro_ray.core.config import Config
+    from retro_ray.core.storage import Storage
+    from retro_ray.database import chunks, tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = workdir / f"wiki-{docs}.parquet"

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, TINY, db_prompts, step_profile  # noqa: E402
 
-from retro_ray.config import load_config, smollm2_gguf  # noqa: E402
-from retro_ray.generate import Generator, SamplingParams, run_generator  # noqa: E402
-from retro_ray.layout import model_dir  # noqa: E402
-from retro_ray.storage import Storage, join  # noqa: E402
+from retro_ray.core.config import load_config, smollm2_gguf  # noqa: E402
+from retro_ray.core.layout import model_dir  # noqa: E402
+from retro_ray.core.storage import Storage, join  # noqa: E402
+from retro_ray.serving.generate import Generator, SamplingParams, run_generator  # noqa: E402
 
 
 def cli(*args: str) -> None:
@@ -88,7 +88,7 @@ def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> d
     """Where one stream's decode steps spend their time (``common.step_profile``), in ``mode``
     (``encoder``: retrieval for every completed chunk; ``off``: the decoder alone), and the mean
     step in milliseconds."""
-    from retro_ray.engine import Engine, EngineConfig, Request
+    from retro_ray.serving.engine import Engine, EngineConfig, Request
 
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
     req = Request(gen.encode_prompt(prompt, params), params, retrieve=mode == "encoder")
@@ -106,9 +106,9 @@ def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> d
 
 def smollm2_generator(workdir: Path) -> Generator:
     """SmolLM2 retro-fitted, over a database of the embedded corpus in SmolLM2's tokens."""
+    from retro_ray.database.tokenizer import load_run_tokenizer
     from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config
-    from retro_ray.retrieval import run_retriever
-    from retro_ray.tokenizer import load_run_tokenizer
+    from retro_ray.retrieval.retriever import run_retriever
 
     gguf = str(smollm2_gguf())
     sets = ["--set", f"workdir={workdir}", "--set", f"tokenizer.path={gguf}"]

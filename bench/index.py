@@ -54,11 +54,11 @@ def main() -> None:
 
     from index_actors.router import ShardedIndex, shard_actor
     from index_actors.shard import IndexShard, coarse_quantizer, min_training_vectors, new_index, save_index
-    from retro_ray.dbfiles import read_vectors
-    from retro_ray.index import recall_at_k, uniform_sample
-    from retro_ray.layout import db_dir
-    from retro_ray.runtime import setup_logging
-    from retro_ray.storage import Storage
+    from retro_ray.core.layout import db_dir
+    from retro_ray.core.runtime import setup_logging
+    from retro_ray.core.storage import Storage
+    from retro_ray.database.files import read_vectors
+    from retro_ray.retrieval.index import recall_at_k, uniform_sample
 
     setup_logging()
     rss = PeakRss()

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (finished stages are skipped)")
     parser.add_argument("--config", help="the run's config (default: the quickstart's)")
     args = parser.parse_args()
-    from retro_ray.runtime import RAY_LINE
+    from retro_ray.core.runtime import RAY_LINE
 
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

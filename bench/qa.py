@@ -44,10 +44,10 @@ def nq_evidence(out: Path, questions: int, seed: int = 0) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retro_ray.config import EvalQASet
-    from retro_ray.evaluate import load_qa
-    from retro_ray.evidence import select_evidence
-    from retro_ray.storage import Storage
+    from retro_ray.core.config import EvalQASet
+    from retro_ray.core.storage import Storage
+    from retro_ray.evaluation.evaluate import load_qa
+    from retro_ray.evaluation.evidence import select_evidence
 
     report_file = out.with_suffix(".json")
     if out.exists() and report_file.exists():
@@ -112,11 +112,12 @@ def compare_retrievers(cfg, storage, questions: list[dict], out: Path) -> dict[s
     import faiss
     import numpy as np
 
-    from retro_ray.dbfiles import ChunkTexts, finished_db
-    from retro_ray.embed import Embedder
-    from retro_ray.evidence import answer_recall
-    from retro_ray.layout import db_dir
-    from retro_ray.retrieval import LexicalIndex, format_passage, fuse, run_retriever
+    from retro_ray.core.layout import db_dir
+    from retro_ray.database.embed import Embedder
+    from retro_ray.database.files import ChunkTexts, finished_db
+    from retro_ray.evaluation.evidence import answer_recall
+    from retro_ray.retrieval.retriever import LexicalIndex, fuse, run_retriever
+    from retro_ray.training.prompts import format_passage
 
     texts, answers = [q["question"] for q in questions], [q["answers"] for q in questions]
     retriever = run_retriever(cfg, storage)
@@ -171,13 +172,13 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)  # the config's data paths are relative to the repository root
 
-    from retro_ray.config import load_config
-    from retro_ray.evaluate import load_qa, qa_markdown
-    from retro_ray.layout import qa_workdir
+    from retro_ray.core.config import load_config
+    from retro_ray.core.layout import qa_workdir
+    from retro_ray.core.runtime import ray_session, setup_logging
+    from retro_ray.core.storage import Storage, join
+    from retro_ray.evaluation.evaluate import load_qa, qa_markdown
     from retro_ray.pipeline import run_pipeline
     from retro_ray.preflight import check_config
-    from retro_ray.runtime import ray_session, setup_logging
-    from retro_ray.storage import Storage, join
 
     setup_logging()
     inputs = Path(args.workdir) / "inputs"

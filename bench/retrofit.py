@@ -24,7 +24,6 @@ Last line: ``{"ppl_ratio": {"frozen", "full"}, "ppl_ratio_no_overlap": {"frozen"
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -36,12 +35,10 @@ from common import ROOT, wiki_db  # noqa: E402
 
 def curves(histories: dict[str, list[dict]], tokens_per_step: int) -> bytes:
     """Validation perplexity against training tokens of every run, and Retro over its twin, as PNG."""
-    import matplotlib
+    from retro_ray.core.plots import png, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_ppl, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_ppl, ax_ratio) = subplots(1, 2, figsize=(11, 4))
     points = {name: [(h["step"] * tokens_per_step, h["val_ppl"]) for h in history if "val_ppl" in h]
               for name, history in histories.items()}
     for name, xy in points.items():
@@ -56,11 +53,7 @@ def curves(histories: dict[str, list[dict]], tokens_per_step: int) -> bytes:
     for ax in (ax_ppl, ax_ratio):
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def main() -> None:
@@ -79,10 +72,16 @@ def main() -> None:
 
     import ray
 
-    from retro_ray import evaluate, index, layout, neighbors, train
-    from retro_ray.config import smollm2_gguf
-    from retro_ray.runtime import setup_logging
-    from retro_ray.storage import Storage
+    from retro_ray.evaluation import evaluate
+
+    from retro_ray.retrieval import index, neighbors
+
+    from retro_ray.core import layout
+
+    from retro_ray.core.config import smollm2_gguf
+    from retro_ray.core.runtime import setup_logging
+    from retro_ray.core.storage import Storage
+    from retro_ray.training import pretrain
 
     setup_logging()
     out, storage = Path(args.out), Storage()
@@ -114,7 +113,7 @@ def main() -> None:
     runs["twin"] = layout.twin(runs["full"])
     start, results = time.time(), {}
     for name, run_cfg in runs.items():
-        results[name] = train.run(run_cfg, storage)
+        results[name] = pretrain.run(run_cfg, storage)
     minutes = (time.time() - start) / 60
     tokens_per_step = args.micro_batch * (args.seq_len - 1)
     (out / "retrofit.png").write_bytes(curves({n: r["history"] for n, r in results.items()}, tokens_per_step))

@@ -45,8 +45,9 @@ FACTORY, NPROBE = "OPQ16_64,IVF256_HNSW32,PQ16", 16
 
 LOAD_ALL = """
 import sys, numpy as np
-from retro_ray.dbfiles import tokens_uri
-from retro_ray.storage import Manifest, Storage
+from retro_ray.core.manifest import Manifest
+from retro_ray.core.storage import Storage
+from retro_ray.database.files import tokens_uri
 
 def anon_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) / 1024
@@ -83,9 +84,9 @@ def neighbors_stage(cfg) -> dict:
     same stage as one process ran it (``reference_samples``: the loop before it was distributed)
     searching the same saved index in-process; and whether both wrote the same files."""
     from index_actors.router import LocalIndex
-    from retro_ray import index, neighbors
-    from retro_ray.layout import index_dir, samples_dir
-    from retro_ray.storage import Storage
+    from retro_ray.core.layout import index_dir, samples_dir
+    from retro_ray.core.storage import Storage
+    from retro_ray.retrieval import index, neighbors
 
     cfg = cfg.model_copy(update={
         "index": cfg.index.model_copy(update={"factory": FACTORY, "nprobe": NPROBE, "shards": 2, "train_size": 10**6}),
@@ -115,7 +116,7 @@ def neighbors_stage(cfg) -> dict:
 
 def manifest_bytes_per_block(out: Path) -> dict[str, int]:
     """Bytes one finished block's record writes when it is the 100th and the 10,000th."""
-    from retro_ray.storage import open_stage
+    from retro_ray.core.manifest import open_stage
     from test_storage import CountingStorage
 
     storage, folder = CountingStorage(), str(out / "manifest-stage")
@@ -134,9 +135,9 @@ def manifest_bytes_per_block(out: Path) -> dict[str, int]:
 
 def units_of_one_big_file(out: Path, mb: int = 200) -> int:
     """Units the chunk pass cuts one ``mb`` MB JSONL file into (default ``corpus.unit_mb``)."""
-    from retro_ray import chunks
-    from retro_ray.config import Config
-    from retro_ray.storage import Storage
+    from retro_ray.core.config import Config
+    from retro_ray.core.storage import Storage
+    from retro_ray.database import chunks
 
     path = out / f"big-{mb}mb.jsonl"
     if not path.exists():
@@ -184,9 +185,9 @@ def sharded_ratio(cfg, manifest, out: Path) -> dict:
 
     from index_actors.router import ShardedIndex, shard_actor
     from index_actors.shard import IndexShard, coarse_quantizer, new_index, save_index
-    from retro_ray.dbfiles import read_vectors
-    from retro_ray.layout import db_dir
-    from retro_ray.storage import Storage
+    from retro_ray.core.layout import db_dir
+    from retro_ray.core.storage import Storage
+    from retro_ray.database.files import read_vectors
 
     total = manifest.counts["chunks"]
     xb = read_vectors(Storage(), db_dir(cfg), sorted(manifest.blocks), np.arange(total))  # [n, d]
@@ -234,7 +235,7 @@ def main() -> None:
     import ray
 
     from retro_ray import cli
-    from retro_ray.runtime import setup_logging
+    from retro_ray.core.runtime import setup_logging
 
     setup_logging()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -51,8 +51,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, db_prompts, step_profile  # noqa: E402
 
-from retro_ray.config import load_config  # noqa: E402
-from retro_ray.storage import Storage, join  # noqa: E402
+from retro_ray.core.config import load_config  # noqa: E402
+from retro_ray.core.storage import Storage, join  # noqa: E402
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 TIMEOUT_S = 600
@@ -63,8 +63,8 @@ VLLM = "0.32.0"
 
 def prompts(cfg, storage, n: int) -> list[str]:
     """n prompts of two consecutive chunks each, from the run's database."""
-    from retro_ray.dbfiles import ChunkTexts, finished_db
-    from retro_ray.layout import db_dir
+    from retro_ray.core.layout import db_dir
+    from retro_ray.database.files import ChunkTexts, finished_db
 
     db = finished_db(cfg, storage)
     return db_prompts(ChunkTexts(storage, db_dir(cfg), sorted(db.blocks)), db.counts["chunks"], n)
@@ -73,7 +73,7 @@ def prompts(cfg, storage, n: int) -> list[str]:
 def deploy(cfg, policy: str) -> None:
     from ray import serve
 
-    from retro_ray.serve import build
+    from retro_ray.serving.deployments import build
 
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"policy": policy, "max_seqs": 32})})
     options = {"Ingress": {"num_replicas": 1, "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}},
@@ -262,8 +262,8 @@ def direct(cfg, storage, work: list[tuple[str, int]], clients: int) -> tuple[flo
     (tokens/s), and each request alone (its text)."""
     import torch
 
-    from retro_ray.engine import Engine, EngineConfig, Request, SamplingParams
-    from retro_ray.generate import run_generator
+    from retro_ray.serving.engine import Engine, EngineConfig, Request, SamplingParams
+    from retro_ray.serving.generate import run_generator
 
     torch.set_num_threads(GENERATOR_CPUS)
     gen = run_generator(cfg, storage)
@@ -318,9 +318,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from retro_ray.generate import model_path
-    from retro_ray.layout import model_dir, tuned
-    from retro_ray.serve import model_name
+    from retro_ray.core.layout import model_dir, tuned
+    from retro_ray.serving.deployments import model_name
+    from retro_ray.core.layout import served_model
 
     workdir = str(Path(args.workdir).resolve())
     cfg = load_config(args.config, [f"workdir={workdir}"])
@@ -329,7 +329,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "retro_ray.cli", "pipeline", "--config", args.config, "--set",
                         f"workdir={workdir}", "--set", "serve.question=null", "--set", "serve.demo=null"],
                        check=True, cwd=ROOT)
-    model = model_name(model_path(cfg, storage))
+    model = model_name(served_model(cfg, storage))
     texts = prompts(cfg, storage, args.requests)
     questions = [json.loads(line)["question"] for line in (ROOT / "configs" / "pydocs-qa.jsonl").read_text().splitlines()]
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 Builds (once, then reuses) a chunk database of ``--docs`` Wikipedia articles under ``--out``,
 indexes it, retrieves neighbours for ``--seq-len``-token samples (same-document neighbours
-excluded), then ``retro_ray.train.compare`` trains both models with Ray Train + DeepSpeed.
+excluded), then ``retro_ray.training.pretrain.compare`` trains both models with Ray Train + DeepSpeed.
 Reports step time (median after warm-up), tokens/s, peak memory of the process tree and the
 validation perplexity of each. Last line: one JSON object.
 
@@ -41,9 +41,15 @@ def main() -> None:
 
     import ray
 
-    from retro_ray import index, layout, neighbors, tokenizer, train
-    from retro_ray.runtime import setup_logging
-    from retro_ray.storage import Storage
+    from retro_ray.retrieval import index, neighbors
+
+    from retro_ray.core import layout
+
+    from retro_ray.database import tokenizer
+
+    from retro_ray.core.runtime import setup_logging
+    from retro_ray.core.storage import Storage
+    from retro_ray.training import pretrain
 
     setup_logging()
     rss = PeakRss()
@@ -62,7 +68,7 @@ def main() -> None:
     storage = Storage()
     index.run(cfg, storage, force=True)  # the index and samples are the benchmark's own: always fresh
     neighbors.run(cfg, storage, force=True)
-    table = train.compare(cfg, storage, force=True)
+    table = pretrain.compare(cfg, storage, force=True)
 
     def step_s(name: str) -> float:
         history = storage.read_json(f"{layout.run_dir(layout.pretrained_runs(cfg)[name])}/history.json")
@@ -72,7 +78,7 @@ def main() -> None:
     params = {}
     for name, retrieval in (("gpt", False), ("retro", True)):
         run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrieval": retrieval})})
-        params[name] = train.build_model(run_cfg, vocab, args.seq_len).num_params()
+        params[name] = pretrain.build_model(run_cfg, vocab, args.seq_len).num_params()
     gpt_s, retro_s = step_s("gpt"), step_s("retro")
     tokens_per_step = args.micro_batch * (args.seq_len - 1)
     peak = rss.stop()

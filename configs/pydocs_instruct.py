@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydoc_data.topics import topics
 
-from retro_ray.corpus import builtin_pydocs
+from retro_ray.database.corpus import builtin_pydocs
 
 HERE = Path(__file__).resolve().parent
 MAX_WORDS = 40

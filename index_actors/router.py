@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 
 from index_actors.shard import IndexShard
-from retro_ray.storage import join
+from retro_ray.core.storage import join
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str

@@ -12,10 +12,10 @@ import re
 import faiss
 import numpy as np
 
-from retro_ray.config import StorageConfig
-from retro_ray.dbfiles import read_embeddings
-from retro_ray.errors import UserError
-from retro_ray.storage import Storage
+from retro_ray.core.config import StorageConfig
+from retro_ray.core.errors import UserError
+from retro_ray.core.storage import Storage
+from retro_ray.database.files import read_embeddings
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 

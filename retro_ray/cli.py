@@ -19,13 +19,14 @@ import sys
 if not {"-v", "--verbose"} & set(sys.argv[1:]):
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-from retro_ray import index, neighbors, train  # noqa: E402
-from retro_ray.config import QUICKSTART, load_config  # noqa: E402
-from retro_ray.errors import find_user_error  # noqa: E402
+from retro_ray.core.config import QUICKSTART, load_config  # noqa: E402
+from retro_ray.core.errors import find_user_error  # noqa: E402
+from retro_ray.core.runtime import log, mute_ray_loggers, quiet_libraries, ray_session, setup_logging  # noqa: E402
+from retro_ray.core.storage import Storage  # noqa: E402
 from retro_ray.pipeline import STAGES  # noqa: E402
 from retro_ray.preflight import check_config  # noqa: E402
-from retro_ray.runtime import log, mute_ray_loggers, quiet_libraries, ray_session, setup_logging  # noqa: E402
-from retro_ray.storage import Storage  # noqa: E402
+from retro_ray.retrieval import index, neighbors  # noqa: E402
+from retro_ray.training import pretrain
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,7 +135,7 @@ def _serve(cfg, args) -> None:
     """Deploy, then hold the app until Ctrl-C or SIGTERM, and take it down."""
     from ray import serve
 
-    from retro_ray.serve import start
+    from retro_ray.serving.deployments import start
 
     mute_ray_loggers()  # Serve's, configured as it was imported
     if args.model:
@@ -151,7 +152,7 @@ def _pipeline(cfg, storage: Storage, args) -> None:
     from ray import serve
 
     from retro_ray.pipeline import answer_text, ask, demo, demo_text, reports, run_pipeline
-    from retro_ray.serve import api_key, start
+    from retro_ray.serving.deployments import api_key, start
 
     mute_ray_loggers()  # Serve's, configured as it was imported
     run_pipeline(cfg, storage, args.force)
@@ -200,11 +201,11 @@ def _plan(cfg, args) -> None:
 def _export(cfg, storage: Storage, args) -> None:
     import tempfile
 
-    from retro_ray import tokenizer
-    from retro_ray.generate import model_path
+    from retro_ray.database import tokenizer
     from retro_ray.model.io import load_model, save_decoder_only, save_pretrained
+    from retro_ray.core.layout import served_model
 
-    path = model_path(cfg, storage, args.model)
+    path = served_model(cfg, storage, args.model)
     model = load_model(storage, path)
     with tempfile.TemporaryDirectory() as tmp:
         (save_decoder_only if args.decoder_only else save_pretrained)(model, tmp)
@@ -216,8 +217,8 @@ def _export(cfg, storage: Storage, args) -> None:
 def _generate(cfg, storage: Storage, args) -> None:
     from pathlib import Path
 
-    from retro_ray.errors import UserError
-    from retro_ray.generate import SamplingParams, describe, run_generator
+    from retro_ray.core.errors import UserError
+    from retro_ray.serving.generate import SamplingParams, describe, run_generator
 
     if args.file and not Path(args.file).is_file():
         raise UserError(f"--file {args.file}: no such file")
@@ -240,7 +241,7 @@ def _run(cfg, storage: Storage, args) -> None:
     elif args.command == "pipeline":
         _pipeline(cfg, storage, args)
     elif args.command == "compare":
-        print(json.dumps(train.compare(cfg, storage, args.force)))
+        print(json.dumps(pretrain.compare(cfg, storage, args.force)))
     elif args.command == "index" and action == "verify":
         print(json.dumps(index.verify(cfg, storage, args.queries, args.k)))
     elif args.command == "neighbors" and action == "show":

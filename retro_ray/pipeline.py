@@ -6,11 +6,15 @@ import json
 import urllib.request
 from typing import Callable
 
-from retro_ray import chunks, evaluate, index, instruct, neighbors, tokenizer, train
-from retro_ray.config import Config
-from retro_ray.layout import eval_dir
-from retro_ray.runtime import log
-from retro_ray.storage import Storage, join
+from retro_ray.core.config import Config
+from retro_ray.core.layout import eval_dir
+from retro_ray.core.runtime import log
+from retro_ray.core.storage import Storage, join
+from retro_ray.database import chunks, tokenizer
+from retro_ray.evaluation import evaluate
+from retro_ray.retrieval import index, neighbors
+from retro_ray.training import instruct, pretrain
+
 
 StageFn = Callable[[Config, Storage, bool], object]
 
@@ -19,7 +23,7 @@ STAGES: dict[str, StageFn] = {
     "db": chunks.run,
     "index": index.run,
     "neighbors": neighbors.run,
-    "pretrain": train.run,
+    "pretrain": pretrain.run,
     "instruct": instruct.run,
     "eval": evaluate.run,
 }
@@ -56,9 +60,9 @@ def ask(url: str, question: str, api_key: str | None = None, timeout_s: float = 
 def demo(cfg: Config, storage: Storage, url: str, api_key: str | None = None) -> dict:
     """Ask every question of ``serve.demo`` -> {asked, correct, rows: [{question, answer, answers,
     correct}]}, written to ``eval/demo.json``; correct: the answer holds a gold answer."""
-    from retro_ray.config import EvalQASet
-    from retro_ray.evaluate import load_qa
-    from retro_ray.evidence import AnswerMatcher
+    from retro_ray.core.config import EvalQASet
+    from retro_ray.evaluation.evaluate import load_qa
+    from retro_ray.evaluation.evidence import AnswerMatcher
 
     questions, _, _ = load_qa(storage, EvalQASet(name="demo", path=cfg.serve.demo))
     rows = []

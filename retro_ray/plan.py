@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from retro_ray.config import QUICKSTART, Config
-from retro_ray.errors import UserError
+from retro_ray.core.config import QUICKSTART, Config
+from retro_ray.core.errors import UserError
 
 QUICKSTART_CLUSTER = QUICKSTART.parents[1] / "cluster" / "aws.yaml"
 """The cluster the plan sizes by default: this project's AWS launcher YAML."""
@@ -251,8 +251,8 @@ def vs_paper(plan: Plan) -> dict[str, float]:
 def sample_corpus(cfg: Config, docs: int) -> tuple[float, float]:
     """(tokens, chunks per token) of the config's corpus, from its first ``docs`` documents per
     corpus tokenised with the run's tokenizer, scaled to all its files by bytes."""
-    from retro_ray import corpus, tokenizer
-    from retro_ray.storage import Storage
+    from retro_ray.core.storage import Storage
+    from retro_ray.database import corpus, tokenizer
 
     storage = Storage(cfg.storage)
     tokenizer.finished_tokenizer(cfg, storage)  # a clear error when the run has none yet

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from retro_ray.config import Config, ConfigError
+from retro_ray.core.config import Config, ConfigError
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -60,15 +60,15 @@ def check_model_source(field: str, value: str, allow_downloads: bool, probe_file
 
 def check_corpus(cfg: Config) -> None:
     """Every corpus path matches files, and every Parquet file has the text column (footers only)."""
-    from retro_ray.corpus import source_files
-    from retro_ray.storage import Storage
+    from retro_ray.core.storage import Storage
+    from retro_ray.database.corpus import source_files
 
     source_files(cfg, Storage(cfg.storage))
 
 
 def check_task_files(cfg: Config) -> None:
     """Instruction data and QA files exist (globs match), before any stage runs."""
-    from retro_ray.storage import Storage
+    from retro_ray.core.storage import Storage
 
     storage = Storage(cfg.storage)
     for i, source in enumerate(cfg.instruct.sources):
@@ -82,7 +82,7 @@ def check_task_files(cfg: Config) -> None:
 
 def embedder_dim(cfg: Config) -> int:
     """The embedding width, read from the encoder's ``config.json`` (no model is loaded)."""
-    from retro_ray.embed import default_model_path
+    from retro_ray.database.embed import default_model_path
 
     folder = Path(cfg.embed.model or default_model_path())
     try:

@@ -10,21 +10,81 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
-import torch
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 # Fake credentials for the moto server, set before Ray starts so its workers inherit them.
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process the suite starts inherits this mark (Ray's daemons and workers too): what still
+# carries it when the suite ends has outlived it.
+SUITE_MARK, SUITE_ID = "RETRO_RAY_TEST_SUITE", str(os.getpid())
+os.environ[SUITE_MARK] = SUITE_ID
 
-from retro_ray.config import Config, CorpusSource  # noqa: E402
+from retro_ray.core.config import Config, CorpusSource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
 WIKI = SHARED / "wiki" / "part-003.parquet"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the tests marked slow: the cluster drill, the main job, the benchmark smoke runs")
+
+
+def pytest_report_header(config):
+    return "suite: " + ("full" if config.getoption("--full") else "fast (tests marked slow left out: --full runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def _outliving(wait_s: float) -> list[psutil.Process]:
+    """The processes this suite started that are still alive after up to ``wait_s`` seconds."""
+    deadline = time.time() + wait_s
+    while True:
+        alive = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE and \
+                        proc.environ().get(SUITE_MARK) == SUITE_ID:
+                    alive.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a process the suite started (a Ray daemon, worker or actor, a server)
+    outlives it: named, then killed."""
+    leftover = _outliving(wait_s=30)
+    if not leftover:
+        return
+    names = []
+    for proc in leftover:
+        try:
+            names.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    terminal.ensure_newline()
+    terminal.write_line(
+        f"FAILED: {len(names)} processes started by the suite outlived it (killed now):\n  " + "\n  ".join(names),
+        red=True, bold=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _free_port() -> int:
@@ -136,7 +196,9 @@ def kill_stage(cfg: Config, folder: Path, stage: str, out: str, done, timeout_s:
     ``done(blocks)`` holds for the blocks its manifest in ``out`` records, and return that manifest."""
     import signal
 
-    from retro_ray.storage import MANIFEST, Manifest, Storage
+    from retro_ray.core.manifest import MANIFEST, Manifest
+
+    from retro_ray.core.storage import Storage
 
     config_file = folder / "config.yaml"
     config_file.write_text(cfg.to_yaml())
@@ -168,10 +230,12 @@ def reference_samples(cfg: Config, out: Path, searcher=None) -> dict[str, str]:
     router, or ``searcher``); block name -> SHA-256 of the file it writes under ``out``."""
     import numpy as np
 
-    from retro_ray import index, neighbors, tokenizer
-    from retro_ray.dbfiles import ChunkStore, finished_db, read_vectors
-    from retro_ray.layout import db_dir
-    from retro_ray.storage import Storage
+    from retro_ray.retrieval import index, neighbors
+
+    from retro_ray.core.layout import db_dir
+    from retro_ray.core.storage import Storage
+    from retro_ray.database import tokenizer
+    from retro_ray.database.files import ChunkStore, finished_db, read_vectors
 
     storage, nc, m = Storage(), cfg.neighbors, cfg.db.chunk_length
     db_manifest = finished_db(cfg, storage)
@@ -195,7 +259,7 @@ def reference_samples(cfg: Config, out: Path, searcher=None) -> dict[str, str]:
                     docs.append(int(block_docs[i]))
                     lengths.append(1)
         pad = -len(ids) % (nc.seq_len // m)
-        layout = neighbors.Layout(*(np.array(a + [fill] * pad, dtype).reshape(-1, nc.seq_len // m) for a, fill, dtype
+        layout = neighbors.SampleLayout(*(np.array(a + [fill] * pad, dtype).reshape(-1, nc.seq_len // m) for a, fill, dtype
                                     in ((ids, -1, np.int64), (docs, -1, np.int64), (lengths, 0, np.int32))))
         for first in range(0, len(layout.chunk_ids), nc.samples_per_block):
             sl = slice(first, min(first + nc.samples_per_block, len(layout.chunk_ids)))
@@ -217,8 +281,8 @@ def reference_samples(cfg: Config, out: Path, searcher=None) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def built_db(ray_local, tmp_path_factory, wiki_parquet):
     """Tokenizer and chunk database of ``wiki_parquet``: (config, db manifest)."""
-    from retro_ray import chunks, tokenizer
-    from retro_ray.storage import Storage
+    from retro_ray.core.storage import Storage
+    from retro_ray.database import chunks, tokenizer
 
     cfg = tiny_config(tmp_path_factory.mktemp("built"), wiki_parquet)
     tokenizer.run(cfg, Storage())
@@ -235,16 +299,32 @@ PROMPT = ("The Battle of Hastings was fought on 14 October 1066 between the Norm
           "William, the Duke of Normandy, and an English army under the Anglo-Saxon King Harold Godwinson.")
 
 
-def generation_run(built_db, folder, neighbors_stage: bool = True) -> Config:
-    """A copy of the tiny database with an exact 2-shard index (and the neighbours stage)."""
+def read_split(cfg: Config, split: str) -> pa.Table:
+    """Every sample of a split of the neighbours stage, in order, as one table (tiny runs only:
+    the stage's readers go a block at a time, ``RetroSamples``)."""
+    from retro_ray.core.storage import Storage
+    from retro_ray.retrieval.neighbors import split_blocks
+
+    return pa.concat_tables([Storage().read_parquet(uri) for uri, _ in split_blocks(Storage(), cfg, split)])
+
+
+def copy_database(cfg: Config, workdir: Path) -> None:
+    """The tokenizer and database of ``cfg``'s run (``built_db``, which other tests also index and
+    sample with their own settings) into a run directory of its own."""
     import shutil
 
-    from retro_ray import index, neighbors
-    from retro_ray.storage import Storage
+    for folder in ("tokenizer", "db"):
+        shutil.copytree(Path(cfg.workdir) / folder, Path(workdir) / folder, ignore=shutil.ignore_patterns("_locks"))
+
+
+def generation_run(built_db, folder, neighbors_stage: bool = True) -> Config:
+    """A copy of the tiny database with an exact 2-shard index (and the neighbours stage)."""
+    from retro_ray.core.storage import Storage
+    from retro_ray.retrieval import index, neighbors
 
     cfg, _ = built_db
     workdir = Path(folder) / "run"
-    shutil.copytree(cfg.workdir, workdir, ignore=shutil.ignore_patterns("_locks"))
+    copy_database(cfg, workdir)
     cfg = cfg.model_copy(update={
         "workdir": str(workdir),
         "index": cfg.index.model_copy(update={"factory": "Flat", "shards": 2}),

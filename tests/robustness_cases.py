@@ -111,7 +111,7 @@ def snapshot(workdir: Path) -> dict[str, tuple[int, int]]:
 
 def hold_lock(workdir: Path, folder: str) -> Path:
     """Write the lock of ``folder`` as a live run would: this process, another token."""
-    from retro_ray.locks import lock_uri
+    from retro_ray.core.locks import lock_uri
 
     path = Path(lock_uri(str(workdir), folder))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,11 @@ job's run. Not here, for the suite's time: ``bench/qa.py`` needs the SmolLM2 tun
 ``bench/embed.py`` and ``bench/robustness.py`` (``--cases 2 --no-drills``) build their own runs,
 about 4 minutes together.)"""
 
+import pytest
+
 from conftest import bench
+
+pytestmark = pytest.mark.slow
 
 
 def test_model_step_and_gpu_checks_run_on_this_machine():

@@ -2,17 +2,17 @@
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retro_ray import chunks, dbfiles, tokenizer
-from retro_ray.config import StorageConfig
-from retro_ray.corpus import BadInputError
-from retro_ray.storage import StageMismatchError, Storage
-
 from conftest import kill_db_at_first_embedding, tiny_config
+
+from retro_ray.core.config import StorageConfig
+from retro_ray.core.manifest import StageMismatchError
+from retro_ray.core.storage import Storage
+from retro_ray.database import chunks, files, tokenizer
+from retro_ray.database.corpus import BadInputError
 
 
 def build(cfg, storage=None, force=False):
@@ -36,12 +36,9 @@ def built(built_db):
     return cfg, Path(cfg.workdir), manifest
 
 
-def test_spans_and_continuations():
+def test_spans():
     assert chunks.chunk_spans(130, 64) == [(0, 64), (64, 128), (128, 130)]
     assert chunks.chunk_spans(0, 64) == []
-    ids = np.arange(10, 15)
-    docs = np.array([0, 0, 1, 1, 1])
-    assert chunks.continuation_ids(ids, docs).tolist() == [11, -1, 13, 14, -1]
 
 
 def test_chunks_follow_documents_exactly(built, wiki_docs):
@@ -59,9 +56,9 @@ def test_chunks_follow_documents_exactly(built, wiki_docs):
         assert sum((rows["tokens"][i] for i in idx), []) == tok(doc["text"])["input_ids"]
         assert "".join(rows["text"][i] for i in idx) == doc["text"]
         assert {rows["title"][i] for i in idx} == {doc["title"]}  # each chunk knows its document's title
-    nxt = chunks.continuation_ids(np.array(rows["chunk_id"]), np.array(rows["doc_id"]))
-    for c, after in enumerate(nxt):
-        assert after == (c + 1 if c + 1 < n and rows["doc_id"][c + 1] == rows["doc_id"][c] else -1)
+    store = files.ChunkStore.open(Storage(), str(workdir / "db"), sorted(manifest.blocks))
+    for c in range(n):  # a chunk's continuation (what a neighbour carries) is the next one of its document
+        assert store.is_last_of_doc(c) == (c + 1 == n or rows["doc_id"][c + 1] != rows["doc_id"][c])
 
 
 def test_blocks_are_named_by_range_and_aligned_with_embeddings(built):
@@ -69,7 +66,7 @@ def test_blocks_are_named_by_range_and_aligned_with_embeddings(built):
     names = sorted(manifest.blocks)
     assert names[0] == "000000000000-000000000016"
     for name in names:
-        start, end = dbfiles.block_range(name)
+        start, end = files.block_range(name)
         ids = pq.read_table(workdir / "db" / "chunks" / f"{name}.parquet").column("chunk_id").to_pylist()
         emb = pq.read_table(workdir / "db" / "embeddings" / f"{name}.parquet")
         assert ids == list(range(start, end)) == emb.column("chunk_id").to_pylist()
@@ -91,6 +88,7 @@ def test_rerun_skips_and_changed_config_needs_force(built):
         chunks.run(changed, Storage())
 
 
+@pytest.mark.slow  # a drill
 def test_killed_build_resumes_to_identical_output(built, tmp_path):
     cfg, _, manifest = built
     cfg = tiny_config(tmp_path / "run", *cfg.corpus.sources[0].paths)

@@ -64,7 +64,7 @@ def test_kuberay_manifests_pass_the_operators_crd_schemas():
 def test_the_rayservice_deploys_the_serve_app_on_serving_nodes(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from retro_ray.serve import read_serve_file
+    from retro_ray.serving.deployments import read_serve_file
 
     service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())["spec"]
     assert group_labels(service["rayClusterConfig"]) == {"node_serve"}
@@ -80,7 +80,7 @@ def test_the_rayservice_deploys_the_serve_app_on_serving_nodes(tmp_path):
 
 
 def test_the_cluster_config_asks_for_the_node_types_that_the_clusters_offer():
-    from retro_ray.config import load_config
+    from retro_ray.core.config import load_config
 
     cfg = load_config(ROOT / "configs" / "wiki-s3.yaml")
     asked = {name for labels in cfg.resources.model_dump().values() for name in labels}

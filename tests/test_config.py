@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from retro_ray.cli import main
-from retro_ray.config import ConfigError, load_config
+from retro_ray.core.config import ConfigError, load_config
 
 
 def test_defaults_run_the_embedded_setting():

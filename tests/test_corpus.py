@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retro_ray.config import CorpusSource
-from retro_ray.corpus import BadInputError, builtin_pydocs, kept_by_weight, read_source_file
+from retro_ray.core.config import CorpusSource
+from retro_ray.database.corpus import BadInputError, builtin_pydocs, kept_by_weight, read_source_file
 
 
 def _rows(data: bytes, fmt: str, **source) -> list[dict]:

@@ -1,15 +1,15 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from retro_ray.dbfiles import read_embeddings
-from retro_ray.embed import Embedder
-from retro_ray.storage import Storage
-
 from conftest import tiny_config
+
+from retro_ray.core.storage import Storage
+from retro_ray.database.embed import Embedder
+from retro_ray.database.files import read_embeddings
 
 
 def test_actor_output_equals_a_direct_call(ray_local, tmp_path, wiki_parquet):
-    from retro_ray import chunks, tokenizer
+    from retro_ray.database import chunks, tokenizer
 
     cfg = tiny_config(tmp_path, wiki_parquet, corpus={"max_docs": 2})
     tokenizer.run(cfg, Storage())

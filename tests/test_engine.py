@@ -7,11 +7,11 @@ import time
 import pytest
 from conftest import M, PROMPT, generation_run, make_model
 
-from retro_ray import tokenizer
-from retro_ray.engine import Engine, EngineConfig, GenerationError, Request, SamplingParams
-from retro_ray.generate import Generator
-from retro_ray.retrieval import run_retriever
-from retro_ray.storage import Storage
+from retro_ray.core.storage import Storage
+from retro_ray.database import tokenizer
+from retro_ray.retrieval.retriever import run_retriever
+from retro_ray.serving.engine import Engine, EngineConfig, GenerationError, Request, SamplingParams
+from retro_ray.serving.generate import Generator
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 
 import pyarrow.parquet as pq
 
-from retro_ray.evidence import AnswerMatcher, answer_recall, coverage, normalize, select_evidence
-
 from conftest import SHARED, WIKI
+
+from retro_ray.evaluation.evidence import AnswerMatcher, answer_recall, coverage, normalize, select_evidence
 
 
 def test_answers_match_as_whole_normalised_words():

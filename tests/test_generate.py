@@ -4,14 +4,13 @@ cache against full recomputation, retrieval once per completed chunk, batches, s
 import numpy as np
 import pytest
 import torch
-from conftest import LOGITS_ATOL, M, PROMPT, generation_run, make_model
+from conftest import LOGITS_ATOL, M, PROMPT, generation_run, make_model, read_split
 
-from retro_ray import neighbors, tokenizer
-from retro_ray.generate import GenerationError, Generator, SamplingParams
+from retro_ray.core.storage import Storage
+from retro_ray.database import tokenizer
 from retro_ray.model import Retro, RetroConfig
-from retro_ray.retrieval import run_retriever
-from retro_ray.storage import Storage
-
+from retro_ray.retrieval.retriever import run_retriever
+from retro_ray.serving.generate import GenerationError, Generator, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_retrieval_once_per_completed_chunk(run):
 
 def test_a_database_chunk_retrieves_what_the_neighbours_stage_stored(run):
     cfg, tok, retriever = run
-    table = neighbors.read_split(Storage(), cfg, "train")
+    table = read_split(cfg, "train")
     sample = table.slice(0, 1).to_pylist()[0]
     docs = {d for d in sample["chunk_doc_ids"] if d >= 0}
     chunk_ids = [c for c in sample["chunk_ids"] if c >= 0]
@@ -147,7 +146,7 @@ def test_question_mode_feeds_the_questions_top_k_passages_to_every_chunk(run, ki
     """InstructRetro's QA setting (the reference's --reuse-top): the encoder reads the top-k
     passages retrieved for the question, for every chunk, decoded with the KV cache exactly as a
     full forward pass with those neighbours at every chunk gives it."""
-    from retro_ray.retrieval import format_passage
+    from retro_ray.training.prompts import format_passage
 
     cfg, tok, retriever = run
     model = make_model(kind, len(tok), tok.eos_token_id).eval()
@@ -190,7 +189,7 @@ def test_questions_find_passages_by_title_words_and_bm25(run):
 
 
 def test_hybrid_fusion_weighs_each_lists_normalised_scores():
-    from retro_ray.retrieval import fuse
+    from retro_ray.retrieval.retriever import fuse
 
     dense = (np.array([[0.9, 0.7, 0.1]]), np.array([[1, 2, 3]]))  # normalised: 1 -> 1, 2 -> 0.75, 3 -> 0
     bm25 = (np.array([[12.0, 2.0, -np.inf]]), np.array([[3, 2, -1]]))  # 3 -> 1, 2 -> 0; -1 is no candidate

@@ -9,9 +9,9 @@ import ray
 
 from index_actors.router import ShardedIndex, merge_topk, shard_actor
 from index_actors.shard import IndexShard, TrainingSampleError, min_training_vectors
-from retro_ray import index
-from retro_ray.config import StorageConfig
-from retro_ray.storage import Storage
+from retro_ray.core.config import StorageConfig
+from retro_ray.core.storage import Storage
+from retro_ray.retrieval import index
 
 D = 32
 
@@ -159,7 +159,8 @@ def test_index_stage_resumes_only_unfinished_shards(built_db, tmp_path):
 # The paper's family (OPQ64_128,IVF4194304_HNSW32,PQ64) at small scale: the router's coarse
 # quantizer sits behind the OPQ rotation, and shards scan the lists it picks in rotated space.
 @pytest.mark.parametrize("factory, d, n, nprobe", [("IVF32,Flat", D, 4000, 4),
-                                                   ("OPQ16_64,IVF256_HNSW32,PQ16", 64, 10_000, 16)])
+                                                   pytest.param("OPQ16_64,IVF256_HNSW32,PQ16", 64, 10_000, 16,
+                                                                marks=pytest.mark.slow)])
 def test_ivf_router_assigns_lists_once_and_equals_one_index(ray_local, tmp_path, factory, d, n, nprobe):
     from index_actors.shard import coarse_quantizer, load_index, new_index, save_index
 

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from retro_ray import evaluate, index, instruct, neighbors, tokenizer
-from retro_ray.config import EvalQASet, InstructSource, StorageConfig
-from retro_ray.corpus import BadInputError
-from retro_ray.dbfiles import ChunkStore
-from retro_ray.instruct import SYSTEM, encode, format_passage, pack, parse_row, pieces, qa_prompt, read_rows
+from conftest import copy_database
+
+from retro_ray.core.config import EvalQASet, InstructSource, StorageConfig
+from retro_ray.core.storage import Storage
+from retro_ray.database import tokenizer
+from retro_ray.database.corpus import BadInputError
+from retro_ray.database.files import ChunkStore
+from retro_ray.evaluation import evaluate
 from retro_ray.model import Retro, RetroConfig
-from retro_ray.neighbors import drop_near_copies, ngram_overlap
-from retro_ray.storage import Storage
+from retro_ray.retrieval import index, neighbors
+from retro_ray.retrieval.neighbors import drop_near_copies, ngram_overlap
+from retro_ray.training import instruct
+from retro_ray.training.instruct import encode, pack, parse_row, read_rows
+from retro_ray.training.prompts import SYSTEM, format_passage, pieces, qa_prompt
 
 
 def test_qa_prompt_with_0_1_and_5_passages():
@@ -80,7 +86,7 @@ def test_loss_mask_covers_only_answers_and_eos_with_packing(bpe):
     # positions restart at each example; the batch predicts token p + 1 at p where it is a target
     starts = [i for i, p in enumerate(row["positions"]) if p == 0]
     assert starts == [0, len(encoded[0][0]), len(encoded[0][0]) + len(encoded[1][0])]
-    batch = instruct.make_batch(packed, "cpu")
+    batch = instruct.row_batch(packed, "cpu")
     assert torch.equal(batch["targets"][0][batch["loss_mask"][0]], torch.as_tensor(sum(spans, [])))
     assert len(pack(encoded, seq_len=10_000, packed=False)) == 3
     # by default only the final answer is a target, as the reference tunes
@@ -104,14 +110,14 @@ def test_each_example_weighs_the_same_however_it_is_packed(bpe):
             return model(batch["tokens"], None, None, batch["targets"], batch["loss_mask"],
                          positions=batch["positions"])[1]
 
-    alone = torch.stack([loss(instruct.make_batch(pack([e], 10_000), "cpu", per_example=True)) for e in encoded])
-    packed = instruct.make_batch(pack(encoded, 10_000), "cpu", per_example=True)  # one row of three
-    padded = instruct.make_batch(pack(encoded[:2], 10_000, packed=False) + pack(encoded[2:], 10_000), "cpu",
+    alone = torch.stack([loss(instruct.row_batch(pack([e], 10_000), "cpu", per_example=True)) for e in encoded])
+    packed = instruct.row_batch(pack(encoded, 10_000), "cpu", per_example=True)  # one row of three
+    padded = instruct.row_batch(pack(encoded[:2], 10_000, packed=False) + pack(encoded[2:], 10_000), "cpu",
                                  per_example=True)  # padding, three rows
     assert torch.allclose(loss(packed), alone.mean(), atol=1e-6)
     assert torch.allclose(loss(padded), alone.mean(), atol=1e-6)
     assert packed["loss_mask"].sum() == pytest.approx(3.0)  # each example sums to one
-    per_token = loss(instruct.make_batch(pack(encoded, 10_000), "cpu"))  # the long completion dominates
+    per_token = loss(instruct.row_batch(pack(encoded, 10_000), "cpu"))  # the long completion dominates
     assert not torch.allclose(per_token, alone.mean(), atol=1e-3)
 
 
@@ -138,7 +144,7 @@ def test_retro_without_retrieval_has_the_loss_of_its_gpt_path(bpe):
     missing, unexpected = gpt.load_state_dict(retro.state_dict(), strict=False)
     assert not missing and all(k.startswith("encoder.") or ".cca." in k or ".ln_cca." in k for k in unexpected)
     rows = [encode(pieces(parse_row({"question": f"Q{i}?", "answer": f"A{i}"})), bpe, True) for i in range(4)]
-    batch = instruct.make_batch(pack(rows, 700), "cpu")  # 2 rows of 2 examples
+    batch = instruct.row_batch(pack(rows, 700), "cpu")  # 2 rows of 2 examples
     args = (batch["tokens"], None, None, batch["targets"], batch["loss_mask"])
     with torch.no_grad():
         assert retro(*args, positions=batch["positions"])[1] == gpt(*args, positions=batch["positions"])[1]
@@ -174,7 +180,7 @@ def run(built_db, tmp_path_factory, wiki_docs):
     """A copy of the tiny database with an exact index, samples of 512 tokens, and data files."""
     cfg, _ = built_db
     root = tmp_path_factory.mktemp("instruct")
-    shutil.copytree(cfg.workdir, root / "run", ignore=shutil.ignore_patterns("_locks"))
+    copy_database(cfg, root / "run")
     qa_rows = [{"question": f"What is article {i} about?", "answer": [d["title"]]} for i, d in enumerate(wiki_docs)]
     for i, row in enumerate(qa_rows[:4]):  # gold context: a titled text, a {title, text} object
         row.update({"context": wiki_docs[i]["text"][:300], "title": wiki_docs[i]["title"]} if i % 2 else
@@ -243,9 +249,9 @@ def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     for name in ("pretrain-instruct", "pretrain-gpt-instruct"):
         config = json.loads(open(f"{workdir}/checkpoints/{name}/model/config.json").read())
         assert config["retro"]["retrieval"] == (name == "pretrain-instruct")  # Retro keeps its encoder
-    from retro_ray.generate import model_path
+    from retro_ray.core.layout import served_model
 
-    assert model_path(run, storage) == f"{workdir}/checkpoints/pretrain-instruct/model"  # generate, export, serve
+    assert served_model(run, storage) == f"{workdir}/checkpoints/pretrain-instruct/model"  # generate, export, serve
     report = evaluate.run(run, storage)
     assert evaluate.run(run, storage)["qa"]["database"] == report["qa"]["database"]  # a rerun reuses the copy
     assert set(report["ppl"]["models"]) == {"retro", "gpt", "retro_instruct", "gpt_instruct"}
@@ -280,7 +286,7 @@ def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     # the SQuAD paragraphs are in the copy and retrieved for their questions
     top = qa["examples"]["squad"]["gpt_rag"][0]
     assert top["passages"] >= 1
-    from retro_ray.retrieval import run_retriever
+    from retro_ray.retrieval.retriever import run_retriever
 
     db_cfg = run.model_copy(update={"workdir": qa["database"]["workdir"]})
     title = top["question"].removeprefix("What is the secret word of ").rstrip("?")
@@ -290,8 +296,8 @@ def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
         assert (storage.read_bytes(f"{workdir}/eval/{name}"))
     assert "| gpt_rag |" in storage.read_bytes(f"{workdir}/eval/qa.md").decode()
     # another evidence corpus: its database copy is refused as stale, and rebuilt with --force
-    from retro_ray.config import CorpusSource
-    from retro_ray.storage import StageMismatchError
+    from retro_ray.core.config import CorpusSource
+    from retro_ray.core.manifest import StageMismatchError
 
     extra = f"{workdir}/more.jsonl"
     storage.write_bytes(extra, json.dumps({"title": "Zebra", "text": "A zebra is striped."}).encode() + b"\n")
@@ -325,7 +331,7 @@ def test_a_killed_qa_eval_resumes_from_its_finished_cells_and_a_changed_model_re
     questions and the settings: what a kill left unfinished is computed again, nothing else."""
     import os
 
-    from retro_ray.layout import eval_dir, models
+    from retro_ray.core.layout import eval_dir, models
 
     storage = Storage()
     instruct.run(run, storage)  # tuned already when the test above ran

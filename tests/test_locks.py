@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from retro_ray.config import StorageConfig
-from retro_ray.locks import StageLockedError, lock_uri, stage_locks
-from retro_ray.storage import Storage
+from retro_ray.core.config import StorageConfig
+from retro_ray.core.locks import StageLockedError, lock_uri, stage_locks
+from retro_ray.core.storage import Storage
 
 from robustness_cases import hold_lock
 

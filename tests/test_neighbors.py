@@ -6,13 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from retro_ray import index, neighbors, tokenizer
-from retro_ray.dbfiles import ChunkStore, read_vectors
-from retro_ray.errors import UserError
-from retro_ray.layout import db_dir, index_dir
-from retro_ray.storage import Storage
+from conftest import kill_stage, read_split, reference_samples
 
-from conftest import kill_stage, reference_samples
+from retro_ray.core.errors import UserError
+from retro_ray.core.layout import db_dir, index_dir
+from retro_ray.core.storage import Storage
+from retro_ray.database import tokenizer
+from retro_ray.database.files import ChunkStore, read_vectors
+from retro_ray.retrieval import index, neighbors
+
 
 SEQ = 256  # 4 chunks of 64
 
@@ -34,7 +36,7 @@ def retrieved(built_db):
 
 
 def _split(cfg, split):
-    table = neighbors.read_split(Storage(), cfg, split)
+    table = read_split(cfg, split)
     return {name: neighbors._fixed_list_numpy(table.column(name), 2 if name == "neighbors" else 1)
             for name in ("tokens", "chunk_ids", "chunk_doc_ids", "chunk_lengths", "neighbors")}
 
@@ -102,6 +104,7 @@ def test_the_distributed_stage_writes_what_one_process_wrote(retrieved, tmp_path
     assert len(manifest.blocks) > 4  # several sample blocks, written by tasks
 
 
+@pytest.mark.slow  # a drill
 def test_a_kill_after_the_first_sample_block_and_a_rerun_give_the_same_files(retrieved, tmp_path):
     cfg, first, *_ = retrieved
     storage = Storage()

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from retro_ray.cli import main
-
 from conftest import ROOT, bench, tiny_config
+
+from retro_ray.cli import main
 
 
 def test_pipeline_command_runs_every_stage_and_reruns_as_a_no_op(ray_local, tmp_path, wiki_parquet, capsys):
@@ -51,9 +51,10 @@ def main_job(tmp_path_factory, wiki_parquet):
     tmp_path = tmp_path_factory.mktemp("main-job")
     configs = ROOT / "configs"
     cfg = tiny_config(tmp_path / "run", wiki_parquet, index={"factory": "Flat", "shards": 2},
-                      neighbors={"seq_len": 512, "k_candidates": 8, "valid_fraction": 0.25},
+                      # the tiny BPE spends ~2 characters a token: a question with its three passages fits 1024
+                      neighbors={"seq_len": 1024, "k_candidates": 8, "valid_fraction": 0.25},
                       instruct={"sources": [{"name": "pydocs", "paths": [str(configs / "pydocs-instruct.jsonl")]}],
-                                "max_examples": 24, "max_steps": 2},
+                                "max_examples": 24, "max_steps": 2, "twin": False},  # as the quickstart
                       eval={"qa": [{"name": "pydocs", "path": str(configs / "pydocs-qa.jsonl"), "max_questions": 4}],
                             "max_new_tokens": 4, "ppl_samples": 2},
                       serve={"question": "What is the Python module textwrap for?",
@@ -65,10 +66,11 @@ def main_job(tmp_path_factory, wiki_parquet):
     return config_file, tmp_path / "run", lines[:end - 1], figures  # the job's lines, not the bench's summary
 
 
+@pytest.mark.slow
 def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_terminal(main_job):
     """What `retro-ray pipeline` does on a fresh machine, on a tiny model: every stage, then the
     app is asked a question over HTTP; the terminal shows the project's lines, not Ray's."""
-    from retro_ray.runtime import RAY_LINE
+    from retro_ray.core.runtime import RAY_LINE
 
     _, run, terminal, figures = main_job
     assert figures["exit_code"] == 0 and figures["ray_internal_lines"] == 0, figures
@@ -90,6 +92,7 @@ def test_the_main_job_serves_the_tuned_model_and_prints_its_answer_on_a_quiet_te
     assert "Started a local Ray instance" in ray_log and "Running Dataset" not in "\n".join(terminal)
 
 
+@pytest.mark.slow
 def test_the_serving_and_generation_benchmarks_run_on_the_main_jobs_model(main_job):
     config_file, run, *_ = main_job
     _, served = bench("serve.py", "--config", str(config_file), "--workdir", str(run), "--no-vllm",

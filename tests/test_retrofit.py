@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from retro_ray.config import smollm2_gguf
+from retro_ray.core.config import smollm2_gguf
 from retro_ray.model import Retro, RetroConfig
 from retro_ray.model.io import load_pretrained, load_weights, save_pretrained
 from retro_ray.model.retrofit import RetroFit, load_causal_lm, retrofit_config

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from retro_ray import chunks, tokenizer
-from retro_ray.cli import main
-from retro_ray.corpus import BadInputError
-from retro_ray.storage import Storage
-
 from conftest import tiny_config
+
+from retro_ray.cli import main
+from retro_ray.core.storage import Storage
+from retro_ray.database import chunks, tokenizer
+from retro_ray.database.corpus import BadInputError
+
 from robustness_cases import CASES, error_lines, hold_lock, judge, make_inputs, snapshot
 
 
@@ -161,7 +162,7 @@ def test_user_errors_are_found_inside_ray_wrappers(ray_local):
     import ray
 
     from index_actors.shard import TrainingSampleError
-    from retro_ray.errors import find_user_error
+    from retro_ray.core.errors import find_user_error
 
     @ray.remote
     def read_row():

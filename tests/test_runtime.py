@@ -1,6 +1,6 @@
 """The quiet terminal: which of a worker's lines reach the user."""
 
-from retro_ray.runtime import worker_lines
+from retro_ray.core.runtime import worker_lines
 
 RAY = "/venv/lib/python3.11/site-packages/ray"
 # What Ray Train's controller logs after a short run on a busy machine (its cleaner's stop timed out).
@@ -25,7 +25,7 @@ RESOURCE_REQUEST = [
 ]
 USER_ERROR = [
     "Traceback (most recent call last):",
-    '  File "/work/retro_ray/train.py", line 120, in train_loop_per_worker',
+    '  File "/work/retro_ray/training/pretrain.py", line 120, in train_loop_per_worker',
     "    raise ValueError('bad batch')",
     "ValueError: bad batch",
 ]

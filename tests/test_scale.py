@@ -12,13 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retro_ray import chunks, corpus, index, neighbors, tokenizer
-from retro_ray.config import CorpusSource
-from retro_ray.dbfiles import CHUNK_SCHEMA, ChunkStore, block_name, write_token_block
-from retro_ray.layout import db_dir, tokenizer_dir
-from retro_ray.storage import Manifest, Storage, join
-
 from conftest import WIKI, kill_db_at_first_embedding, reference_samples, tiny_config
+
+from retro_ray.core.config import CorpusSource
+from retro_ray.core.layout import db_dir, tokenizer_dir
+from retro_ray.core.manifest import Manifest
+from retro_ray.core.storage import Storage, join
+from retro_ray.database import chunks, corpus, tokenizer
+from retro_ray.database.files import CHUNK_SCHEMA, ChunkStore, block_name, write_token_block
+from retro_ray.retrieval import index, neighbors
 
 
 def reference_blocks(cfg, storage: Storage, out: Path) -> dict[str, str]:
@@ -131,6 +133,7 @@ def copy_tokenizer(src_workdir: Path, workdir: Path) -> None:
             (workdir / "tokenizer" / f.name).write_bytes(f.read_bytes())
 
 
+@pytest.mark.slow  # a drill
 def test_embedding_overlaps_chunking_and_a_kill_midway_resumes_identically(built_db, tmp_path):
     source = slow_corpus(tmp_path / "slow.parquet")
     cfg = tiny_config(tmp_path / "run", *source["paths"], corpus={"sources": [source]},
@@ -178,7 +181,7 @@ def synthetic_run(workdir: Path, src_workdir: Path, n_chunks: int, seed: int = 0
         for s in range(0, count, 512):
             b = min(512, count - s)
             ids = (first + s + np.arange(b))[:, None] * 4 + np.arange(4)  # [b, 4]
-            layout = neighbors.Layout(ids, ids // 4, np.full(ids.shape, 64, np.int32))
+            layout = neighbors.SampleLayout(ids, ids // 4, np.full(ids.shape, 64, np.int32))
             sample_tokens = rng.integers(0, 500, (b, 256), dtype=np.int32)
             near = rng.integers(0, n_chunks - 1, (b, 4, 2))
             name = f"{split}/{s:010d}-{s + b:010d}"
@@ -190,9 +193,9 @@ def synthetic_run(workdir: Path, src_workdir: Path, n_chunks: int, seed: int = 0
 
 READ_SAMPLES = """
 import sys, numpy as np
-from retro_ray.config import Config
-from retro_ray.neighbors import RetroSamples
-from retro_ray.storage import Storage
+from retro_ray.core.config import Config
+from retro_ray.core.storage import Storage
+from retro_ray.retrieval.neighbors import RetroSamples
 
 def anon_mb():  # private memory: what the reader holds, not file pages it can drop again
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) / 1024
@@ -219,7 +222,7 @@ def test_a_reader_of_samples_holds_the_same_memory_when_the_database_grows_4x(bu
 
 
 def test_token_store_on_s3_is_read_through_a_bounded_node_cache(s3_endpoint, tmp_path):
-    from retro_ray.config import StorageConfig
+    from retro_ray.core.config import StorageConfig
 
     cache = tmp_path / "cache"
     storage = Storage(StorageConfig(s3_endpoint=s3_endpoint, cache_dir=str(cache), cache_gb=1.5e-6))  # ~1.6 KB

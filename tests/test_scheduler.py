@@ -4,9 +4,9 @@ decode order), and what the sampled tokens make of each sequence."""
 
 import pytest
 
-from retro_ray import tokenizer
-from retro_ray.scheduler import EngineConfig, KVSpace, Scheduler
-from retro_ray.sequence import GenerationError, Request, SamplingParams, Sequence, Status
+from retro_ray.database import tokenizer
+from retro_ray.serving.scheduler import EngineConfig, KVSpace, Scheduler
+from retro_ray.serving.sequence import GenerationError, Request, SamplingParams, Sequence, Status
 
 M = 4  # chunk length
 

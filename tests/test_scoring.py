@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from retro_ray import scoring
+from retro_ray.evaluation import scoring
 
 
 # -- the reference, as written in Megatron-LM core_r0.15.0 --------------------------------------------

@@ -14,10 +14,11 @@ import requests
 import yaml
 from conftest import METRICS_PORT, PROMPT, _free_port, generation_run, make_model
 
-from retro_ray import tokenizer
-from retro_ray.instruct import chat_prompt, format_passage
+from retro_ray.core.storage import Storage
+from retro_ray.database import tokenizer
 from retro_ray.model.io import save_pretrained
-from retro_ray.storage import Storage
+from retro_ray.training.prompts import chat_prompt, format_passage
+
 
 KEY = "sk-test-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ def app(built_db, tmp_path_factory):
     with small CPU shares; yields (base URL, config, tokenizer)."""
     from ray import serve
 
-    from retro_ray.layout import model_dir, tuned
-    from retro_ray.serve import start
+    from retro_ray.core.layout import model_dir, tuned
+    from retro_ray.serving.deployments import start
 
     folder = tmp_path_factory.mktemp("serve")
     key_file = folder / "key"
@@ -110,10 +111,10 @@ def test_question_mode_feeds_the_encoder_the_questions_passages_and_short_answer
     """retrieval "question": the passages retrieved for the question go in the prompt and the
     encoder reads the top k of them for every chunk (InstructRetro); short_answer asks in the QA
     form the model was tuned on. The served answer equals the engine's, given those passages."""
-    from retro_ray.generate import Generator, SamplingParams
-    from retro_ray.instruct import qa_prompt
-    from retro_ray.layout import model_dir, tuned
+    from retro_ray.core.layout import model_dir, tuned
     from retro_ray.model.io import load_model
+    from retro_ray.serving.generate import Generator, SamplingParams
+    from retro_ray.training.prompts import qa_prompt
 
     url, cfg, tok = app
     question = "When was the Battle of Hastings?"
@@ -301,18 +302,20 @@ def test_the_engines_metrics_are_on_rays_endpoint_under_vllms_names(app):
         client(url).completions.create(model="pretrain-instruct", prompt=PROMPT[: 60 + i], max_tokens=8, temperature=0,
                                        extra_body={"retrieval": "encoder", "ignore_eos": True})
     p, deadline = "ray_retro_ray_", time.time() + 120
-    while True:
+    histograms = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "time_per_output_token_seconds",
+                  "retrieval_latency_seconds")
+    while True:  # each process exports its metrics on its own clock: wait for every figure
         found = scrape(p, 'model_name="pretrain-instruct"')
-        tokens = found.get(f"{p}generation_tokens_total", 0)
-        if tokens >= 24 and found.get(f"{p}time_to_first_token_seconds_count", 0) >= 3 and \
+        short = [name for name in histograms if found.get(f"{p}{name}_count", 0) < 3]
+        if found.get(f"{p}generation_tokens_total", 0) >= 24 and not short and \
                 found.get(f"{p}num_requests_running", 1) == 0:
             break
-        assert time.time() < deadline, sorted(found)
+        assert time.time() < deadline, (short, sorted(found))
         time.sleep(2)
     for name in ("num_requests_running", "num_requests_waiting", "num_requests_retrieving", "kv_cache_usage_perc"):
         assert found[p + name] == 0, name  # idle
-    for name in ("e2e_request_latency_seconds", "time_per_output_token_seconds", "retrieval_latency_seconds"):
-        assert found[f"{p}{name}_count"] >= 3 and found[f"{p}{name}_sum"] > 0, name
+    for name in histograms:
+        assert found[f"{p}{name}_sum"] > 0, name
     assert found[f"{p}prompt_tokens_total"] >= 3 * 10
 
 
@@ -321,7 +324,7 @@ def test_a_stream_comes_at_the_clients_pace_one_message_an_interval(app):
     gathered as one message: far fewer messages than tokens, the same text."""
     from ray import serve
 
-    from retro_ray.serve import build
+    from retro_ray.serving.deployments import build
 
     url, cfg, _ = app
     batched = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={**LIMITS, "stream_interval_ms": 400})})
@@ -344,7 +347,7 @@ def test_a_stream_comes_at_the_clients_pace_one_message_an_interval(app):
 
 
 def test_the_deployments_fit_a_one_gpu_node_and_an_eight_gpu_one(app):
-    from retro_ray.serve import deployment_options
+    from retro_ray.serving.deployments import deployment_options
 
     _, cfg, _ = app
     for node in ({"CPU": 8, "GPU": 1}, {"CPU": 96, "GPU": 8}):
@@ -364,8 +367,8 @@ def test_the_deployments_fit_a_one_gpu_node_and_an_eight_gpu_one(app):
 def test_serve_config_files_are_valid_serve_configs(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from retro_ray.errors import UserError
-    from retro_ray.serve import read_serve_file
+    from retro_ray.core.errors import UserError
+    from retro_ray.serving.deployments import read_serve_file
 
     spec = read_serve_file(str(ROOT / "cluster" / "serve.yaml"))
     assert set(spec.deployments) == {"Ingress", "Generator", "Retriever"}
@@ -382,6 +385,7 @@ def test_serve_config_files_are_valid_serve_configs(tmp_path):
         read_serve_file(str(tmp_path / "bad.yaml"))
 
 
+@pytest.mark.slow  # a whole job, submitted and stopped
 def test_serve_job_answers_until_stopped(app, tmp_path):
     """`python jobs/serve.py` (what `ray job submit` runs): its own Ray, the run's model, an answer,
     then SIGTERM (`ray job stop`) takes the app down and ends with exit code 0."""

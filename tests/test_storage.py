@@ -3,8 +3,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from retro_ray.config import StorageConfig
-from retro_ray.storage import Manifest, StageMismatchError, Storage, join, open_stage
+from retro_ray.core.config import StorageConfig
+from retro_ray.core.manifest import Manifest, StageMismatchError, open_stage
+from retro_ray.core.storage import Storage, join
 
 
 def _roundtrip(storage: Storage, root: str):

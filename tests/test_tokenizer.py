@@ -1,8 +1,8 @@
-from retro_ray import tokenizer
-from retro_ray.embed import default_model_path
-from retro_ray.storage import Storage
-
 from conftest import tiny_config
+
+from retro_ray.core.storage import Storage
+from retro_ray.database import tokenizer
+from retro_ray.database.embed import default_model_path
 
 
 def test_trained_bpe_is_saved_under_the_run_and_reloads(ray_local, tmp_path, wiki_parquet, wiki_docs):

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from retro_ray import index, neighbors, train
-from retro_ray.storage import Storage
+from retro_ray.core.storage import Storage
+from retro_ray.retrieval import index, neighbors
+from retro_ray.training import pretrain
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def steps(history):
 
 def test_short_run_lowers_the_loss_exports_and_resumes(samples):
     cfg = with_train(samples, run_name="short", max_steps=12, checkpoint_every=6, eval_every=6)
-    first = train.run(cfg, Storage(), force=True)
+    first = pretrain.run(cfg, Storage(), force=True)
     history = first["history"]
     assert steps(history) == list(range(1, 13))
     assert history[-1]["loss"] < history[0]["loss"]
@@ -43,7 +44,7 @@ def test_short_run_lowers_the_loss_exports_and_resumes(samples):
     out = Path(samples.workdir) / "checkpoints" / "short"
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "model" / "config.json").read_text())["architecture"] == "Retro"
-    more = train.run(with_train(cfg, max_steps=16), Storage())  # same run name: resumes at step 12
+    more = pretrain.run(with_train(cfg, max_steps=16), Storage())  # same run name: resumes at step 12
     assert steps(more["history"]) == list(range(1, 17))
     assert more["history"][:12] == history
 
@@ -59,7 +60,7 @@ def test_a_frozen_retrofit_trains_only_the_retrieval_weights_and_resumes_so(samp
                      checkpoint_every=3, eval_every=3)
     storage = Storage()
     torch.manual_seed(cfg.train.seed)  # the model the run starts from, built as its first worker builds it
-    start = {k: v.clone() for k, v in train._initial_model(cfg, storage, None).state_dict().items()}
+    start = {k: v.clone() for k, v in pretrain._initial_model(cfg, storage, None).state_dict().items()}
 
     def check(model) -> None:
         end, new = model.state_dict(), model.retrieval_parameters()
@@ -68,45 +69,47 @@ def test_a_frozen_retrofit_trains_only_the_retrieval_weights_and_resumes_so(samp
         for part in ("encoder.", ".cca.attn.out.weight", ".cca.attn.q.weight"):
             assert any(part in k and not torch.equal(end[k], start[k]) for k in new), part
 
-    first = train.run(cfg, storage, force=True)
+    first = pretrain.run(cfg, storage, force=True)
     check(load_model(storage, first["model"]))
-    more = train.run(with_train(cfg, max_steps=5), storage)  # resumes at step 3 with the same trainable set
+    more = pretrain.run(with_train(cfg, max_steps=5), storage)  # resumes at step 3 with the same trainable set
     assert steps(more["history"]) == list(range(1, 6)) and more["history"][:3] == first["history"]
     check(load_model(storage, more["model"]))
 
 
+@pytest.mark.slow  # a drill
 def test_killed_worker_resumes_from_the_last_checkpoint(samples):
     cfg = with_train(samples, run_name="crash", max_steps=10, checkpoint_every=5, eval_every=5, max_failures=1)
-    result = train.run(cfg, Storage(), force=True, crash_at_step=8)  # SIGKILL after step 8
+    result = pretrain.run(cfg, Storage(), force=True, crash_at_step=8)  # SIGKILL after step 8
     assert steps(result["history"]) == list(range(1, 11))  # steps 6-8 redone once, none lost
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_checkpoint_from_two_workers_loads_with_one(samples, zero_stage):
     cfg = with_train(samples, run_name=f"world-zero{zero_stage}", max_steps=4, checkpoint_every=4, eval_every=4,
                      num_workers=2, zero_stage=zero_stage)
-    two = train.run(cfg, Storage(), force=True)
-    one = train.run(with_train(cfg, num_workers=1, max_steps=6), Storage())
+    two = pretrain.run(cfg, Storage(), force=True)
+    one = pretrain.run(with_train(cfg, num_workers=1, max_steps=6), Storage())
     assert steps(one["history"]) == list(range(1, 7)) and one["history"][:4] == two["history"]
 
 
 def test_gpt_baseline_trains_on_the_same_samples(samples):
-    table = train.compare(with_train(samples, run_name="cmp", max_steps=4, checkpoint_every=4, eval_every=4),
+    table = pretrain.compare(with_train(samples, run_name="cmp", max_steps=4, checkpoint_every=4, eval_every=4),
                           Storage(), force=True)
     assert set(table) == {"gpt", "retro", "ppl_ratio"} and table["gpt"]["steps"] == table["retro"]["steps"] == 4
     assert (Path(samples.workdir) / "eval" / "gpt_vs_retro.png").exists()
 
 
+@pytest.mark.slow  # a drill
 def test_elastic_worker_range_trains(samples):
-    result = train.run(with_train(samples, run_name="elastic", max_steps=3, checkpoint_every=3, eval_every=3,
+    result = pretrain.run(with_train(samples, run_name="elastic", max_steps=3, checkpoint_every=3, eval_every=3,
                                   num_workers=(1, 2)), Storage(), force=True)
     assert steps(result["history"]) == [1, 2, 3]
 
 
 def test_whole_run_on_s3(samples, s3_endpoint):
     """Index, neighbours and training with the run directory on the moto S3 server."""
-    from retro_ray import chunks, tokenizer
-    from retro_ray.config import StorageConfig
+    from retro_ray.core.config import StorageConfig
+    from retro_ray.database import chunks, tokenizer
 
     storage = Storage(StorageConfig(s3_endpoint=s3_endpoint))
     cfg = samples.model_copy(update={"workdir": "s3://retro/train-run",
@@ -115,21 +118,22 @@ def test_whole_run_on_s3(samples, s3_endpoint):
     tokenizer.run(cfg, storage)
     for stage in (chunks, index, neighbors):
         assert stage.run(cfg, storage).complete
-    result = train.run(cfg, storage)
+    result = pretrain.run(cfg, storage)
     assert steps(result["history"]) == [1, 2]
     assert storage.exists("s3://retro/train-run/checkpoints/s3/model/model.safetensors")
     assert storage.exists("s3://retro/train-run/checkpoints/s3/loss.png")
 
 
 def test_a_tuning_step_holds_about_batch_examples_examples():
-    from retro_ray.config import Config
-    from retro_ray.train import TrainData, grad_accum
+    from retro_ray.core.config import Config
+    from retro_ray.training.pretrain import TrainData, grad_accum
 
     rows = [{"positions": [0, 1, 2, 0, 1]}, {"positions": [0, 1, 0, 1, 2, 0]}]  # 2 and 3 examples a row
-    data = TrainData(rows, rows, lambda items: items, lambda row: sum(p == 0 for p in row["positions"]))
+    tuning = TrainData(rows, rows, lambda items: items, lambda row: sum(p == 0 for p in row["positions"]))
+    pretraining = TrainData(rows, rows, lambda items: items, None)  # one sample a row
     cfg = Config.model_validate({"train": {"micro_batch_size": 2, "grad_accum": 3}, "instruct": {"batch_examples": 40}})
-    assert grad_accum(cfg, data, world=1, tuning=True) == 8  # 40 / (2 rows x 2.5 examples)
-    assert grad_accum(cfg, data, world=2, tuning=True) == 4
-    assert grad_accum(cfg, data, world=1, tuning=False) == 3  # pretraining: train.grad_accum
+    assert grad_accum(cfg, tuning, world=1) == 8  # 40 / (2 rows x 2.5 examples)
+    assert grad_accum(cfg, tuning, world=2) == 4
+    assert grad_accum(cfg, pretraining, world=1) == 3  # pretraining: train.grad_accum
     untuned = cfg.model_copy(update={"instruct": cfg.instruct.model_copy(update={"batch_examples": None})})
-    assert grad_accum(untuned, data, world=1, tuning=True) == 3
+    assert grad_accum(untuned, tuning, world=1) == 3

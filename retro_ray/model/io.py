@@ -23,6 +23,8 @@ from retro_ray.model.retro import Retro, RetroConfig
 from retro_ray.model.retrofit import RetroFit, load_causal_lm
 
 CONFIG = "config.json"
+"""The file that makes a folder an exported model (its architecture and ``RetroConfig``)."""
+
 TIED = "lm_head.weight"  # the same tensor as wte.weight
 
 
@@ -76,13 +78,25 @@ def save_decoder_only(model: Retro | RetroFit, folder: str | Path) -> Path:
     return folder
 
 
+def model_config(config: dict, where: str) -> RetroConfig:
+    """The ``RetroConfig`` of an exported model's ``config.json`` (read from ``where``)."""
+    if config.get("model_type") != "retro-ray":
+        raise ValueError(f"{where} is not a retro-ray model folder")
+    return RetroConfig(**config["retro"])
+
+
+def read_config(storage, uri: str) -> RetroConfig:
+    """An exported model's config without its weights, local or on S3 (``storage``: a
+    ``retro_ray.core.storage.Storage``)."""
+    where = f"{uri.rstrip('/')}/{CONFIG}"
+    return model_config(storage.read_json(where), where)
+
+
 def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> Retro | RetroFit:
     """The model saved by ``save_pretrained`` (on the CPU; move it where you need it)."""
     folder = Path(folder)
     config = json.loads((folder / CONFIG).read_text())
-    if config.get("model_type") != "retro-ray":
-        raise ValueError(f"{folder / CONFIG} is not a retro-ray model folder")
-    cfg = RetroConfig(**config["retro"])
+    cfg = model_config(config, str(folder / CONFIG))
     if config["architecture"] == "RetroFit":
         model = RetroFit(load_causal_lm(str(folder / "base"), dtype=dtype), cfg)
         _load_into(model, [folder / "retro.safetensors"], skip="base.")
@@ -93,7 +107,7 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> Ret
 
 
 def load_model(storage, uri: str) -> Retro | RetroFit:
-    """An exported model folder, local or on S3 (``storage``: a ``retro_ray.storage.Storage``;
+    """An exported model folder, local or on S3 (``storage``: a ``retro_ray.core.storage.Storage``;
     an S3 folder is downloaded to a temporary folder first)."""
     import tempfile
 

@@ -26,11 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from retro_ray.config import Config, TrainConfig, config_hash
-from retro_ray.layout import MODEL_DIR, db_dir, eval_dir, model_dir, pretrained_runs, run_dir, samples_dir
-from retro_ray.locks import locked
-from retro_ray.runtime import log, progress
-from retro_ray.storage import Manifest, Storage, finished_stage, join, open_stage
+from retro_ray.core.config import Config, TrainConfig, config_hash
+from retro_ray.core.layout import (
+    DB, MODEL_DIR, SAMPLES, TOKENIZER, checkpoints_dir, db_dir, eval_dir, model_dir,
+    pretrained_runs, run_dir, run_folder, samples_dir,
+)
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import Manifest, finished_stage, open_stage
+from retro_ray.core.plots import png, subplots
+from retro_ray.core.runtime import log, progress
+from retro_ray.core.storage import Storage, join
 
 STATE = "state.json"
 
@@ -83,7 +88,7 @@ def param_groups(model, tc: TrainConfig) -> list[dict]:
             for (retrieval, decayed), params in sorted(groups.items())]
 
 
-def make_batch(items: list[dict], chunk_len: int, retrieval: bool, device) -> dict[str, torch.Tensor]:
+def sample_batch(items: list[dict], chunk_len: int, retrieval: bool, device) -> dict[str, torch.Tensor]:
     """Samples -> model inputs: predict tokens[1:] from tokens[:-1]; padding is not a target."""
     tokens = torch.as_tensor(np.stack([it["tokens"] for it in items]))  # [b, n]
     lengths = torch.as_tensor(np.stack([it["chunk_lengths"] for it in items]))  # [b, l]
@@ -126,8 +131,8 @@ def save_weights(engine, zero_stage: int, rank: int, folder: Path) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; everything it needs is in ``config``: the run's config,
-    and for instruction tuning ``instruct_data`` (the rows' folder) and ``init`` (the model
-    folder to start from)."""
+    its ``data`` (``SampleData``, or the tuning stage's rows) and for instruction tuning ``init``
+    (the model folder to start from)."""
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -142,9 +147,9 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = device.type == "cuda"
     torch.manual_seed(tc.seed)
     storage = Storage(cfg.storage)
-    data = _datasets(cfg, storage, config.get("instruct_data"), device)
+    data = config["data"](cfg, storage, device)
     train_data, valid_data, to_batch = data.train, data.valid, data.to_batch
-    accum = grad_accum(cfg, data, world, tuning=bool(config.get("instruct_data")))
+    accum = grad_accum(cfg, data, world)
     if rank == 0 and accum > 1:
         log.info("train %s: %d micro-batches of %d rows a step on %d workers", tc.run_name, accum,
                  tc.micro_batch_size, world)
@@ -259,37 +264,35 @@ def train_loop_per_worker(config: dict) -> None:
 class TrainData:
     """What a training run reads: its rows, how rows become a batch, and how many examples a row holds."""
 
-    train: Any  # rows by index: RetroSamples or InstructSamples
+    train: Any  # rows by index: RetroSamples or the instruction rows
     valid: Any
     to_batch: Callable[[list[dict]], dict]
     examples: Callable[[dict], int] | None
     """How many examples a row holds (packed instruction rows); None: one."""
 
 
-def _datasets(cfg: Config, storage: Storage, instruct_data: str | None, device) -> TrainData:
-    """The neighbour stage's samples for pretraining (neighbours fed when ``train.retrieval``), or
-    the packed instruction rows (answer-only loss, per example or per token: ``instruct.loss``)."""
-    if instruct_data:
-        from retro_ray import instruct
+class SampleData:
+    """The neighbour stage's samples (neighbours fed when ``train.retrieval``): what pretraining
+    reads. A run is given its data (``fit(data=...)``), so the tuning stage gives its own rows."""
 
-        train, valid = (instruct.InstructSamples(storage, instruct_data, s) for s in ("train", "valid"))
-        per_example = cfg.instruct.loss == "example"
-        return TrainData(train, valid, lambda items: instruct.make_batch(items, device, per_example),
-                         instruct.examples_in)
-    from retro_ray.dbfiles import ChunkStore, finished_db
-    from retro_ray.neighbors import RetroSamples
+    name = "the neighbour samples"
 
-    store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
-    train, valid = (RetroSamples(cfg, storage, s, store) for s in ("train", "valid"))
-    return TrainData(train, valid, lambda items: make_batch(items, cfg.db.chunk_length, cfg.train.retrieval, device),
-                     None)
+    def __call__(self, cfg: Config, storage: Storage, device) -> TrainData:
+        from retro_ray.database.files import ChunkStore, finished_db
+        from retro_ray.retrieval.neighbors import RetroSamples
+
+        store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
+        train, valid = (RetroSamples(cfg, storage, s, store) for s in ("train", "valid"))
+        return TrainData(train, valid, lambda items: sample_batch(items, cfg.db.chunk_length, cfg.train.retrieval,
+                                                                device), None)
 
 
-def grad_accum(cfg: Config, data: TrainData, world: int, tuning: bool) -> int:
-    """Micro-batches per step: ``train.grad_accum``, or when ``tuning`` with ``instruct.batch_examples``
-    as many as make a step of about that many examples on ``world`` ranks (rows pack several)."""
+def grad_accum(cfg: Config, data: TrainData, world: int) -> int:
+    """Micro-batches per step: ``train.grad_accum``, or for rows that pack several examples (tuning)
+    with ``instruct.batch_examples`` as many as make a step of about that many examples on ``world``
+    ranks."""
     tc, target = cfg.train, cfg.instruct.batch_examples
-    if not (tuning and target and data.examples):
+    if not (target and data.examples):
         return tc.grad_accum
     per_row = sum(data.examples(data.train[i]) for i in range(len(data.train))) / max(len(data.train), 1)
     return max(1, round(target / (tc.micro_batch_size * world * per_row)))
@@ -298,7 +301,7 @@ def grad_accum(cfg: Config, data: TrainData, world: int, tuning: bool) -> int:
 def _initial_model(cfg: Config, storage: Storage, init: str | None):
     """The model a run starts from: a copy of the exported model ``init`` (instruction tuning
     starts from a pretrained run), else a fresh or retro-fitted one built from the config."""
-    from retro_ray import tokenizer
+    from retro_ray.database import tokenizer
 
     if init:
         from retro_ray.model.io import load_model
@@ -328,14 +331,14 @@ def open_training(cfg: Config, storage: Storage, stage: str, inputs: dict, force
     return open_stage(storage, run_dir(cfg), stage, config_hash(cfg.model, weights_config, cfg.db), inputs, force)
 
 
-@locked("tokenizer", "db", "samples", lambda cfg: f"checkpoints/{cfg.train.run_name}")
+@locked(TOKENIZER, DB, SAMPLES, run_folder)
 def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int | None = None) -> dict:
     """The ``pretrain`` stage: fit (or resume) ``train.run_name``; export the model and curves.
 
     A run already trained for ``max_steps`` on the same inputs is recognised from its manifest
     without starting Ray Train; changed inputs (samples, database, tokenizer) are an error."""
-    from retro_ray import tokenizer
-    from retro_ray.dbfiles import finished_db
+    from retro_ray.database import tokenizer
+    from retro_ray.database.files import finished_db
 
     inputs = {"tokenizer": tokenizer.finished_tokenizer(cfg, storage).content_hash(),
               "db": finished_db(cfg, storage).content_hash(),
@@ -343,11 +346,12 @@ def run(cfg: Config, storage: Storage, force: bool = False, crash_at_step: int |
     return fit(cfg, storage, "pretrain", inputs, force, crash_at_step=crash_at_step)
 
 
-def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = False,
-        instruct_data: str | None = None, init: str | None = None, crash_at_step: int | None = None) -> dict:
-    """Fit (or resume) the run ``train.run_name`` with Ray Train + DeepSpeed on the neighbour
-    stage's samples, or on ``instruct_data`` starting from the model folder ``init``; export its
-    model, history and loss curves. A finished run with the same inputs is returned as it is."""
+def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = False, data=SampleData(),
+        init: str | None = None, crash_at_step: int | None = None) -> dict:
+    """Fit (or resume) the run ``train.run_name`` with Ray Train + DeepSpeed on ``data`` (the
+    neighbour stage's samples, or the rows its caller gives), from the model folder ``init`` when
+    given; export its model, history and loss curves. A finished run with the same inputs is
+    returned as it is."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -361,8 +365,8 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
     manifest.complete = False
     manifest.save(storage, out)
     start = time.time()
-    fs, path = storage.resolve(join(cfg.workdir, "checkpoints"))
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "instruct_data": instruct_data, "init": init}
+    fs, path = storage.resolve(checkpoints_dir(cfg))
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "data": data, "init": init}
     if crash_at_step is not None:  # a real worker kill, for the resume test
         loop_config.update(crash_at_step=crash_at_step, crash_marker=str(Path(tempfile.gettempdir()) / f"crash-{tc.run_name}"))
     trainer = TorchTrainer(
@@ -376,8 +380,7 @@ def fit(cfg: Config, storage: Storage, stage: str, inputs: dict, force: bool = F
     )
     workers = "-".join(map(str, tc.num_workers)) if isinstance(tc.num_workers, tuple) else tc.num_workers
     log.info("%s %s: starting Ray Train (%s workers, DeepSpeed ZeRO-%d) to step %d on %s%s", stage, tc.run_name,
-             workers, tc.zero_stage, tc.max_steps,
-             "instruction data" if instruct_data else "the neighbour samples",
+             workers, tc.zero_stage, tc.max_steps, data.name,
              f", from {init or cfg.model.base}" if init or cfg.model.base else " (a new model)")
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
@@ -402,14 +405,9 @@ def _cluster_has_gpus() -> bool:
 
 def plot_curves(histories: dict[str, list[dict]]) -> bytes:
     """Training loss and validation perplexity of one or more runs, as PNG bytes."""
-    import io
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_ppl) = subplots(1, 2, figsize=(10, 4))
     for name, history in histories.items():
         ax_loss.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
         val = [h for h in history if "val_ppl" in h]
@@ -419,11 +417,7 @@ def plot_curves(histories: dict[str, list[dict]]) -> bytes:
     for ax in (ax_loss, ax_ppl):
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def compare(cfg: Config, storage: Storage, force: bool = False) -> dict:

@@ -37,14 +37,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retro_ray import corpus, tokenizer
-from retro_ray.config import Config, config_hash
-from retro_ray.corpus import BAD_INPUT, BadInputError, bad_rows, describe_skips
-from retro_ray.dbfiles import CHUNK_SCHEMA, block_name, block_range, chunks_uri, write_token_block
-from retro_ray.layout import db_dir, tokenizer_dir
-from retro_ray.locks import locked
-from retro_ray.runtime import log
-from retro_ray.storage import EmptyStageError, Manifest, Storage, join, open_stage
+from retro_ray.core.config import Config, config_hash
+from retro_ray.core.layout import DB, TOKENIZER, db_dir, tokenizer_dir
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import EmptyStageError, Manifest, open_stage
+from retro_ray.core.runtime import log
+from retro_ray.core.storage import Storage, join
+from retro_ray.database import corpus, tokenizer
+from retro_ray.database.corpus import BAD_INPUT, BadInputError, bad_rows, describe_skips
+from retro_ray.database.files import CHUNK_SCHEMA, block_name, block_range, chunks_uri, write_token_block
 
 # What the chunking tasks emit: chunks of kept documents, and one row per skipped input row.
 _CHUNKED_SCHEMA = pa.schema(
@@ -56,18 +57,6 @@ _CHUNKED_SCHEMA = pa.schema(
 def chunk_spans(n_tokens: int, chunk_length: int) -> list[tuple[int, int]]:
     """Token ranges [start, end) of a document's chunks."""
     return [(s, min(s + chunk_length, n_tokens)) for s in range(0, n_tokens, chunk_length)]
-
-
-def continuation_ids(chunk_ids: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
-    """The chunk that continues each chunk (the next one of its document), or -1.
-
-    ``chunk_ids`` and ``doc_ids`` are consecutive rows of the database, [n] each; the last row
-    gets -1 unless the caller passes one row more.
-    """
-    nxt = np.full(len(chunk_ids), -1, dtype=np.int64)
-    same_doc = doc_ids[1:] == doc_ids[:-1]  # [n - 1]
-    nxt[:-1][same_doc] = chunk_ids[1:][same_doc]
-    return nxt
 
 
 @functools.lru_cache(maxsize=2)
@@ -337,7 +326,7 @@ def build_db(cfg: Config, storage: Storage, manifest: Manifest, files: dict[str,
     when given: see ``append_documents``). Resumes from the manifest: only missing work is done."""
     import ray
 
-    from retro_ray.embed import EmbedPool
+    from retro_ray.database.embed import EmbedPool
 
     db = db_dir(cfg)
     pool = EmbedPool(cfg, db)
@@ -477,7 +466,7 @@ def _write_token_store(cfg: Config, storage: Storage, manifest: Manifest) -> Non
 
 def open_db(cfg: Config, storage: Storage, force: bool = False) -> tuple[Manifest, dict[str, list[str]]]:
     """The db stage's manifest to continue from (see ``open_stage``), and the corpus files."""
-    from retro_ray import embed
+    from retro_ray.database import embed
 
     tok_manifest = tokenizer.finished_tokenizer(cfg, storage)
     files = corpus.source_files(cfg, storage)
@@ -490,7 +479,7 @@ def open_db(cfg: Config, storage: Storage, force: bool = False) -> tuple[Manifes
     return manifest, files
 
 
-@locked("tokenizer", "db")
+@locked(TOKENIZER, DB)
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     """The ``db`` stage: chunk blocks and their embeddings; resumes from the manifest."""
     manifest, files = open_db(cfg, storage, force)

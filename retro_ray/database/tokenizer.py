@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from retro_ray.config import Config, ConfigError, config_hash
-from retro_ray.layout import tokenizer_dir
-from retro_ray.locks import locked
-from retro_ray.runtime import log
-from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, open_stage
+from retro_ray.core.config import Config, ConfigError, config_hash
+from retro_ray.core.layout import TOKENIZER, tokenizer_dir
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import EmptyStageError, Manifest, finished_stage, open_stage
+from retro_ray.core.runtime import log
+from retro_ray.core.storage import Storage
 
 if TYPE_CHECKING:  # transformers is imported where used: Ray tasks that only chunk never pay for it
     from transformers import PreTrainedTokenizerFast
@@ -58,10 +59,10 @@ def train_bpe(texts, vocab_size: int, eod_token: str) -> "PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod_token)
 
 
-@locked("tokenizer")
+@locked(TOKENIZER)
 def run(cfg: Config, storage: Storage, force: bool = False) -> str:
     """Tokenizer stage: write ``tokenizer/`` (Hugging Face layout) and its manifest."""
-    from retro_ray import corpus
+    from retro_ray.database import corpus
 
     out = tokenizer_dir(cfg)
     inputs = {"tokenizer": cfg.tokenizer.path} if cfg.tokenizer.path else {
@@ -105,7 +106,7 @@ def run(cfg: Config, storage: Storage, force: bool = False) -> str:
 
 def _training_sample(cfg: Config, storage: Storage) -> tuple[list[str], Counter[str]]:
     """The first ``train_docs`` documents, and the skip reasons of the rows read to find them."""
-    from retro_ray import corpus
+    from retro_ray.database import corpus
 
     sample: list[str] = []
     skipped: Counter[str] = Counter()

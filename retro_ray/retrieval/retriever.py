@@ -27,17 +27,11 @@ from typing import Literal
 
 import numpy as np
 
-from retro_ray.dbfiles import ChunkStore, ChunkTexts
+from retro_ray.database.files import ChunkStore, ChunkTexts
 
 
 Search = Literal["dense", "bm25", "hybrid"]
 SEARCHES = ("dense", "bm25", "hybrid")
-
-
-def format_passage(text: str | None, title: str | None = None) -> str:
-    """A passage as InstructRetro writes it, in prompts and as the encoder's neighbours:
-    ``title: {title}, source: {text}``, each on one line."""
-    return f"title: {' '.join((title or '').split())}, source: {' '.join((text or '').split())}"
 
 
 @dataclass
@@ -177,7 +171,7 @@ class Retriever:
         that ends after ``timeout_s`` raises ``TimeoutError`` instead of reading its neighbours
         (a search in this process cannot be stopped midway; the engine gives up on it at the
         deadline all the same)."""
-        from retro_ray.neighbors import filter_neighbors
+        from retro_ray.retrieval.neighbors import filter_neighbors
 
         start = time.perf_counter()
         n_candidates = max(k, self.k_candidates) if exclude_docs else k
@@ -251,11 +245,12 @@ class Retriever:
 def run_retriever(cfg, storage, local: bool = True, router=None) -> Retriever:
     """The retriever of a run: its database, tokenizer and embedder, over the saved index files
     loaded in this process (``local``), or over ``router`` / the index stage's shard actors."""
-    from retro_ray import index, tokenizer
-    from retro_ray.dbfiles import finished_db
-    from retro_ray.layout import db_dir, index_dir
-    from retro_ray.embed import Embedder
-    from retro_ray.storage import finished_stage
+    from retro_ray.core.layout import db_dir, index_dir
+    from retro_ray.core.manifest import finished_stage
+    from retro_ray.database import tokenizer
+    from retro_ray.database.embed import Embedder
+    from retro_ray.database.files import finished_db
+    from retro_ray.retrieval import index
 
     from index_actors.router import LocalIndex
 

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from retro_ray.config import Config
-from retro_ray.layout import log_dir
+from retro_ray.core.config import Config
+from retro_ray.core.layout import log_dir
 
 log = logging.getLogger("retro_ray")
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"

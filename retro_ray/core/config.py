@@ -17,7 +17,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retro_ray.errors import UserError
+from retro_ray.core.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -514,7 +514,7 @@ def format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 """The config of the commands run without ``--config``: the whole product on the embedded corpus."""
 
 

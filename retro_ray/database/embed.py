@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from retro_ray.config import Config, EmbedConfig
-from retro_ray.dbfiles import chunks_uri, embedding_table, embeddings_uri
-from retro_ray.runtime import log, progress
-from retro_ray.storage import Storage
+from retro_ray.core.config import Config, EmbedConfig
+from retro_ray.core.runtime import log, progress
+from retro_ray.core.storage import Storage
+from retro_ray.database.files import chunks_uri, embedding_table, embeddings_uri
 
 
 def default_model_path() -> str:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from retro_ray.errors import UserError
+from retro_ray.core.errors import UserError
 
 
 class GenerationError(UserError, ValueError):

@@ -16,21 +16,28 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from retro_ray.sequence import Fault, GenerationError, Neighbours, Sequence, Status
+from retro_ray.core.config import ServeConfig
+from retro_ray.serving.sequence import Fault, GenerationError, Neighbours, Sequence, Status
+
+
+_SERVE = ServeConfig()
 
 
 @dataclass
 class EngineConfig:
-    kv_tokens: int = 16384
+    """The engine's knobs; their defaults are the Serve app's (``ServeConfig``, documented there)."""
+
+    kv_tokens: int = _SERVE.kv_tokens
     """Positions of the key/value cache shared by all sequences; each reserves prompt + max_new_tokens."""
-    max_seqs: int = 16
+    max_seqs: int = _SERVE.max_seqs
     """Sequences decoded together at most (the rows of per-sequence state)."""
-    prefill_tokens: int = 256
+    prefill_tokens: int = _SERVE.prefill_tokens
     """Prompt tokens prefilled per step (chunked prefill): bounds the pause a newcomer causes."""
-    policy: Literal["continuous", "static"] = "continuous"
+    policy: Literal["continuous", "static"] = _SERVE.policy
     """``static`` admits only when the engine is empty (a batch runs to its end): the baseline."""
-    retrieval_timeout_s: float = 30.0
+    retrieval_timeout_s: float = _SERVE.retrieval_timeout_s
     use_cache: bool = True
+    """False recomputes each sampled sequence alone from its first token: the reference."""
 
 
 class KVSpace:

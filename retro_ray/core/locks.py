@@ -32,9 +32,9 @@ from typing import Iterator
 
 import psutil
 
-from retro_ray.errors import UserError
-from retro_ray.runtime import log
-from retro_ray.storage import Storage, join
+from retro_ray.core.errors import UserError
+from retro_ray.core.runtime import log
+from retro_ray.core.storage import Storage, join
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from retro_ray.config import ServeConfig
-from retro_ray.errors import UserError
+from retro_ray.core.config import ServeConfig
+from retro_ray.core.errors import UserError
 
 
 # -- errors in OpenAI's format ---------------------------------------------------------------------

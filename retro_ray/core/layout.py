@@ -1,7 +1,7 @@
 """Where everything of a run lives: one home for the folder of every stage and the model of every run.
 
     {workdir}/tokenizer/                      the tokenizer stage
-    {workdir}/db/                             the chunk database (files: ``dbfiles.py``)
+    {workdir}/db/                             the chunk database (its files: ``database/files.py``)
     {workdir}/index/                          the Faiss shards and their layout
     {workdir}/samples/                        pretraining samples and their neighbours
     {workdir}/checkpoints/{run}/model/        the exported model of training run {run} (``train.run_name``)
@@ -11,42 +11,58 @@
     {workdir}/eval/                           reports; ``eval/db/`` the QA database copy (a run directory)
     {workdir}/logs/ray.log                    Ray's internals
 
-Stages read these names from here, never spell them again. Imports only the config.
+Stages read these names from here, never spell them again. Imports only the core.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from retro_ray.config import Config
-from retro_ray.storage import join
+from retro_ray.core.config import Config
+from retro_ray.core.manifest import MissingStageError
+from retro_ray.core.storage import Storage, join
+from retro_ray.model.io import CONFIG
 
+TOKENIZER, DB, INDEX, SAMPLES, CHECKPOINTS = "tokenizer", "db", "index", "samples", "checkpoints"
+INSTRUCT, EVAL, CORPUS, LOGS = "instruct", "eval", "corpus", "logs"
+"""The stages' folders under a run's ``workdir`` (what a stage locks, ``locks.locked``, is one of
+these or a training run's folder, ``run_folder``)."""
 MODEL_DIR = "model"
 """The exported model inside a run's folder (Hugging Face style: safetensors and config)."""
 
 
 def tokenizer_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "tokenizer")
+    return join(cfg.workdir, TOKENIZER)
 
 
 def db_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "db")
+    return join(cfg.workdir, DB)
 
 
 def index_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "index")
+    return join(cfg.workdir, INDEX)
 
 
 def samples_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "samples")
+    return join(cfg.workdir, SAMPLES)
+
+
+def instruct_dir(cfg: Config) -> str:
+    """The ``instruct`` stage's folder: its data (``instruct_data_dir``) and the tuning curves."""
+    return join(cfg.workdir, INSTRUCT)
 
 
 def instruct_data_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "instruct", "data")
+    return join(instruct_dir(cfg), "data")
 
 
 def eval_dir(cfg: Config) -> str:
-    return join(cfg.workdir, "eval")
+    return join(cfg.workdir, EVAL)
+
+
+def corpus_file(workdir: str, name: str) -> str:
+    """A corpus the run materialises itself (the embedded Python docs)."""
+    return join(workdir, CORPUS, name)
 
 
 def qa_workdir(cfg: Config) -> str:
@@ -58,13 +74,23 @@ def log_dir(cfg: Config) -> Path:
     """Where a run's log files go: ``{workdir}/logs``; a local folder named after the run when
     the run directory is on S3 (a log is appended to line by line)."""
     if "://" in cfg.workdir:
-        return Path.home() / ".cache" / "retro-ray" / "logs" / cfg.workdir.split("://", 1)[1].replace("/", "_")
-    return Path(cfg.workdir) / "logs"
+        return Path.home() / ".cache" / "retro-ray" / LOGS / cfg.workdir.split("://", 1)[1].replace("/", "_")
+    return Path(cfg.workdir) / LOGS
+
+
+def checkpoints_dir(cfg: Config) -> str:
+    """Where every training run of the workdir keeps its folder (Ray Train's ``storage_path``)."""
+    return join(cfg.workdir, CHECKPOINTS)
+
+
+def run_folder(cfg: Config) -> str:
+    """The folder of the training run ``train.run_name``, relative to the workdir."""
+    return f"{CHECKPOINTS}/{cfg.train.run_name}"
 
 
 def run_dir(cfg: Config) -> str:
     """The folder of the training run ``train.run_name``: checkpoints, history, curves, model."""
-    return join(cfg.workdir, "checkpoints", cfg.train.run_name)
+    return join(cfg.workdir, run_folder(cfg))
 
 
 def model_dir(cfg: Config) -> str:
@@ -110,3 +136,13 @@ def models(cfg: Config) -> dict[str, str]:
         out[name] = model_dir(run_cfg)
         out[f"{name}_instruct"] = model_dir(tuned(run_cfg))
     return out
+
+
+def served_model(cfg: Config, storage: Storage, given: str | None = None) -> str:
+    """The model folder a run serves and generates with: ``given``, else its instruction-tuned
+    Retro when it has been exported, else its pretrained one; it must exist."""
+    tuned_path = model_dir(tuned(cfg))
+    path = given or (tuned_path if storage.exists(join(tuned_path, CONFIG)) else model_dir(cfg))
+    if not storage.exists(join(path, CONFIG)):
+        raise MissingStageError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
+    return path

@@ -33,15 +33,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retro_ray import index as index_stage
-from retro_ray import tokenizer
-from retro_ray.config import Config, config_hash
-from retro_ray.dbfiles import ChunkStore, finished_db, read_vectors
-from retro_ray.errors import UserError
-from retro_ray.layout import db_dir, index_dir, samples_dir
-from retro_ray.locks import locked
-from retro_ray.runtime import log, progress
-from retro_ray.storage import EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
+from retro_ray.core.config import Config, config_hash
+from retro_ray.core.errors import UserError
+from retro_ray.core.layout import DB, INDEX, SAMPLES, TOKENIZER, db_dir, index_dir, samples_dir
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import EmptyStageError, Manifest, finished_stage, open_stage
+from retro_ray.core.runtime import log, progress
+from retro_ray.core.storage import Storage, join
+from retro_ray.database import tokenizer
+from retro_ray.database.files import ChunkStore, finished_db, read_vectors
+from retro_ray.retrieval import index as index_stage
 
 SPLITS = ("train", "valid")
 
@@ -53,7 +54,7 @@ def is_valid_doc(doc_id: int, fraction: float) -> bool:
 
 
 @dataclass
-class Layout:
+class SampleLayout:
     """Where sample chunks come from: [n_samples, l] arrays (or [e] while still flat)."""
 
     chunk_ids: np.ndarray
@@ -63,17 +64,17 @@ class Layout:
     """Documents whose last chunk is among these (set by ``block_layout``)."""
 
     @classmethod
-    def concat(cls, parts: list["Layout"]) -> "Layout":
+    def concat(cls, parts: list["SampleLayout"]) -> "SampleLayout":
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("chunk_ids", "doc_ids", "lengths")))
 
-    def __getitem__(self, sl: slice) -> "Layout":
-        return Layout(self.chunk_ids[sl], self.doc_ids[sl], self.lengths[sl])
+    def __getitem__(self, sl: slice) -> "SampleLayout":
+        return SampleLayout(self.chunk_ids[sl], self.doc_ids[sl], self.lengths[sl])
 
     def __len__(self) -> int:
         return len(self.chunk_ids)
 
 
-def block_layout(store: ChunkStore, b: int, valid_fraction: float, chunk_len: int) -> dict[str, Layout]:
+def block_layout(store: ChunkStore, b: int, valid_fraction: float, chunk_len: int) -> dict[str, SampleLayout]:
     """The sample chunks that database block ``b`` gives each split, in order, flat ([e] each).
 
     A split's samples are its blocks' entries one after another, cut every l: each chunk of a
@@ -96,7 +97,7 @@ def block_layout(store: ChunkStore, b: int, valid_fraction: float, chunk_len: in
         chunk_ids[at] = start + sel
         entry_lengths = np.ones(len(chunk_ids), dtype=np.int32)
         entry_lengths[at] = np.where(is_last & ~eod_chunk, length + 1, length)  # room for EOD
-        out[split] = Layout(chunk_ids, np.repeat(docs[sel].astype(np.int64), reps), entry_lengths, int(is_last.sum()))
+        out[split] = SampleLayout(chunk_ids, np.repeat(docs[sel].astype(np.int64), reps), entry_lengths, int(is_last.sum()))
     return out
 
 
@@ -109,7 +110,7 @@ def count_entries(cfg: Config, blocks: list[str], first: int, last: int) -> np.n
                     dtype=np.int64).reshape(-1, 4)
 
 
-def entries(store: ChunkStore, cfg: Config, split: str, offsets: np.ndarray, lo: int, hi: int) -> Layout:
+def entries(store: ChunkStore, cfg: Config, split: str, offsets: np.ndarray, lo: int, hi: int) -> SampleLayout:
     """Entries [lo, hi) of ``split``, whose database block b starts at entry ``offsets[b]``
     ([blocks + 1] prefix sums), padded with empty ones past the split's end."""
     first = int(np.searchsorted(offsets, lo, side="right")) - 1
@@ -117,10 +118,10 @@ def entries(store: ChunkStore, cfg: Config, split: str, offsets: np.ndarray, lo:
     while b < len(offsets) - 1 and offsets[b] < hi:
         parts.append(block_layout(store, b, cfg.neighbors.valid_fraction, cfg.db.chunk_length)[split])
         b += 1
-    flat = Layout.concat(parts)[lo - int(offsets[first]): hi - int(offsets[first])] if parts else None
+    flat = SampleLayout.concat(parts)[lo - int(offsets[first]): hi - int(offsets[first])] if parts else None
     pad = hi - lo - (len(flat) if flat else 0)
-    padding = Layout(np.full(pad, -1, np.int64), np.full(pad, -1, np.int64), np.zeros(pad, np.int32))
-    return Layout.concat([flat, padding]) if flat else padding
+    padding = SampleLayout(np.full(pad, -1, np.int64), np.full(pad, -1, np.int64), np.zeros(pad, np.int32))
+    return SampleLayout.concat([flat, padding]) if flat else padding
 
 
 def sample_tokens(store: ChunkStore, chunk_ids: np.ndarray, chunk_len: int, eod: int) -> np.ndarray:
@@ -187,7 +188,7 @@ def drop_near_copies(store: ChunkStore, chunk_ids: np.ndarray, candidates: np.nd
     return out, dropped
 
 
-def _block_table(first_id: int, tokens, layout: Layout, sl: slice, neighbors: np.ndarray) -> pa.Table:
+def _block_table(first_id: int, tokens, layout: SampleLayout, sl: slice, neighbors: np.ndarray) -> pa.Table:
     b, n_chunks = layout.chunk_ids[sl].shape
     k = neighbors.shape[-1]
     return pa.table({
@@ -227,7 +228,7 @@ class SampleWriter:
         nc, m = cfg.neighbors, cfg.db.chunk_length
         n_chunks = nc.seq_len // m
         flat = entries(store, cfg, split, self.offsets[split], first * n_chunks, stop * n_chunks)
-        layout = Layout(*(a.reshape(-1, n_chunks) for a in (flat.chunk_ids, flat.doc_ids, flat.lengths)))  # [b, l]
+        layout = SampleLayout(*(a.reshape(-1, n_chunks) for a in (flat.chunk_ids, flat.doc_ids, flat.lengths)))  # [b, l]
         real = layout.chunk_ids >= 0
         queries = read_vectors(storage, db_dir(cfg), self.blocks, layout.chunk_ids[real])  # [q, d]; ids ascend
         candidates = np.full((*layout.chunk_ids.shape, nc.k_candidates), -1, dtype=np.int64)  # [b, l, c]
@@ -244,7 +245,7 @@ class SampleWriter:
                 "near_copies": dropped, "queries": int(real.sum())}
 
 
-@locked("tokenizer", "db", "index", "samples")
+@locked(TOKENIZER, DB, INDEX, SAMPLES)
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     """The ``neighbors`` stage. The driver only plans and records: tasks count each database
     block's sample chunks per split (numbered by prefix sums, never laid out in the driver), and
@@ -332,11 +333,6 @@ def split_blocks(storage: Storage, cfg: Config, split: str) -> list[tuple[str, i
     manifest = finished_stage(storage, samples_dir(cfg), "neighbors")
     names = sorted(n for n in manifest.blocks if n.startswith(f"{split}/"))
     return [(join(samples_dir(cfg), f"{n}.parquet"), manifest.blocks[n]["rows"]) for n in names]
-
-
-def read_split(storage: Storage, cfg: Config, split: str) -> pa.Table:
-    """All samples of a split, in sample order (small splits: see ``RetroSamples``)."""
-    return pa.concat_tables([storage.read_parquet(uri) for uri, _ in split_blocks(storage, cfg, split)])
 
 
 class RetroSamples:

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retro_ray.config import Config, ConfigError, CorpusSource
-from retro_ray.errors import UserError
-from retro_ray.storage import Storage, join
+from retro_ray.core.config import Config, ConfigError, CorpusSource
+from retro_ray.core.errors import UserError
+from retro_ray.core.layout import corpus_file
+from retro_ray.core.storage import Storage
 
 if TYPE_CHECKING:
     import ray.data
@@ -91,7 +92,7 @@ def builtin_pydocs() -> list[dict]:
 
 def materialize_builtin(storage: Storage, workdir: str) -> str:
     """Write the embedded corpus as JSONL under the run (once) and return its URI."""
-    uri = join(workdir, "corpus", "pydocs.jsonl")
+    uri = corpus_file(workdir, "pydocs.jsonl")
     if not storage.exists(uri):
         lines = (json.dumps(d, ensure_ascii=False) for d in builtin_pydocs())
         storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())

@@ -16,12 +16,13 @@ import numpy as np
 
 from index_actors.router import ShardedIndex, shard_actor
 from index_actors.shard import TrainingSampleError, coarse_quantizer, load_index, min_training_vectors, uses_gpu
-from retro_ray.config import Config, config_hash
-from retro_ray.dbfiles import block_range, embeddings_uri, finished_db, read_vectors
-from retro_ray.layout import db_dir, index_dir
-from retro_ray.locks import locked
-from retro_ray.runtime import log
-from retro_ray.storage import Manifest, Storage, join, open_stage
+from retro_ray.core.config import Config, config_hash
+from retro_ray.core.layout import DB, INDEX, db_dir, index_dir
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import Manifest, open_stage
+from retro_ray.core.runtime import log
+from retro_ray.core.storage import Storage, join
+from retro_ray.database.files import block_range, embeddings_uri, finished_db, read_vectors
 
 
 def shard_uri(cfg: Config, shard: int) -> str:
@@ -59,7 +60,7 @@ def _index_config_hash(cfg: Config) -> str:
     return config_hash(built)
 
 
-@locked("db", "index")
+@locked(DB, INDEX)
 def run(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     import ray
 

@@ -4,11 +4,11 @@ Three deployments:
 
 - ``Retriever``: the database's embedder and the index (the saved index files loaded in the
   replica, or the index stage's shard actors), answering ``retrieve(texts, k)``.
-- ``Generator``: the model on the engine (``retro_ray.engine``: continuous batching, retrieval
+- ``Generator``: the model on the engine (``retro_ray.serving.engine``: continuous batching, retrieval
   in the loop), stepped by one thread; every request streams from its own queue, and a request
   whose caller has gone (a client that disconnected) leaves at the next step. Its figures go to
   Ray's metrics (``EngineMetrics``).
-- ``Ingress``: FastAPI, speaking OpenAI's API (``retro_ray.openai_api``: schemas, limits,
+- ``Ingress``: FastAPI, speaking OpenAI's API (``retro_ray.serving.openai_api``: schemas, limits,
   errors): ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events with
   ``stream: true``), ``/v1/models``, plus ``/v1/retrieve`` and ``/health``. It checks the API
   key, the request and its limits, builds the prompt in the instruction-tuning template with the
@@ -21,7 +21,7 @@ Beyond OpenAI's fields a request may give ``retrieval`` (``encoder``, ``prompt``
 answer one: InstructRetro's QA prompt, ending "Assistant: The answer is"); each choice carries
 the ``passages`` it was given (``title``, ``text``) and the ``neighbors`` its chunks retrieved.
 
-``cluster/serve.yaml`` deploys ``retro_ray.serve:app`` with ``serve run`` / ``serve deploy``;
+``cluster/serve.yaml`` deploys ``retro_ray.serving.deployments:app`` with ``serve run`` / ``serve deploy``;
 ``retro-ray serve`` (``start``) does the same from a run config.
 """
 
@@ -42,17 +42,18 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 
-from retro_ray.config import Config, ServeConfig, format_errors, load_config
-from retro_ray.engine import Engine, EngineConfig, EngineStats, GenerationError, SamplingParams
-from retro_ray.engine import Request as EngineRequest
-from retro_ray.errors import UserError
-from retro_ray.sequence import Fault
-from retro_ray.generate import passages_prompt
-from retro_ray.openai_api import (APIError, ChatRequest, CompletionRequest, RetrieveRequest, GenerationRequest, api,
-                                  api_key, failure, read_json, usage)
-from retro_ray.retrieval import format_passage
-from retro_ray.runtime import log
-from retro_ray.storage import Storage
+from retro_ray.core.config import Config, ServeConfig, format_errors, load_config
+from retro_ray.core.errors import UserError
+from retro_ray.core.runtime import log
+from retro_ray.core.storage import Storage
+from retro_ray.serving.engine import Engine, EngineConfig, EngineStats, GenerationError, SamplingParams
+from retro_ray.serving.engine import Request as EngineRequest
+from retro_ray.serving.generate import ENCODER_MODES, PROMPT_MODES, passage_texts, passages_prompt, passages_to_fetch
+from retro_ray.serving.openai_api import (
+    APIError, ChatRequest, CompletionRequest, RetrieveRequest, GenerationRequest, api, api_key,
+    failure, read_json, usage,
+)
+from retro_ray.serving.sequence import Fault
 
 APP_NAME = "retro"
 
@@ -65,7 +66,7 @@ class RetrieverServer:
     """The run's ``Retriever``: embedder, index and chunk store."""
 
     def __init__(self, cfg: Config):
-        from retro_ray.retrieval import run_retriever
+        from retro_ray.retrieval.retriever import run_retriever
 
         self.retriever = run_retriever(cfg, Storage(cfg.storage), local=cfg.serve.index == "local")
 
@@ -179,14 +180,14 @@ class Job:
 
 @serve.deployment(name="Generator", health_check_period_s=5, health_check_timeout_s=10)
 class GeneratorServer:
-    """The model on the engine (``retro_ray.engine``): one thread steps it, every request streams
+    """The model on the engine (``retro_ray.serving.engine``): one thread steps it, every request streams
     from its own queue, a request whose caller has gone leaves at the next step. If the engine's
     loop dies, the health check fails and Serve replaces the replica."""
 
     def __init__(self, cfg: Config, model: str, retriever=None):
-        from retro_ray import tokenizer
-        from retro_ray.generate import Generator
+        from retro_ray.database import tokenizer
         from retro_ray.model.io import load_model
+        from retro_ray.serving.generate import Generator
 
         storage = Storage(cfg.storage)
         loaded = load_model(storage, model)
@@ -296,7 +297,7 @@ class GeneratorServer:
 # -- the ingress ----------------------------------------------------------------------------------
 
 
-async def _collect(stream, n: int) -> list[dict]:
+async def _whole_answers(stream, n: int) -> list[dict]:
     """A job's stream -> per choice its whole text, token count, finish reason and neighbours (or
     its error)."""
     results = [{"text": ""} for _ in range(n)]
@@ -353,16 +354,16 @@ def model_name(path: str) -> str:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, cfg: Config, model: str, generator, retriever=None):
-        from retro_ray import tokenizer
-        from retro_ray.model.io import CONFIG
+        from retro_ray.database import tokenizer
+        from retro_ray.model.io import read_config
 
         storage = Storage(cfg.storage)
         self.cfg, self.sc, self.generator, self.retriever = cfg, cfg.serve, generator, retriever
         self.name = cfg.serve.model_name or model_name(model)
         self.tokenizer = tokenizer.load_run_tokenizer(cfg, storage)
-        model_cfg = storage.read_json(f"{model.rstrip('/')}/{CONFIG}")["retro"]
-        self.context, self.encoder = model_cfg["max_seq_len"], bool(model_cfg.get("retrieval", True))
-        self.k = model_cfg["k"]  # the encoder's neighbours per chunk
+        model_cfg = read_config(storage, model)
+        self.context, self.encoder = model_cfg.max_seq_len, model_cfg.retrieval
+        self.k = model_cfg.k  # the encoder's neighbours per chunk
         self.key = api_key(cfg.serve)
         self.created = int(time.time())
         log.info("serve: model %s (%s), API key %s", self.name, model, "required" if self.key else "not required")
@@ -397,12 +398,12 @@ class Ingress:
             raise APIError(400, f"passages={passages} exceeds the limit of {sc.max_passages}", "passages")
         if mode != "off" and self.retriever is None and (mode != "encoder" or self.encoder):
             raise APIError(400, f"retrieval {mode!r}: this server has no index; use retrieval 'off'", "retrieval")
-        return mode, passages if mode in ("prompt", "both", "question") else 0, max_tokens
+        return mode, passages if mode in PROMPT_MODES else 0, max_tokens
 
     async def _passages(self, req: GenerationRequest, query: str, mode: str, k: int) -> list[dict]:
         """The passages of a request's query: ``k`` for the prompt, at least the encoder's k in
         mode ``question`` ({chunk_id, doc_id, score, title, text}, best first)."""
-        k = max(k, self.k) if mode == "question" and self.encoder else k
+        k = passages_to_fetch(mode, k, self.k if self.encoder else 0)
         if k == 0:
             return []
         return (await self._search([query], k, req.search))[0]
@@ -419,10 +420,10 @@ class Ingress:
 
     def _fit(self, build, passages: list[dict], max_tokens: int, param: str) -> tuple[str, list[dict], int]:
         """The prompt with as many passages as fit; checked against the prompt and context limits."""
-        from retro_ray.instruct import fit_passages
+        from retro_ray.training.prompts import fit_passages
 
         room = min(self.sc.max_prompt_tokens, self.context - max_tokens)
-        texts = [format_passage(p["text"], p["title"]) for p in passages]
+        texts = passage_texts(passages)
         prompt, used, n = fit_passages(build, texts, self.tokenizer, room)
         if n == 0:
             raise APIError(400, "the prompt is empty", param)
@@ -438,10 +439,10 @@ class Ingress:
              found: list[dict]) -> Job:
         """A prompt's n sequences (choice j samples with ``seed + j``); in mode ``question`` the
         encoder reads the top k of ``found``."""
-        neighbors = [format_passage(p["text"], p["title"]) for p in found[: self.k]] if mode == "question" else None
+        neighbors = passage_texts(found[: self.k]) if mode == "question" else None
         return Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                           stop=stop, seed=req.seed, ignore_eos=req.ignore_eos),
-                   retrieve=mode in ("encoder", "both", "question"), n=req.n, neighbors=neighbors, stream=req.stream)
+                   retrieve=mode in ENCODER_MODES, n=req.n, neighbors=neighbors, stream=req.stream)
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -490,7 +491,7 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        from retro_ray.instruct import chat_prompt, qa_prompt
+        from retro_ray.training.prompts import chat_prompt, qa_prompt
 
         self._authorize(request)
         req = await read_json(request, self.sc.max_body_bytes, ChatRequest)
@@ -525,7 +526,7 @@ class Ingress:
             return StreamingResponse(self._events(head, streams, choices, include_usage),
                                      media_type="text/event-stream")
         try:
-            results = [r for rs in await asyncio.gather(*(_collect(s, req.n) for s in streams)) for r in rs]
+            results = [r for rs in await asyncio.gather(*(_whole_answers(s, req.n) for s in streams)) for r in rs]
         except Exception as e:  # the generator replica died, or could not be reached
             raise APIError(503, f"the generator failed: {type(e).__name__}", code="generation_failed",
                            kind="server_error") from None
@@ -628,12 +629,13 @@ def build(cfg: Config, options: dict[str, dict] | None = None):
     ``options`` (autoscaling, replicas, actor resources; ``deployment_options`` fills the rest)."""
     import ray
 
-    from retro_ray.generate import model_path
-    from retro_ray.layout import index_dir
-    from retro_ray.storage import MANIFEST, join
+    from retro_ray.core.layout import index_dir
+    from retro_ray.core.manifest import MANIFEST
+    from retro_ray.core.storage import join
+    from retro_ray.core.layout import served_model
 
     storage = Storage(cfg.storage)
-    model = model_path(cfg, storage, cfg.serve.model)
+    model = served_model(cfg, storage, cfg.serve.model)
     options = deployment_options(cfg, ray.cluster_resources() if ray.is_initialized() else {}, options)
     retriever = None
     if storage.exists(join(index_dir(cfg), MANIFEST)):
@@ -649,7 +651,7 @@ def _with_overrides(cfg: Config, overrides: dict) -> Config:
 
 
 def app(args: dict):
-    """The builder that ``import_path: retro_ray.serve:app`` names in a Serve config file."""
+    """The builder that ``import_path: retro_ray.serving.deployments:app`` names in a Serve config file."""
     parsed = AppArgs.model_validate(args)
     return build(_with_overrides(load_config(parsed.config), parsed.serve))
 

@@ -16,7 +16,7 @@ without one has none (``context: retrieved`` gives it passages retrieved for its
 only the final answer and its end-of-turn token are targets (``targets: all``: every assistant
 turn): the prompt and every other turn are tokenised as their own pieces (exactly as generation
 will see them) with target 0. Each example weighs the same in the loss however packing groups
-them (``loss: example``; ``make_batch`` gives each target 1 / its example's target count).
+them (``loss: example``; ``row_batch`` gives each target 1 / its example's target count).
 
 Rows of ``{workdir}/instruct/data/{train,valid}.parquet``: ``tokens`` (int32), ``targets`` (int8,
 1 = a token the loss counts) and ``positions`` (int32, restarting at 0 for each packed example, so
@@ -30,41 +30,25 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from retro_ray.config import Config, InstructConfig, InstructSource, config_hash
-from retro_ray.corpus import BadInputError, describe_skips
-from retro_ray.layout import index_dir, instruct_data_dir, pretrained_runs, run_dir, tuned, tuned_runs
-from retro_ray.locks import locked
-from retro_ray.retrieval import format_passage
-from retro_ray.storage import MANIFEST, EmptyStageError, Manifest, Storage, finished_stage, join, open_stage
+from retro_ray.core.config import Config, ConfigError, InstructConfig, InstructSource, config_hash
+from retro_ray.core.layout import (
+    INSTRUCT, index_dir, instruct_data_dir, instruct_dir, pretrained_runs, run_dir, run_folder,
+    tuned, tuned_runs,
+)
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import MANIFEST, EmptyStageError, Manifest, finished_stage, open_stage
+from retro_ray.core.storage import Storage, join
+from retro_ray.database.corpus import BadInputError, describe_skips
+from retro_ray.model.io import read_config
+from retro_ray.training.pretrain import TrainData
+from retro_ray.training.prompts import Example, format_passage, pieces
 
-SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions based on the context. The assistant "
-          "should also indicate when the answer cannot be found in the context.")
-SYSTEM_SFT = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant gives "
-              "helpful, detailed, and polite answers to the user's questions.")
-ANSWER_PREFIX = " The answer is"
-
-
-@dataclass(frozen=True)
-class Template:
-    """The reference's text templates (``tools/retro/sft/dataset_conv.py``): a system line, and
-    how a short-answer question is put to the assistant."""
-
-    system: str
-    question: str  # formats {question}
-
-
-TEMPLATES = {
-    "retro": Template(SYSTEM, "Answer the following question with a short span. {question}"),  # reformat_prompt
-    "retro_sft": Template(SYSTEM_SFT, "{question} Answer the above question with a short phrase."),  # ..._retro
-}
 TUNING_ONLY = ("lr", "max_steps", "loss", "batch_examples", "weight_decay", "adam_betas", "twin")
 """Instruct settings of the tuning run, not of its data: changing them keeps the data."""
 SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("targets", pa.list_(pa.int8())),
@@ -72,18 +56,6 @@ SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("targets", pa.list_(pa.in
 
 
 # -- rows -> conversations -------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One conversation: ``messages`` ({role, content}; the last is the assistant's), the
-    ``passages`` of its context, and whether it is a QA row (short answer after "The answer is")."""
-
-    messages: list[dict]
-    passages: list[str] = field(default_factory=list)
-    question: str | None = None
-    """A QA row's question (what its context is retrieved for)."""
-    has_context: bool = False
 
 
 class RowError(ValueError):
@@ -148,115 +120,6 @@ def context_passages(row: dict) -> list[str]:
     return out
 
 
-# -- conversations -> text pieces ------------------------------------------------------------
-
-
-def pieces(example: Example, template: str = "retro", tokenizer=None, targets: str = "final") -> list[tuple[str, bool]]:
-    """The example as (text, is_target) pieces; the text of the final answer is the target (with
-    ``targets: all``, of every answer). With a ``retro`` template the end of text is added by
-    ``encode``; the chat template's own end-of-turn text is part of the answer piece."""
-    messages = example.messages
-    if template == "chat":
-        return _chat_pieces(example, tokenizer, targets)
-    form = TEMPLATES[template]
-    out: list[tuple[str, bool]] = [(_retro_head(example, form), False)]
-    for i, m in enumerate(messages):
-        last = i == len(messages) - 1
-        if m["role"] == "assistant":
-            answer_prefix = ANSWER_PREFIX if example.question is not None else ""
-            out.append(("Assistant:" + answer_prefix, False))
-            out.append((" " + m["content"], last or targets == "all"))
-            if not last:
-                out.append(("\n\n", False))
-        elif m["role"] == "user":
-            content = form.question.format(question=m["content"]) if example.question is not None else m["content"]
-            out.append((f"User: {content}\n\n", False))
-    return _merge(out)
-
-
-def _retro_head(example: Example, form: Template) -> str:
-    """System line and context passages, each followed by a blank line."""
-    system = next((f"System: {m['content']}" for m in example.messages if m["role"] == "system"), form.system)
-    return system + "\n\n" + "".join(p + "\n\n" for p in example.passages)
-
-
-def qa_prompt(question: str, passages: list[str], template: str = "retro", tokenizer=None) -> str:
-    """The evaluation prompt: everything before the answer, for a question and its passages."""
-    example = Example([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}],
-                      passages, question=question)
-    return _before_answer(example, template, tokenizer)
-
-
-def chat_prompt(messages: list[dict], passages: list[str], template: str = "retro", tokenizer=None) -> str:
-    """A chat request's prompt: its messages ({role, content}, the last a user's) and passages,
-    in the training template, up to where the assistant's answer begins."""
-    example = Example([*messages, {"role": "assistant", "content": "x"}], passages)
-    return _before_answer(example, template, tokenizer)
-
-
-def _before_answer(example: Example, template: str, tokenizer) -> str:
-    return "".join(text for text, _ in pieces(example, template, tokenizer)[:-1])
-
-
-def fit_passages(build: Callable[[list[str]], str], passages: list[str], tokenizer,
-                 room: int) -> tuple[str, int, int]:
-    """``build(passages)`` with as many of the best-ranked passages as keep the prompt within
-    ``room`` tokens -> (prompt, passages used, its tokens); the lowest-ranked go first."""
-    given = list(passages)
-    while True:
-        prompt = build(given)
-        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if not given or n <= room:
-            return prompt, len(given), n
-        given.pop()
-
-
-def _chat_pieces(example: Example, tokenizer, targets: str) -> list[tuple[str, bool]]:
-    """Pieces from the tokenizer's chat template: the context goes into the first user turn, the
-    system line is the template's system message; each assistant turn's rendered text is the target."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise BadInputError("instruct.template: chat, but the run's tokenizer has no chat template; "
-                            "use template: retro")
-    system = next((m["content"] for m in example.messages if m["role"] == "system"),
-                  SYSTEM.removeprefix("System: "))
-    messages = [{"role": "system", "content": system}]
-    context = "".join(p + "\n\n" for p in example.passages)
-    for m in example.messages:
-        if m["role"] == "user":
-            content = (TEMPLATES["retro"].question.format(question=m["content"]) if example.question is not None
-                       else m["content"])
-            messages.append({"role": "user", "content": context + content})
-            context = ""
-        elif m["role"] == "assistant":
-            messages.append(m)
-
-    def render(msgs: list[dict], prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
-
-    out, done = [], ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before, through = render(messages[:i], True), render(messages[: i + 1], False)
-        if not before.startswith(done) or not through.startswith(before):
-            raise BadInputError("the tokenizer's chat template does not render a conversation as a prefix of "
-                                "its continuation; use instruct.template: retro")
-        out += [(before[len(done):], False), (through[len(before):], i == len(messages) - 1 or targets == "all")]
-        done = through
-    return _merge(out)
-
-
-def _merge(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """Adjacent pieces of the same kind as one (fewer tokenisation boundaries)."""
-    merged: list[tuple[str, bool]] = []
-    for text, target in parts:
-        if merged and merged[-1][1] == target:
-            merged[-1] = (merged[-1][0] + text, target)
-        elif text:
-            merged.append((text, target))
-    return merged
-
-
 def encode(parts: list[tuple[str, bool]], tokenizer, add_eos: bool) -> tuple[list[int], list[int]]:
     """Pieces -> token ids and targets (1 where the loss counts), each piece tokenised on its own;
     ``add_eos`` appends the end-of-text token as a target."""
@@ -306,7 +169,7 @@ def example_weights(targets: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return torch.where(targets, 1.0 / counts.gather(1, example).clamp(min=1.0), 0.0)
 
 
-def make_batch(items: list[dict], device, per_example: bool = False) -> dict[str, torch.Tensor]:
+def row_batch(items: list[dict], device, per_example: bool = False) -> dict[str, torch.Tensor]:
     """Rows -> model inputs, right-padded to the longest row: predict tokens[1:] from tokens[:-1]
     where the target flag is set (``per_example``: weighted so that each example counts once,
     ``example_weights``). Padding is its own example (positions from 0) and no target."""
@@ -326,18 +189,18 @@ def make_batch(items: list[dict], device, per_example: bool = False) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class InstructSamples:
-    """The rows of one split, in memory (instruction data is small next to the database)."""
+class TuningData:
+    """The packed instruction rows of a run (``instruct/data``), each split in memory (instruction
+    data is small next to the database): what the tuning runs read, with answer-only targets
+    weighted per example or per token (``instruct.loss``)."""
 
-    def __init__(self, storage: Storage, folder: str, split: str):
-        table = storage.read_parquet(join(folder, f"{split}.parquet"))
-        self.rows = table.to_pylist()
+    name = "instruction rows"
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
+    def __call__(self, cfg: Config, storage: Storage, device) -> TrainData:
+        train, valid = (storage.read_parquet(join(instruct_data_dir(cfg), f"{split}.parquet")).to_pylist()
+                        for split in ("train", "valid"))
+        per_example = cfg.instruct.loss == "example"
+        return TrainData(train, valid, lambda items: row_batch(items, device, per_example), examples_in)
 
 
 # -- the data stage ----------------------------------------------------------------------------
@@ -390,8 +253,8 @@ def seq_len(cfg: Config) -> int:
 
 def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
     """Read, format, tokenise, pack and write the instruction data; recorded in a manifest."""
-    from retro_ray import tokenizer as run_tokenizer
-    from retro_ray.runtime import log
+    from retro_ray.core.runtime import log
+    from retro_ray.database import tokenizer as run_tokenizer
 
     ic = cfg.instruct
     if not ic.sources:
@@ -433,7 +296,7 @@ def prepare(cfg: Config, storage: Storage, force: bool = False) -> Manifest:
             manifest.counts[f"rows_{source.name}"] = manifest.counts.get(f"rows_{source.name}", 0) + 1
     need = [e for e, *_ in examples if e.question is not None and not e.has_context]
     if need and retrieved:
-        from retro_ray.retrieval import run_retriever
+        from retro_ray.retrieval.retriever import run_retriever
 
         retriever = run_retriever(cfg, storage)
         questions = sorted({e.question for e in need})
@@ -494,26 +357,29 @@ def tuning_config(cfg: Config) -> Config:
         "checkpoint_every": min(tc.checkpoint_every, ic.max_steps), "seed": ic.seed})})
 
 
-@locked("instruct", lambda cfg: f"checkpoints/{tuned(pretrained_runs(cfg)['retro']).train.run_name}",
-        lambda cfg: f"checkpoints/{tuned(pretrained_runs(cfg)['gpt']).train.run_name}")
+@locked(INSTRUCT, *(lambda cfg, name=name: run_folder(tuned(pretrained_runs(cfg)[name])) for name in ("retro", "gpt")))
 def run(cfg: Config, storage: Storage, force: bool = False) -> dict:
     """The ``instruct`` stage: the instruction data, then the Retro run and its GPT twin (trained
     first if missing: the same samples and steps without retrieval; not with ``instruct.twin:
     false``), each tuned the same way and exported as ``checkpoints/{run}-instruct/model``.
     ``--force`` redoes the data and the tuning, not the pretraining."""
-    from retro_ray import train
-    from retro_ray.runtime import log
+    from retro_ray.core.runtime import log
+    from retro_ray.training import pretrain
 
     data = prepare(cfg, storage, force)
     results = {}
     for name, run_cfg in tuned_runs(cfg).items():
-        pretrained = train.run(run_cfg, storage)
+        pretrained = pretrain.run(run_cfg, storage)
+        context = read_config(storage, pretrained["model"]).max_seq_len
+        if seq_len(cfg) > context:
+            raise ConfigError(f"instruct.seq_len: {seq_len(cfg)} tokens, but {pretrained['model']} reads at most "
+                              f"{context}: lower it, or pretrain with a longer neighbors.seq_len")
         init = finished_stage(storage, run_dir(run_cfg), "pretrain")
         inputs = {"data": data.content_hash(), "pretrained": init.content_hash(),
                   "loss": f"{cfg.instruct.loss}, {cfg.instruct.batch_examples} examples a step"}
-        results[name] = train.fit(tuning_config(run_cfg), storage, "instruct", inputs, force,
-                                  instruct_data=instruct_data_dir(cfg), init=pretrained["model"])
-    storage.write_bytes(join(cfg.workdir, "instruct", "loss.png"),
-                        train.plot_curves({f"{n}-instruct": r["history"] for n, r in results.items()}))
+        results[name] = pretrain.fit(tuning_config(run_cfg), storage, "instruct", inputs, force, data=TuningData(),
+                                     init=pretrained["model"])
+    storage.write_bytes(join(instruct_dir(cfg), "loss.png"),
+                        pretrain.plot_curves({f"{n}-instruct": r["history"] for n, r in results.items()}))
     log.info("instruct: tuned %s", ", ".join(f"{n} -> {r['model']}" for n, r in results.items()))
     return results

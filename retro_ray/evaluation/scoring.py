@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import re
 
-from retro_ray.evidence import normalize
+from retro_ray.evaluation.evidence import normalize
 
 REFERENCE_PUNCTUATION = re.compile(r"[!\"#$%&()*+,-./:;<=>?@\[\]\\^`{|}~_']")
 """``metrics.py``'s ``re_punc`` (``,-.`` is the range of ",", "-" and ".")."""

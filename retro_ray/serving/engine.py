@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from retro_ray.runner import ModelRunner
-from retro_ray.scheduler import EngineConfig, Scheduler
-from retro_ray.sequence import GenerationError, Request, SamplingParams, Sequence, Status
+from retro_ray.serving.runner import ModelRunner
+from retro_ray.serving.scheduler import EngineConfig, Scheduler
+from retro_ray.serving.sequence import GenerationError, Request, SamplingParams, Sequence, Status
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "GenerationError", "Request", "SamplingParams", "Sequence"]
 
@@ -143,7 +143,7 @@ class Engine:
             added, self.inbox = self.inbox, []
         for group in added:
             self.scheduler.add(group)
-        touched = self._collect()
+        touched = self._collect_neighbours()
         plan = self.scheduler.schedule()
         self._send(plan.queries)
         touched += plan.finished
@@ -196,7 +196,7 @@ class Engine:
         self.inflight.append(Retrieval(future, asked, deadline))
         self.stats.retrievals += 1
 
-    def _collect(self) -> list[Sequence]:
+    def _collect_neighbours(self) -> list[Sequence]:
         """Neighbours that have come in go to their sequences; a failed, late or malformed
         retrieval fails its own sequences, never the engine."""
         touched: list[Sequence] = []

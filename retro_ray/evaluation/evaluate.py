@@ -34,16 +34,18 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from retro_ray import scoring
-from retro_ray.config import Config, CorpusSource, EvalQASet
-from retro_ray.errors import UserError
-from retro_ray.evidence import AnswerMatcher, answer_recall
-from retro_ray.layout import db_dir, eval_dir, models, qa_workdir, tokenizer_dir
-from retro_ray.locks import locked
-from retro_ray.model.io import load_model
-from retro_ray.retrieval import format_passage
-from retro_ray.runtime import log, progress
-from retro_ray.storage import MANIFEST, Storage, finished_stage, join
+from retro_ray.core.config import Config, CorpusSource, EvalQASet
+from retro_ray.core.errors import UserError
+from retro_ray.core.layout import DB, TOKENIZER, db_dir, eval_dir, models, qa_workdir, tokenizer_dir
+from retro_ray.core.locks import locked
+from retro_ray.core.manifest import MANIFEST, finished_stage
+from retro_ray.core.plots import png, subplots
+from retro_ray.core.runtime import log, progress
+from retro_ray.core.storage import Storage, join
+from retro_ray.evaluation import scoring
+from retro_ray.evaluation.evidence import AnswerMatcher, answer_recall
+from retro_ray.model.io import CONFIG, load_model
+from retro_ray.training.prompts import format_passage
 
 MODELS = ("gpt", "gpt_rag", "retro_decoder_only", "retro_encoder", "base_rag")
 """Rows of the QA table: the tuned GPT twin without passages, with passages in the prompt; the
@@ -123,7 +125,7 @@ def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[dict]]
     """The config whose db and index QA retrieval uses: the run's own, or (with extra documents)
     a copy in ``eval/db`` holding the run's database followed by them, with its own index
     (``force`` rebuilds a copy made from other documents)."""
-    from retro_ray import index
+    from retro_ray.retrieval import index
 
     extra = list(cfg.eval.extra_corpus)
     for name, rows in paragraphs.items():
@@ -141,13 +143,13 @@ def qa_database(cfg: Config, storage: Storage, paragraphs: dict[str, list[dict]]
     return copy
 
 
-@locked("tokenizer", "db")  # the copy's folders
+@locked(TOKENIZER, DB)  # the copy's folders
 def _extend(copy: Config, storage: Storage, cfg: Config, extra: list[CorpusSource], force: bool = False) -> None:
     """The copy's database: the run's tokenizer and full blocks (chunks and embeddings) copied,
     the extra documents chunked after the run's last chunk, and only the new blocks embedded.
     Resumes like the db stage."""
-    from retro_ray import chunks
-    from retro_ray.dbfiles import chunks_uri, embeddings_uri, finished_db, tokens_uri
+    from retro_ray.database import chunks
+    from retro_ray.database.files import chunks_uri, embeddings_uri, finished_db, tokens_uri
 
     tok_manifest, copied = join(tokenizer_dir(cfg), MANIFEST), join(tokenizer_dir(copy), MANIFEST)
     if not storage.exists(copied) or storage.read_bytes(copied) != storage.read_bytes(tok_manifest):
@@ -190,13 +192,13 @@ def base_model(cfg: Config):
 def token_losses(model, samples, n: int, batch_size: int, retrieval: bool, chunk_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-token losses [s, seq_len - 1] and their mask of the first n samples (loss of
     predicting token p + 1 at index p; padding masked)."""
-    from retro_ray.train import make_batch
+    from retro_ray.training.pretrain import sample_batch
 
     model.eval()
     losses, masks = [], []
     for s in range(0, min(n, len(samples)), batch_size):
         items = [samples[i] for i in range(s, min(s + batch_size, n, len(samples)))]
-        batch = make_batch(items, chunk_len, retrieval, "cpu")
+        batch = sample_batch(items, chunk_len, retrieval, "cpu")
         logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))[0]  # [b, n, V]
         loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")
         losses.append(loss.numpy())
@@ -207,7 +209,7 @@ def token_losses(model, samples, n: int, batch_size: int, retrieval: bool, chunk
 def chunk_overlaps(samples, n: int, chunk_len: int, ngram: int) -> np.ndarray:
     """[s, l] the share of each sample chunk u's n-grams found in the neighbours of chunk u - 1
     (the ones its tokens attend to); NaN for chunk 0 and for chunks without a database chunk."""
-    from retro_ray.neighbors import ngram_overlap
+    from retro_ray.retrieval.neighbors import ngram_overlap
 
     rows = []
     for i in range(min(n, len(samples))):
@@ -226,7 +228,7 @@ def chunk_overlaps(samples, n: int, chunk_len: int, ngram: int) -> np.ndarray:
 def near_copy_share(samples, n: int, chunk_len: int, ngram: int, threshold: float = 0.9) -> float:
     """Share of the sample chunks that have neighbours with one (from another document, as the
     neighbours stage keeps them) holding at least ``threshold`` of their n-grams."""
-    from retro_ray.neighbors import ngram_overlap
+    from retro_ray.retrieval.neighbors import ngram_overlap
 
     hits = total = 0
     for i in range(min(n, len(samples))):
@@ -245,8 +247,8 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str],
                bucketed: tuple[str, ...] = ("gpt", "retro")) -> dict:
     """Validation perplexity of every model in ``paths`` that exists (and of the base model a run
     was retro-fitted from); those named in ``bucketed`` also per overlap bucket."""
-    from retro_ray.dbfiles import ChunkStore, finished_db
-    from retro_ray.neighbors import RetroSamples
+    from retro_ray.database.files import ChunkStore, finished_db
+    from retro_ray.retrieval.neighbors import RetroSamples
 
     store = ChunkStore.open(storage, db_dir(cfg), sorted(finished_db(cfg, storage).blocks))
     valid = RetroSamples(cfg, storage, "valid", store)
@@ -257,7 +259,7 @@ def perplexity(cfg: Config, storage: Storage, paths: dict[str, str],
     chunk_of_target = (np.arange(cfg.neighbors.seq_len - 1) + 1) // m  # [seq_len - 1]
     target_overlap = overlaps[:, chunk_of_target]  # [s, seq_len - 1]
     result: dict = {"samples": n, "models": {}, "buckets": {}}
-    models = {name: uri for name, uri in paths.items() if storage.exists(join(uri, "config.json"))}
+    models = {name: uri for name, uri in paths.items() if storage.exists(join(uri, CONFIG))}
     if cfg.model.base:
         models["base"] = None
     for name, uri in models.items():
@@ -286,8 +288,8 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     context; in mode ``question`` the encoder reads the top k of them for every chunk), decoded
     to the end of text or ``eval.max_new_tokens`` as the reference does -> rows (the question,
     both scorings) and seconds per question."""
-    from retro_ray.generate import SamplingParams
-    from retro_ray.instruct import fit_passages, qa_prompt
+    from retro_ray.serving.generate import SamplingParams
+    from retro_ray.training.prompts import fit_passages, qa_prompt
 
     ec, template = cfg.eval, cfg.eval.template or cfg.instruct.template
     params = SamplingParams(max_new_tokens=ec.max_new_tokens)
@@ -312,7 +314,7 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
 
 def database_documents(cfg: Config, storage: Storage) -> Iterator[str]:
     """Every document of the run's database, with its title, rebuilt from its chunks."""
-    from retro_ray.dbfiles import ChunkStore, ChunkTexts, finished_db
+    from retro_ray.database.files import ChunkStore, ChunkTexts, finished_db
 
     blocks = sorted(finished_db(cfg, storage).blocks)
     store = ChunkStore.open(storage, db_dir(cfg), blocks)
@@ -364,9 +366,9 @@ def cell_key(storage: Storage, cfg: Config, model_uri: str | None, setup: tuple,
 def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False) -> dict:
     """The QA table: every row of ``SETUPS`` whose model the run has, on every ``eval.qa`` set, both
     scorings; how well retrieval finds the answers, and how many the database holds."""
-    from retro_ray import tokenizer as run_tokenizer
-    from retro_ray.generate import Generator
-    from retro_ray.retrieval import run_retriever
+    from retro_ray.database import tokenizer as run_tokenizer
+    from retro_ray.retrieval.retriever import run_retriever
+    from retro_ray.serving.generate import Generator
 
     ec = cfg.eval
     sets = {}
@@ -407,7 +409,7 @@ def qa(cfg: Config, storage: Storage, paths: dict[str, str], force: bool = False
             passages = [texts[: ec.prompt_passages] for texts in passages]
         for row, (model_key, with_passages, mode) in SETUPS.items():
             uri = None if model_key == "base" else paths[model_key]
-            if not cfg.model.base if uri is None else not storage.exists(join(uri, "config.json")):
+            if not cfg.model.base if uri is None else not storage.exists(join(uri, CONFIG)):
                 report["no_model"][row] = "no model.base" if uri is None else f"no model at {uri}"
                 continue
             given = passages if with_passages else None
@@ -473,15 +475,10 @@ def qa_markdown(report: dict) -> str:
 
 def _bars(groups: dict[str, dict[str, float]], ylabel: str, title: str, log_scale: bool = False) -> bytes:
     """Grouped bar chart {group: {series: value}} as PNG bytes."""
-    import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     series = sorted({s for g in groups.values() for s in g}, key=lambda s: (MODELS + (s,)).index(s))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 2), 4))
+    fig, ax = subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 2), 4))
     width = 0.8 / max(1, len(series))
     for j, s in enumerate(series):
         xs = [i + j * width for i in range(len(groups))]
@@ -490,11 +487,7 @@ def _bars(groups: dict[str, dict[str, float]], ylabel: str, title: str, log_scal
     ax.set(ylabel=ylabel, title=title, yscale="log" if log_scale else "linear")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def run(cfg: Config, storage: Storage, force: bool = False) -> dict:

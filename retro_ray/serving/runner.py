@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from retro_ray.arena import (KVCache, LayerView, NeighbourState, NewChunk, PassLayout, PassNeighbours, Segment,
-                             hf_cache, packed_pass, use_packed_attention)
 from retro_ray.model.retro import Retro
-from retro_ray.scheduler import StepPlan
-from retro_ray.sequence import sample
+from retro_ray.serving.memory import (
+    KVCache, LayerView, NeighbourState, NewChunk, PassLayout, PassNeighbours, Segment, hf_cache,
+    packed_pass, use_packed_attention,
+)
+from retro_ray.serving.scheduler import StepPlan
+from retro_ray.serving.sequence import sample
 
 
 class ModelRunner:

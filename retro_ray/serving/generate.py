@@ -2,7 +2,7 @@
 
 The reference (Megatron's Retro text generation) decodes one request at a time, recomputes the
 whole sequence for every token and never retrieves after the prompt. Here every request runs on
-``retro_ray.engine`` (continuous batching, a KV cache, retrieval for every completed chunk under
+``retro_ray.serving.engine`` (continuous batching, a KV cache, retrieval for every completed chunk under
 training's causal shift), the same loop that serving drives.
 
 - Modes: ``encoder`` (neighbours through CCA, retrieved for every completed chunk), ``off``
@@ -25,16 +25,32 @@ from typing import Literal
 import numpy as np
 import torch
 
-from retro_ray.engine import Engine, EngineConfig
 from retro_ray.model.retro import Retro
 from retro_ray.model.retrofit import RetroFit
-from retro_ray.retrieval import format_passage
-from retro_ray.sequence import GenerationError, Request, SamplingParams
+from retro_ray.serving.engine import Engine, EngineConfig
+from retro_ray.serving.sequence import GenerationError, Request, SamplingParams
+from retro_ray.training.prompts import format_passage
 
 __all__ = ["Generator", "Generation", "GenerationError", "SamplingParams", "MODES"]
 
 Mode = Literal["encoder", "off", "prompt", "both", "question"]
 MODES = ("encoder", "off", "prompt", "both", "question")
+PROMPT_MODES = ("prompt", "both", "question")
+"""The modes whose retrieved passages go in the prompt."""
+ENCODER_MODES = ("encoder", "both", "question")
+"""The modes whose encoder reads neighbours (each chunk's own, or in ``question`` the question's)."""
+
+
+def passages_to_fetch(mode: str, passages: int, k: int) -> int:
+    """How many passages a request in ``mode`` retrieves for its query: ``passages`` for its
+    prompt, and in mode ``question`` at least the encoder's ``k`` (0 without an encoder)."""
+    fetch = passages if mode in PROMPT_MODES else 0
+    return max(fetch, k) if mode == "question" else fetch
+
+
+def passage_texts(rows: list[dict]) -> list[str]:
+    """Retrieved passages ({title, text, ...}) as the prompt and the encoder read them."""
+    return [format_passage(p["text"], p["title"]) for p in rows]
 
 
 @dataclass
@@ -65,7 +81,7 @@ class Generator:
     Args:
         model: the model (moved to ``device``; bf16 on CUDA unless ``dtype`` says otherwise).
         tokenizer: the tokenizer it was trained with (a Hugging Face fast tokenizer).
-        retriever: a ``retro_ray.retrieval.Retriever`` over the database it was trained with;
+        retriever: a ``retro_ray.retrieval.retriever.Retriever`` over the database it was trained with;
             None allows only the ``off`` mode.
         use_cache: False recomputes every step from scratch (the baseline).
     """
@@ -114,24 +130,21 @@ class Generator:
             raise GenerationError(f"{len(params)} sampling settings for {len(prompts)} prompts")
         if mode not in MODES:
             raise GenerationError(f"retrieval mode {mode!r}: expected one of {', '.join(MODES)}")
-        fetch = passages if mode in ("prompt", "both", "question") else 0
-        if mode == "question" and neighbor_passages is None:
-            fetch = max(fetch, self.k)
+        fetch = passages_to_fetch(mode, passages, self.k if neighbor_passages is None else 0)
         if fetch and self.retriever is None:
             raise GenerationError(f"retrieval mode {mode!r} needs an index; use mode 'off' for the decoder alone")
         shown, passage_rows = list(prompts), [[] for _ in prompts]
         if fetch:
             passage_rows = self.retriever.passages(list(queries or prompts), fetch)
             if passages:
-                shown = [passages_prompt([format_passage(p["text"], p["title"]) for p in rows[:passages]], prompt)
+                shown = [passages_prompt(passage_texts(rows[:passages]), prompt)
                          for rows, prompt in zip(passage_rows, prompts)]
         fixed = None
         if mode == "question":
-            neighbor_passages = neighbor_passages or [[format_passage(p["text"], p["title"]) for p in rows[: self.k]]
-                                                      for rows in passage_rows]
+            neighbor_passages = neighbor_passages or [passage_texts(rows[: self.k]) for rows in passage_rows]
             fixed = [self.passage_neighbors(texts) for texts in neighbor_passages]
         start = time.perf_counter()
-        retrieve = mode in ("encoder", "both", "question") and self.cfg.retrieval
+        retrieve = mode in ENCODER_MODES and self.cfg.retrieval
         if retrieve and fixed is None and self.retriever is None:
             raise GenerationError("retrieval mode 'encoder' needs an index; use mode 'off' for the decoder alone")
         reqs = [Request(self.encode_prompt(text, p), p, retrieve, None if fixed is None else fixed[i],
@@ -180,28 +193,16 @@ class Generator:
         return tokens, mask
 
 
-def model_path(cfg, storage, given: str | None = None) -> str:
-    """The model folder to load: ``given``, else the run's instruction-tuned Retro when it has been
-    exported, else its pretrained one; it must exist."""
-    from retro_ray.layout import model_dir, tuned
-    from retro_ray.storage import join
-
-    tuned_path = model_dir(tuned(cfg))
-    path = given or (tuned_path if storage.exists(join(tuned_path, "config.json")) else model_dir(cfg))
-    if not storage.exists(join(path, "config.json")):
-        raise GenerationError(f"no exported model at {path}: run `retro-ray pretrain` first, or give --model")
-    return path
-
-
 def run_generator(cfg, storage, model: str | None = None, retrieval: bool = True) -> Generator:
-    """A generator over a run: its exported model (``model_path``: the tuned Retro, else the
-    pretrained one, or ``model``, a folder local or on S3), its tokenizer, and its saved index
+    """A generator over a run: its exported model (``layout.served_model``: the tuned Retro, else
+    the pretrained one, or ``model``, a folder local or on S3), its tokenizer, and its saved index
     files loaded in this process (none with ``retrieval=False``)."""
-    from retro_ray import tokenizer
+    from retro_ray.core.layout import served_model
+    from retro_ray.database import tokenizer
     from retro_ray.model.io import load_model
-    from retro_ray.retrieval import run_retriever
+    from retro_ray.retrieval.retriever import run_retriever
 
-    loaded = load_model(storage, model_path(cfg, storage, model))
+    loaded = load_model(storage, served_model(cfg, storage, model))
     retriever = run_retriever(cfg, storage) if retrieval else None
     return Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), retriever)
 

@@ -17,9 +17,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from retro_ray.config import Config
-from retro_ray.layout import db_dir
-from retro_ray.storage import Manifest, Storage, finished_stage, join
+from retro_ray.core.config import Config
+from retro_ray.core.layout import db_dir
+from retro_ray.core.manifest import Manifest, finished_stage
+from retro_ray.core.storage import Storage, join
 
 CHUNK_SCHEMA = pa.schema(
     [("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("doc_pos", pa.int32()),
