@@ -241,6 +241,7 @@ def test_bad_rows_are_counted_and_strict_names_the_row(run):
         instruct.prepare(run.model_copy(update={"strict": True}), Storage())
 
 
+@pytest.mark.slow  # a whole tuning (Retro and twin) and evaluation
 def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     storage = Storage()
     results = instruct.run(run, storage)
@@ -326,6 +327,7 @@ def test_tiny_tune_and_eval_produce_the_tables(run, wiki_docs):
     assert (storage.read_bytes(f"{workdir}/hf/tokenizer.json"))
 
 
+@pytest.mark.slow  # a whole tuning (Retro and twin) and evaluation
 def test_a_killed_qa_eval_resumes_from_its_finished_cells_and_a_changed_model_recomputes_its_own(run):
     """Each (set, row) cell of the QA table is written when it finishes, keyed by the model, the
     questions and the settings: what a kill left unfinished is computed again, nothing else."""
