@@ -112,6 +112,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a drill: two runs at once
 def test_second_run_on_a_busy_workdir_is_refused_and_the_first_finishes_intact(built_run, tmp_path, capsys):
     config_file, workdir = built_run
     copy = tmp_path / "run"

@@ -83,7 +83,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(samples):
     assert steps(result["history"]) == list(range(1, 11))  # steps 6-8 redone once, none lost
 
 
-@pytest.mark.parametrize("zero_stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a drill: a second worker
+@pytest.mark.parametrize("zero_stage", [2, 3])
 def test_checkpoint_from_two_workers_loads_with_one(samples, zero_stage):
     cfg = with_train(samples, run_name=f"world-zero{zero_stage}", max_steps=4, checkpoint_every=4, eval_every=4,
                      num_workers=2, zero_stage=zero_stage)
