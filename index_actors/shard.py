@@ -190,6 +190,3 @@ class IndexShard:
         """Write the index (atomically) to ``uri`` (default: the shard's own file)."""
         save_index(self.storage, uri or self.uri, self.index)
         return uri or self.uri
-
-    def ping(self) -> bool:
-        return True
