@@ -96,28 +96,27 @@ COPY_OPS = ("aten::copy_", "aten::index_copy_", "aten::index", "aten::index_sele
 """Operators that move data rather than compute: the engine's copies of its cache and state."""
 
 
-def step_profile(run, label: str = "stream") -> dict[str, float]:
-    """Where the time of ``run()`` (a few engine steps) goes, as shares of its wall time: ``copies``
-    (the self time of the operators in ``COPY_OPS``), ``model`` (every other operator's), ``stream``
-    (inside ``torch.profiler.record_function(label)``: the listeners, i.e. handing each step's news
-    to its request) and ``other`` (the rest: Python, scheduling, sampling bookkeeping)."""
+def step_profile(engine, run) -> dict[str, float]:
+    """Where the time of ``run()`` (engine steps) goes, as shares of its wall time, measured
+    without a profiler (whose per-operator cost would swamp a decode step's): ``model`` (the
+    runner's passes, ``EngineStats.model_s``), ``copies`` (of that, the operators in ``COPY_OPS``:
+    their share of all operators' self time in a second, profiled ``run()``, times ``model``),
+    ``stream`` (handing each step's news to its request, ``EngineStats.notify_s``) and ``other``
+    (scheduling, retrieval bookkeeping, Python between them); ``seconds``: the unprofiled run's."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
 
-    start = time.perf_counter()
+    stats = engine.stats
+    model, stream, start = stats.model_s, stats.notify_s, time.perf_counter()
+    run()
+    wall = time.perf_counter() - start
+    shares = {"model": (stats.model_s - model) / wall, "stream": (stats.notify_s - stream) / wall}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    wall = time.perf_counter() - start
-    copies = model = stream = 0.0
-    for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        if event.key == label:
-            stream = event.cpu_time_total / 1e6
-        elif event.key in COPY_OPS:
-            copies += seconds
-        elif event.key.startswith("aten::"):
-            model += seconds
-    shares = {"model": model / wall, "copies": copies / wall, "stream": stream / wall}
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    copied = sum(e.self_cpu_time_total for e in ops if e.key in COPY_OPS)
+    shares["copies"] = shares["model"] * copied / max(1e-9, sum(e.self_cpu_time_total for e in ops))
+    shares["model"] -= shares["copies"]
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))
-    return {k: round(v, 3) for k, v in shares.items()}
+    return {k: round(v, 3) for k, v in shares.items()} | {"seconds": round(wall, 3)}

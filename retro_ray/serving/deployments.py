@@ -32,6 +32,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator
@@ -185,6 +186,29 @@ class GeneratorServer:
     loop dies, the health check fails and Serve replaces the replica."""
 
     def __init__(self, cfg: Config, model: str, retriever=None):
+        self.interval_s = cfg.serve.stream_interval_ms / 1000
+        self.metrics = EngineMetrics(cfg.serve.model_name or model_name(model))
+        self.died: str | None = None
+        self.closing = threading.Event()
+        # The engine's thread loads the model too: every thread that computes with torch brings
+        # its own OpenMP team, and a second one slows every step (engine.one_openmp_thread).
+        ready: Future = Future()
+        self.thread = threading.Thread(target=self._run, args=(cfg, model, retriever, ready), name="retro-ray-engine",
+                                       daemon=True)
+        self.thread.start()
+        ready.result()  # a model that does not load fails the replica here
+
+    def _run(self, cfg: Config, model: str, retriever, ready: Future) -> None:
+        try:
+            self.generator, self.engine = self._load(cfg, model, retriever)
+            ready.set_result(None)
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        self._loop()
+
+    @staticmethod
+    def _load(cfg: Config, model: str, retriever) -> tuple:
         from retro_ray.database import tokenizer
         from retro_ray.model.io import load_model
         from retro_ray.serving.generate import Generator
@@ -195,16 +219,10 @@ class GeneratorServer:
         sc = cfg.serve
         if retriever is not None and loaded.cfg.retrieval:
             remote = RemoteRetriever(retriever, tokenizer.finished_tokenizer(cfg, storage).content_hash())
-        gen = self.generator = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
-        self.engine = Engine(gen.model, gen.tokenizer, remote, device=gen.device, config=EngineConfig(
+        gen = Generator(loaded, tokenizer.load_run_tokenizer(cfg, storage), remote)
+        return gen, Engine(gen.model, gen.tokenizer, remote, device=gen.device, config=EngineConfig(
             kv_tokens=sc.kv_tokens, max_seqs=sc.max_seqs, prefill_tokens=sc.prefill_tokens, policy=sc.policy,
             retrieval_timeout_s=sc.retrieval_timeout_s))
-        self.interval_s = sc.stream_interval_ms / 1000
-        self.metrics = EngineMetrics(sc.model_name or model_name(model))
-        self.died: str | None = None
-        self.closing = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="retro-ray-engine", daemon=True)
-        self.thread.start()
 
     def _loop(self) -> None:
         engine = self.engine

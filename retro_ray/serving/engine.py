@@ -58,6 +58,10 @@ class EngineStats:
     kv_used: float = 0.0
     """Share of the cache's positions held."""
     largest_batch: int = 0
+    model_s: float = 0.0
+    """Time in the runner's passes (the step's one host transfer included) and applying their tokens."""
+    notify_s: float = 0.0
+    """Time handing each step's news to the requests' listeners."""
 
 
 @dataclass
@@ -88,7 +92,8 @@ class Engine:
                                   pad=self.eos if self.eos is not None else 0, use_cache=c.use_cache)
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.inbox: list[list[Sequence]] = []  # added by other threads, taken at the next step
-        self.pool = ThreadPoolExecutor(4, thread_name_prefix="retro-ray-retrieve")  # a stalled call blocks no other
+        # a stalled call blocks no other; a local retriever's embedder must not slow the step (one_openmp_thread)
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="retro-ray-retrieve", initializer=one_openmp_thread)
         self.inflight: list[Retrieval] = []
         self.stats = EngineStats()
 
@@ -150,6 +155,7 @@ class Engine:
         slices = plan.slices
         if slices:
             self.stats.largest_batch = max(self.stats.largest_batch, len(plan.decode))
+            start = time.perf_counter()
             try:
                 tokens = self.runner.run(plan)
             except Exception as e:  # the pass's sequences fail; the engine goes on
@@ -161,11 +167,14 @@ class Engine:
                 self.scheduler.update(plan, tokens)
                 touched += plan.sampled
                 self.stats.tokens += sum(isinstance(t, int) for t in tokens)
+            self.stats.model_s += time.perf_counter() - start
         st, sc = self.stats, self.scheduler
         st.admitted += len(plan.admitted)
         st.prompt_tokens += sum(s.prompt_len for s in plan.admitted if s.parent is None)
+        start = time.perf_counter()
         for seq in dict.fromkeys(touched):  # each once, in order
             self._notify(seq)
+        st.notify_s += time.perf_counter() - start
         with self.lock:
             st.waiting = sum(len(g) for g in (*self.inbox, *sc.waiting))
         st.running = len(sc.running)
@@ -226,6 +235,23 @@ class Engine:
                                         else f"retrieval failed: {type(e).__name__}: {e}")
                     touched.append(seq)
         return touched
+
+
+def one_openmp_thread() -> None:
+    """A helper thread's torch and Faiss operators run on it alone, without an OpenMP team.
+
+    One process's OpenMP runtime (libgomp) counts the threads of every computing thread's team;
+    once they outnumber the cores, its workers stop spinning between parallel regions, so each of
+    the hundreds of regions in a decode step waits for a wake-up. A local retriever's query
+    embedder on this pool with a team of its own made the SmolLM2 retro-fit's decode step 56 ms
+    instead of 31 on 2 cores (Retro/GPT 0.55), long after the embedding had finished.
+    ``torch.set_num_threads`` would also change the count every later thread starts with; this
+    thread's own OpenMP setting (threadpoolctl) changes nothing elsewhere."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.get_num_threads()  # torch's per-thread set-up first: it would reset the limit at the first operator
+    threadpool_limits(1, user_api="openmp")
 
 
 def retrieve_apart(retriever, groups: list[list[str]], k: int, deadline: float) -> tuple[list, float]:
