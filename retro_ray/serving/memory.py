@@ -74,20 +74,24 @@ class KVCache:
         self.v[layer].index_copy_(1, layout.write, v[0])
 
     def attend(self, layer: int, q: torch.Tensor, layout: PassLayout, scale: float | None = None) -> torch.Tensor:
-        """q [1, h, T, e] -> [1, h, T, e]: every segment's queries over its own keys, read in place."""
-        keys, values = self.k[layer], self.v[layer]
-        h_kv, e = keys.shape[0], keys.shape[2]
-        g = q.shape[1] // h_kv
-        out = torch.empty_like(q)
+        """q [1, h, T, e] -> [1, T, h, e]: every segment's queries over its own keys, read in place."""
+        keys, values = self.k[layer][None], self.v[layer][None]  # [1, h_kv, N, e]
+        h_kv, e = keys.shape[1], keys.shape[3]
+        h, T = q.shape[1], q.shape[2]
+        g = h // h_kv
+        by_token = q[0].view(h_kv, g, T, e).permute(2, 0, 1, 3)  # [T, h_kv, g, e]: a view
+        outs = []
         for i, s in enumerate(layout.segments):
             lo, hi = s.offset, s.offset + s.seen
-            # [1, h_kv, g length, e]: a key head's g query heads read it together, so it is never repeated
-            qs = q[:, :, s.first:s.first + s.length].reshape(1, h_kv, g * s.length, e)
-            mask = layout.masks[i].repeat(g, 1) if s.length > 1 else None  # [g length, seen]
-            y = F.scaled_dot_product_attention(qs, keys[None, :, lo:hi], values[None, :, lo:hi], attn_mask=mask,
-                                               scale=scale)
-            out[:, :, s.first:s.first + s.length] = y.view(1, -1, s.length, e)
-        return out
+            if s.length == 1:  # a decode row: its g query heads per key head, so keys are never repeated
+                outs.append(F.scaled_dot_product_attention(by_token[s.first:s.first + 1], keys[:, :, lo:hi],
+                                                           values[:, :, lo:hi], scale=scale))  # [1, h_kv, g, e]
+                continue
+            qs = q[:, :, s.first:s.first + s.length].reshape(1, h_kv, g * s.length, e)  # [1, h_kv, g length, e]
+            y = F.scaled_dot_product_attention(qs, keys[:, :, lo:hi], values[:, :, lo:hi],
+                                               attn_mask=layout.masks[i].repeat(g, 1), scale=scale)
+            outs.append(y.view(h_kv, g, s.length, e).permute(2, 0, 1, 3))  # [length, h_kv, g, e]
+        return torch.cat(outs).view(1, T, h, e)
 
     def copy(self, src: int, dst: int, n: int) -> None:
         """Positions src..src+n-1 -> dst..dst+n-1 in every layer (a forked sequence)."""
@@ -109,8 +113,8 @@ class LayerView:
         _, T, d = h.shape
         q = attn.q(h).view(1, T, attn.h, d // attn.h).transpose(1, 2)  # [1, h, T, e]
         self.cache.write(self.layer, *attn.keys_values(h), self.layout)
-        y = self.cache.attend(self.layer, q, self.layout)  # [1, h, T, e]
-        return attn.out(y.transpose(1, 2).reshape(1, T, d))
+        y = self.cache.attend(self.layer, q, self.layout)  # [1, T, h, e]
+        return attn.out(y.view(1, T, d))
 
 
 # -- Hugging Face models ---------------------------------------------------------------------------
@@ -131,7 +135,7 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     cache, layout = current
-    return cache.attend(module.layer_idx, query, layout, scaling).transpose(1, 2), None  # [1, T, h, e]
+    return cache.attend(module.layer_idx, query, layout, scaling), None  # [1, T, h, e]
 
 
 def use_packed_attention(model) -> None:
