@@ -91,7 +91,7 @@ class KVCache:
             y = F.scaled_dot_product_attention(qs, keys[:, :, lo:hi], values[:, :, lo:hi],
                                                attn_mask=layout.masks[i].repeat(g, 1), scale=scale)
             outs.append(y.view(h_kv, g, s.length, e).permute(2, 0, 1, 3))  # [length, h_kv, g, e]
-        return torch.cat(outs).view(1, T, h, e)
+        return torch.cat(outs).reshape(1, T, h, e)
 
     def copy(self, src: int, dst: int, n: int) -> None:
         """Positions src..src+n-1 -> dst..dst+n-1 in every layer (a forked sequence)."""
@@ -114,7 +114,7 @@ class LayerView:
         q = attn.q(h).view(1, T, attn.h, d // attn.h).transpose(1, 2)  # [1, h, T, e]
         self.cache.write(self.layer, *attn.keys_values(h), self.layout)
         y = self.cache.attend(self.layer, q, self.layout)  # [1, T, h, e]
-        return attn.out(y.view(1, T, d))
+        return attn.out(y.reshape(1, T, d))
 
 
 # -- Hugging Face models ---------------------------------------------------------------------------
