@@ -63,12 +63,10 @@ class EmbedBatch:
     """Ray Data's side of the comparison: ``EmbedBlocks``'s model and settings on one batch."""
 
     def __init__(self, cfg):
-        from retro_ray.database.embed import Embedder
+        from retro_ray.database.embed import EmbedBlocks
 
-        e = cfg.embed
-        self.with_title = e.with_title
-        self.embedder = Embedder(e.model, max_length=e.max_length, normalize=e.normalize, device=e.device,
-                                 threads=max(1, int(e.num_cpus_per_actor)))
+        self.with_title = cfg.embed.with_title
+        self.embedder = EmbedBlocks(cfg, db_dir="").embedder  # the db stage's actor builds it, threads included
 
     def __call__(self, batch):
         import pyarrow as pa
