@@ -102,6 +102,22 @@ def test_decoding_rows_stay_first_when_one_parks(tok):
     assert fixed[0].status is Status.RUNNING and 0 in fixed[0].encoded
 
 
+def test_a_parked_row_costs_one_move_however_many_rows_decode(tok):
+    sched = Scheduler(EngineConfig(kv_tokens=512, max_seqs=8), M)
+    seqs = [group(tok, 2, new=12, retrieve=True)[0]] + [group(tok, 3, new=12)[0] for _ in range(5)]
+    for s in seqs:
+        sched.add([s])
+    step(sched)
+    step(sched)  # the first one's 4th token completes its first chunk: it parks
+    assert seqs[0].status is Status.RETRIEVING
+    plan = step(sched)  # each move carries every CCA layer's keys of two rows: the last row fills the hole
+    assert plan.moves == [(5, 0)] and [s.seq.row for s in plan.decode] == [0, 1, 2, 3, 4]
+    assert [s.seq for s in plan.decode] == [seqs[5], *seqs[1:5]]
+    sched.deliver(seqs[0], {0: "n"})
+    plan = step(sched)
+    assert plan.moves == [] and [s.seq.row for s in plan.decode] == [0, 1, 2, 3, 4, 5]
+
+
 def test_forks_start_from_the_prompt_and_cancelled_ones_leave(tok):
     sched = Scheduler(EngineConfig(kv_tokens=256, max_seqs=4), M)
     forks = group(tok, 6, n=3)

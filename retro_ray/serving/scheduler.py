@@ -198,13 +198,16 @@ class Scheduler:
             self._want(head, list(range(head.prompt_len // self.m)))
 
     def _compact(self, decoding: list[Sequence]) -> list[tuple[int, int]]:
-        """Row swaps after which decoding sequence i has row i, so the pass reads every
-        decoding row's state as one slice; a sequence changes rows only when statuses change."""
+        """Row swaps after which the b decoding sequences hold rows 0..b-1, so the pass reads
+        their state as one slice. Only a decoding sequence beyond row b-1 moves, into a row below
+        b that none holds: one that parks costs one swap (the last decoding row takes its place),
+        not a shift of every row after it (each swap moves every CCA layer's keys of two rows)."""
+        b = len(decoding)
         by_row = {s.row: s for s in self.running}
+        held = {s.row for s in decoding}
+        holes = [i for i in range(b) if i not in held]
         moves = []
-        for i, seq in enumerate(decoding):
-            if seq.row == i:
-                continue
+        for seq, i in zip([s for s in decoding if s.row >= b], holes):
             other = by_row.pop(i, None)
             moves.append((seq.row, i))
             if other is None:  # row i is free: the sequence moves there
@@ -214,6 +217,7 @@ class Scheduler:
             else:
                 other.row, by_row[seq.row] = seq.row, other
             seq.row, by_row[i] = i, seq
+        decoding.sort(key=lambda s: s.row)
         return moves
 
     # -- applying -----------------------------------------------------------------------------------
