@@ -621,9 +621,11 @@ def deployment_options(cfg: Config, resources: dict[str, float], options: dict[s
     the Retriever's ``serve.retriever_gpus`` (0: the Retriever embeds and searches on the CPU), so
     that one replica of each fits a one-GPU node; without, the Generator all CPUs but one (its
     torch threads; up to 8), the Retriever half a CPU and the Ingress none (it waits on the
-    others), so that the app starts on a 2-core laptop. OpenMP keeps its default wait policy:
-    ``OMP_WAIT_POLICY=PASSIVE`` puts torch's threads to sleep after each of a decoding step's
-    hundreds of parallel regions, and the served model decoded at 0.55 to 0.7 of its speed."""
+    others), so that the app starts on a 2-core laptop. A Retriever on CPUs lets its idle OpenMP
+    threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``: it embeds in short bursts, and threads
+    spinning after one would take the Generator's cores); the Generator keeps OpenMP's default,
+    since sleeping after each of a decoding step's hundreds of parallel regions served its
+    model at 0.55 to 0.7 of its speed."""
     import copy
 
     options = copy.deepcopy(options or {})
@@ -638,6 +640,8 @@ def deployment_options(cfg: Config, resources: dict[str, float], options: dict[s
             actor.setdefault("resources", dict(cfg.resources.serve))
         if gpus and gpu and "num_gpus" not in actor:
             actor["num_gpus"] = gpu
+        if name == "Retriever" and not actor.get("num_gpus"):
+            actor.setdefault("runtime_env", {}).setdefault("env_vars", {}).setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return options
 
 
