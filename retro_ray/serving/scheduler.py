@@ -148,7 +148,7 @@ class Scheduler:
                 seq.wanted = []
         decoding = sorted((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.row)
         plan.moves = self._compact(decoding)
-        plan.decode = [Slice(s, len(s.ids) - 1, 1, sample=True) for s in decoding]
+        plan.decode = [Slice(s, len(s.ids) - 1, 1, sample=True) for s in sorted(decoding, key=lambda s: s.row)]
         budget = self.config.prefill_tokens if self.config.use_cache else float("inf")
         for s in self.running:
             if s.status is not Status.PREFILLING or budget <= 0:
@@ -217,7 +217,6 @@ class Scheduler:
             else:
                 other.row, by_row[seq.row] = seq.row, other
             seq.row, by_row[i] = i, seq
-        decoding.sort(key=lambda s: s.row)
         return moves
 
     # -- applying -----------------------------------------------------------------------------------
