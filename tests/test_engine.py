@@ -2,6 +2,7 @@
 full-recompute reference, whenever it was admitted and whatever else runs; a short request is
 not held behind a long one; a failing request fails alone; a cancelled one frees its room."""
 
+import os
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from retro_ray.database import tokenizer
 from retro_ray.retrieval.retriever import run_retriever
 from retro_ray.serving.engine import Engine, EngineConfig, GenerationError, Request, SamplingParams
 from retro_ray.serving.generate import Generator
+from retro_ray.serving.sequence import Status
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +214,13 @@ def test_a_malformed_retrieval_fails_its_own_sequence_and_retries_stop_at_the_de
 
 
 def test_a_local_retriever_computes_without_an_openmp_team_of_its_own(run):
-    """The engine's retrieval thread runs a local retriever's embedder on one OpenMP thread: a
-    second team in the process would make libgomp stop spinning between the decode step's
-    parallel regions (the retro-fit's step 56 ms instead of 31 on 2 cores). The decoding thread,
-    and threads started later, keep torch's thread count."""
+    """The engine's retrieval thread runs a local retriever's embedder on one thread, its matrix
+    products included (MKL keeps a thread count of its own, used in full once
+    ``torch.set_num_threads`` has been called, as replicas and benchmarks do): with a second team
+    in the process, libgomp stops spinning between the parallel regions of the decoding thread,
+    whose workers then sleep and wake at each of them, for as long as the retrieval thread lives
+    (two sleeps a region; 530 a step and 55 ms instead of 30 for the SmolLM2 retro-fit on 2
+    cores). The decoding thread, and threads started later, keep torch's thread count."""
     import threading
 
     import torch
@@ -229,13 +234,34 @@ def test_a_local_retriever_computes_without_an_openmp_team_of_its_own(run):
             return retriever.retrieve(texts, k, timeout_s=timeout_s)
 
     threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as a replica or a benchmark sets it: MKL then uses every thread it is given
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, Counting())
     engine = engine_of(gen, EngineConfig(kv_tokens=2048, max_seqs=2))
-    [seq] = engine.run([_request(gen, PROMPT, SamplingParams(max_new_tokens=2 * M))])
+    [seq] = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=M)))
+    while not seq.retrieved or seq.status != Status.RUNNING:  # the prompt's neighbours in: the pool's thread has embedded
+        engine.step()
+    a, b = torch.ones(1 << 20), torch.ones(1 << 20)
+    sleeps = voluntary_switches()
+    for _ in range(100):  # 100 parallel regions on the decoding thread
+        a.add_(b)
+    sleeps = voluntary_switches() - sleeps
     later = []
     t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     t.start()
     t.join()
     engine.close()
-    assert seq.error is None and seq.retrieved and seen and set(seen) == {1}
+    assert seq.error is None and seen and set(seen) == {1}
+    assert sleeps < 50, f"the process's threads slept {sleeps} times in 100 parallel regions"
     assert torch.get_num_threads() == threads and later == [threads]
+
+
+def voluntary_switches() -> int:
+    """How many times this process's threads have slept (given up their core) so far."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return total

@@ -243,14 +243,20 @@ def one_openmp_thread() -> None:
     One process's OpenMP runtime (libgomp) counts the threads of every computing thread's team;
     once they outnumber the cores, its workers stop spinning between parallel regions, so each of
     the hundreds of regions in a decode step waits for a wake-up. A local retriever's query
-    embedder on this pool with a team of its own made the SmolLM2 retro-fit's decode step 56 ms
-    instead of 31 on 2 cores (Retro/GPT 0.55), long after the embedding had finished.
-    ``torch.set_num_threads`` would also change the count every later thread starts with; this
-    thread's own OpenMP setting (threadpoolctl) changes nothing elsewhere."""
+    embedder on this pool with a team of its own made the SmolLM2 retro-fit's decode step 55 ms
+    instead of 30 on 2 cores, for as long as the pool's thread lived. Both counts of this thread
+    go to one: OpenMP's (torch's loops, Faiss's own libgomp through threadpoolctl) and MKL's (torch's
+    matrix products start a team of MKL's count, which only ``torch.set_num_threads`` sets).
+    ``torch.set_num_threads`` also sets the count every later thread starts with: a thread that
+    computes nothing puts that back at once."""
     import torch
     from threadpoolctl import threadpool_limits
 
-    torch.get_num_threads()  # torch's per-thread set-up first: it would reset the limit at the first operator
+    count = torch.get_num_threads()  # torch's per-thread set-up first: it would reset the limits at the first operator
+    torch.set_num_threads(1)
+    restore = threading.Thread(target=torch.set_num_threads, args=(count,), name="retro-ray-threads")
+    restore.start()
+    restore.join()
     threadpool_limits(1, user_api="openmp")
 
 
