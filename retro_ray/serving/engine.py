@@ -249,7 +249,6 @@ def one_openmp_thread() -> None:
     matrix products start a team of MKL's count, which only ``torch.set_num_threads`` sets).
     ``torch.set_num_threads`` also sets the count every later thread starts with: a thread that
     computes nothing puts that back at once."""
-    import torch
     from threadpoolctl import threadpool_limits
 
     count = torch.get_num_threads()  # torch's per-thread set-up first: it would reset the limits at the first operator
