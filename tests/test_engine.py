@@ -238,8 +238,8 @@ def test_a_local_retriever_computes_without_an_openmp_team_of_its_own(run):
     gen = Generator(make_model("retro", len(tok), tok.eos_token_id), tok, Counting())
     engine = engine_of(gen, EngineConfig(kv_tokens=2048, max_seqs=2))
     [seq] = engine.add(_request(gen, PROMPT, SamplingParams(max_new_tokens=M)))
-    while not seq.retrieved or seq.status != Status.RUNNING:  # the prompt's neighbours in: the pool's thread has embedded
-        engine.step()
+    while not seq.done and not (seq.retrieved and seq.status == Status.RUNNING):
+        engine.step()  # until the prompt's neighbours are in: the pool's thread has embedded
     a, b = torch.ones(1 << 20), torch.ones(1 << 20)
     sleeps = voluntary_switches()
     for _ in range(100):  # 100 parallel regions on the decoding thread
