@@ -42,6 +42,7 @@ def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind
              (PROMPT * 2, 50, True)]
     arrive = [0, 5, 11, 37, 52]  # steps; 37 is mid-chunk for the first sequence
     engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=8, prefill_tokens=48))
+    assert (engine.runner.llama is not None) == (kind == "llama")  # the Llama runs its own pass, not HF's
     seqs, step = {}, 0
     while len(seqs) < len(cases) or engine.has_work():
         for i, at in enumerate(arrive):

@@ -84,9 +84,13 @@ class RetroFit(nn.Module):
             if self._retrieved is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output  # [b, n, d]
-            hidden = hidden + self._retrieved(self.cca[name], self.ln_cca[name](hidden))
+            hidden = self.with_cca(name, hidden, self._retrieved)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
+
+    def with_cca(self, name: str, hidden: torch.Tensor, retrieved) -> torch.Tensor:
+        """hidden [b, n, d] after decoder layer ``name`` (from 1) -> plus that layer's CCA output."""
+        return hidden + retrieved(self.cca[name], self.ln_cca[name](hidden))
 
     def forward(self, tokens: torch.Tensor, neighbors: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,

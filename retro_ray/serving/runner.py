@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from retro_ray.model.retro import Retro
+from retro_ray.serving.llama import LlamaPass
 from retro_ray.serving.memory import (
     KVCache, LayerView, NeighbourState, NewChunk, PassLayout, PassNeighbours, Segment, hf_cache,
     packed_pass, use_packed_attention,
@@ -34,7 +35,8 @@ class ModelRunner:
         self.cache = KVCache(kv_tokens, device)
         self.neighbours = NeighbourState(model, max_seqs, kv_tokens) if model.cfg.retrieval else None
         self.hf = not isinstance(model, Retro)
-        if self.hf:
+        self.llama = LlamaPass(model) if self.hf and LlamaPass.supports(model.base) else None
+        if self.hf and self.llama is None:
             use_packed_attention(model.base)
 
     @torch.inference_mode()
@@ -74,7 +76,9 @@ class ModelRunner:
                    if u * self.m + self.m - 1 >= s.start and u in s.seq.ready]
             retrieved = PassNeighbours(self.neighbours, layout, len(plan.decode), [s.seq.row for s in slices],
                                        [s.seq.req.retrieve for s in slices], new)
-        if self.hf:
+        if self.llama is not None:
+            logits = self.llama(tokens, positions, retrieved, self.cache, layout, sampled)
+        elif self.hf:
             with packed_pass(self.cache, layout):
                 logits = self.model.decode(tokens, positions, retrieved, hf_cache(self.cache, layout), sampled)
         else:
