@@ -5,8 +5,10 @@ not held behind a long one; a failing request fails alone; a cancelled one frees
 import os
 import time
 
+import numpy as np
 import pytest
-from conftest import M, PROMPT, generation_run, make_model
+import torch
+from conftest import LOGITS_ATOL, M, PROMPT, generation_run, make_model
 
 from retro_ray.core.storage import Storage
 from retro_ray.database import tokenizer
@@ -59,6 +61,33 @@ def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind
         assert s.generated == alone.tokens, (kind, i)
         assert s.text == alone.text and s.retrieved == alone.retrieved
         assert bool(s.retrieved) == retrieve
+
+
+def test_a_llama_with_a_wrapped_projection_keeps_the_hugging_face_pass(run):
+    """The engine's own Llama pass reads plain ``nn.Linear`` weights only; a model with a wrapped
+    projection (LoRA, a quantized layer) keeps Hugging Face's pass, which calls the module, and
+    decodes as the reference does."""
+    cfg, tok, retriever = run
+    model = make_model("llama", len(tok), tok.eos_token_id)
+    attn = model.base.model.layers[1].self_attn
+
+    class Doubled(torch.nn.Linear):  # an adapter's stand-in: not F.linear of its own weight
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    wrapped = Doubled(attn.v_proj.in_features, attn.v_proj.out_features, bias=attn.v_proj.bias is not None)
+    wrapped.load_state_dict(attn.v_proj.state_dict())
+    attn.v_proj = wrapped
+    gen = Generator(model, tok, retriever)
+    engine = engine_of(gen, EngineConfig(kv_tokens=512, max_seqs=2))
+    assert engine.runner.llama is None
+    engine.close()
+    params = SamplingParams(max_new_tokens=24)
+    alone = Generator(model, tok, retriever, use_cache=False).generate([PROMPT], params, keep_logits=True)[0]
+    cached = gen.generate([PROMPT], params, keep_logits=True)[0]
+    assert cached.tokens == alone.tokens
+    atol = LOGITS_ATOL[gen.device.type]
+    assert all(np.allclose(a, b, atol=atol) for a, b in zip(cached.logits, alone.logits))
 
 
 def test_a_short_request_finishes_while_a_long_one_decodes(run):

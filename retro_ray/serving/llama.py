@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from retro_ray.serving.memory import KVCache, PassLayout
 
@@ -41,9 +42,15 @@ class LlamaPass:
 
     @staticmethod
     def supports(base) -> bool:
+        """A plain ``LlamaForCausalLM``: no quantized, LoRA or otherwise wrapped projection (their
+        own modules know how to run them, ``F.linear`` on their weights would not)."""
         from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-        return type(base) is LlamaForCausalLM
+        if type(base) is not LlamaForCausalLM or getattr(base, "hf_quantizer", None) is not None:
+            return False
+        projections = [m for layer in base.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
+                       if m is not layer.mlp.act_fn]
+        return all(type(m) is nn.Linear for m in projections)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, retrieved, cache: KVCache,
                  layout: PassLayout, logits_at: torch.Tensor) -> torch.Tensor:
