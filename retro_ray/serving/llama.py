@@ -2,12 +2,12 @@
 
 Through ``transformers``' Llama, about a third of a one-sequence decode step of SmolLM2-135M on
 2 cores is spent outside the matrix products: per layer the decorated module calls and keyword
-plumbing, an eight-operator RMSNorm, rotate-half twice, the attention interface's dispatch and a
-``Cache`` object. ``LlamaPass`` runs the same arithmetic in the same order on the same modules'
-weights (RMSNorm in fp32 cast back, as Hugging Face does; the model's own rotary tables; queries
-and keys rotated in one go) and reads and writes the engine's cache directly, with the retro-fit's
-CCA after its layers: SmolLM2's decode step without retrieval 30.8 -> 29.2 ms on 2 cores, the same
-tokens. Models of any other class keep the Hugging Face pass (``supports``).
+plumbing, rotate-half twice, the attention interface's dispatch and a ``Cache`` object.
+``LlamaPass`` runs the same arithmetic in the same order with the model's own norms, rotary tables
+and weights (queries and keys rotated in one go) and reads and writes the engine's cache directly,
+with the retro-fit's CCA after its layers: SmolLM2's decode step without retrieval 30.8 -> 28-29.6
+ms on 2 cores, the same tokens. Models of any other class keep the Hugging Face pass
+(``supports``).
 
 Notation as ``memory``: T tokens in the pass, P sampled positions, V vocabulary, d width, h heads,
 h_kv key/value heads, e head width. Imports no Ray.
@@ -20,16 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from retro_ray.serving.memory import KVCache, PassLayout
-
-
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """A ``LlamaRMSNorm``'s output: normalised in fp32, cast back, then scaled."""
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
 class LlamaPass:
@@ -56,13 +46,15 @@ class LlamaPass:
                  layout: PassLayout, logits_at: torch.Tensor) -> torch.Tensor:
         """tokens, positions [1, T] -> logits [1, P, V] at the pass rows ``logits_at`` [P];
         ``retrieved`` (or None) feeds the CCA layers."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
         model, h_q = self.base.model, self.heads
         x = model.embed_tokens(tokens)  # [1, T, d]
         T = x.shape[1]
         cos, sin = (t[:, :, None] for t in model.rotary_emb(x, positions))  # [1, T, 1, e]
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            y = rms_norm(x, layer.input_layernorm)
+            y = layer.input_layernorm(x)
             q = F.linear(y, attn.q_proj.weight, attn.q_proj.bias).view(1, T, h_q, attn.head_dim)
             k = F.linear(y, attn.k_proj.weight, attn.k_proj.bias).view(1, T, -1, attn.head_dim)
             v = F.linear(y, attn.v_proj.weight, attn.v_proj.bias).view(1, T, -1, attn.head_dim)
@@ -71,10 +63,10 @@ class LlamaPass:
             cache.write(i, qk[:, :, h_q:].transpose(1, 2), v.transpose(1, 2), layout)
             y = cache.attend(i, qk[:, :, :h_q].transpose(1, 2), layout, attn.scaling)  # [1, T, h, e]
             x = x + F.linear(y.reshape(1, T, -1), attn.o_proj.weight, attn.o_proj.bias)
-            y = rms_norm(x, layer.post_attention_layernorm)
+            y = layer.post_attention_layernorm(x)
             gate = mlp.act_fn(F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias))
             x = x + F.linear(gate * F.linear(y, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight,
                              mlp.down_proj.bias)
             if retrieved is not None and i in self.cca:
                 x = self.fit.with_cca(self.cca[i], x, retrieved)
-        return self.base.lm_head(rms_norm(x, model.norm)[:, logits_at])  # [1, P, V]
+        return self.base.lm_head(model.norm(x)[:, logits_at])  # [1, P, V]

@@ -7,8 +7,8 @@ where it lives.
   positions and each sequence attends to its own range through a view: no per-step copy of the
   cache. Grouped-query heads are folded into the query length, so keys are never repeated.
   Hugging Face models use it through their attention interface (``hf_attention``) and a ``Cache``
-  (``hf_cache``), so the same packed pass runs a retro-fitted GPT-2 or Mistral; a Llama runs its
-  own pass over it (``llama.LlamaPass``).
+  (``hf_cache``), so the same packed pass runs a retro-fitted GPT-2 or any other base; a Llama
+  runs its own pass over it (``llama.LlamaPass``).
 - ``NeighbourState``: what the CCA layers read: the decoder states the encoder reads (every cache
   position's, at the first CCA layer) and each row's current chunk's projected CCA keys, rows kept
   in decode order by the scheduler so a pass reads them as one slice. ``PassNeighbours`` is one
