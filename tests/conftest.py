@@ -345,9 +345,11 @@ def _trained_looking(cca_modules) -> None:
 
 
 def make_model(kind: str, vocab: int, eos: int):
-    """A tiny random model of ``kind`` (retro, gpt, llama, gpt2) whose CCA changes its output and
-    which never ends a text by itself."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """A tiny random model of ``kind`` (retro, gpt, llama, mistral, gpt2) whose CCA changes its
+    output and which never ends a text by itself; the Mistral's layers attend within a sliding
+    window of 40 positions."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
 
     from retro_ray.model import Retro, RetroConfig
     from retro_ray.model.retrofit import RetroFit, retrofit_config
@@ -361,9 +363,12 @@ def make_model(kind: str, vocab: int, eos: int):
         with torch.no_grad():  # end of text never the likeliest token: every run decodes its full length
             model.wte.weight[eos] = 0.0  # tied with the output: it scores 0
         return model.eval()
+    decoder = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, max_position_embeddings=512)
     if kind == "llama":
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512))
+        base = LlamaForCausalLM(LlamaConfig(**decoder))
+    elif kind == "mistral":
+        base = MistralForCausalLM(MistralConfig(**decoder, sliding_window=40))
     else:
         base = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=512))
     model = RetroFit(base, retrofit_config(base, **common))

@@ -32,7 +32,7 @@ def _request(gen, prompt: str, params: SamplingParams, retrieve: bool = True, **
     return Request(gen.encode_prompt(prompt, params), params, retrieve and gen.cfg.retrieval, **kw)
 
 
-@pytest.mark.parametrize("kind", ["retro", "llama"])
+@pytest.mark.parametrize("kind", ["retro", "llama", "mistral"])
 def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind):
     """Mixed prompt lengths, retrieval on and off, admitted at different steps (one mid-chunk of
     another's decoding), long prompts prefilled in pieces: each equals its own reference."""
@@ -88,6 +88,32 @@ def test_a_llama_with_a_wrapped_projection_keeps_the_hugging_face_pass(run):
     assert cached.tokens == alone.tokens
     atol = LOGITS_ATOL[gen.device.type]
     assert all(np.allclose(a, b, atol=atol) for a, b in zip(cached.logits, alone.logits))
+
+
+def test_a_sliding_window_model_decodes_as_its_own_hugging_face_attention(run):
+    """A base whose layers attend within a sliding window (Mistral, Qwen2, Gemma) decodes in the
+    engine, past the window, as Hugging Face's own SDPA attention computes it; its full-recompute
+    reference too (the window is not lost once the engine's attention is installed)."""
+    cfg, tok, retriever = run
+    model = make_model("mistral", len(tok), tok.eos_token_id)
+    window = model.base.config.sliding_window
+    params = SamplingParams(max_new_tokens=3 * window)
+    gen = Generator(model, tok, retriever)
+    cached = gen.generate([PROMPT], params, mode="off", keep_logits=True)[0]
+    full = Generator(model, tok, retriever, use_cache=False).generate([PROMPT], params, mode="off",
+                                                                      keep_logits=True)[0]
+    ids = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"] + cached.tokens[:-1]])  # [1, n]
+    assert ids.shape[1] > 2 * window
+    model.base.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        own = model.base(ids).logits[0, -len(cached.logits):]  # [new, V]: Hugging Face's own masks
+        model.base.config.sliding_window = None
+        unwindowed = model.base(ids).logits[0, -1]
+    atol = LOGITS_ATOL[gen.device.type]
+    assert cached.tokens == full.tokens
+    for step, (a, b, c) in enumerate(zip(cached.logits, full.logits, own.float().cpu().numpy())):
+        assert np.allclose(a, c, atol=atol) and np.allclose(b, c, atol=atol), step
+    assert not np.allclose(unwindowed.float().cpu().numpy(), cached.logits[-1], atol=1e-3)  # the window matters
 
 
 def test_a_short_request_finishes_while_a_long_one_decodes(run):

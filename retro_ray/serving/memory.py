@@ -5,10 +5,11 @@ where it lives.
   sequence owns a contiguous range (``scheduler.KVSpace`` decides which). A pass packs its
   sequences' tokens one after another (``PassLayout``); each layer writes its new keys at their
   positions and each sequence attends to its own range through a view: no per-step copy of the
-  cache. Grouped-query heads are folded into the query length, so keys are never repeated.
-  Hugging Face models use it through their attention interface (``hf_attention``) and a ``Cache``
-  (``hf_cache``), so the same packed pass runs a retro-fitted GPT-2 or any other base; a Llama
-  runs its own pass over it (``llama.LlamaPass``).
+  cache. Grouped-query heads are folded into the query length, so keys are never repeated; a
+  layer with a sliding window (Mistral, Qwen2, Gemma) reads only the window's keys.
+  Hugging Face models use it through their attention interface (``hf_attention``, with their mask
+  interface ``hf_mask``) and a ``Cache`` (``hf_cache``), so the same packed pass runs a
+  retro-fitted GPT-2 or any other base; a Llama runs its own pass over it (``llama.LlamaPass``).
 - ``NeighbourState``: what the CCA layers read: the decoder states the encoder reads (every cache
   position's, at the first CCA layer) and each row's current chunk's projected CCA keys, rows kept
   in decode order by the scheduler so a pass reads them as one slice. ``PassNeighbours`` is one
@@ -49,13 +50,30 @@ class Segment:
 
 class PassLayout:
     """A packed pass: its segments, where its keys are written, and the causal mask of every
-    segment of more than one token (a prompt slice sees its earlier positions and itself)."""
+    segment of more than one token (a prompt slice sees its earlier positions and itself; within a
+    sliding window, only the window's: ``mask``)."""
 
     def __init__(self, segments: list[Segment], device: torch.device):
         self.segments = segments
         self.write = torch.cat([torch.arange(s.offset + s.start, s.offset + s.seen) for s in segments]).to(device)  # [T]
         self.masks = {i: (torch.arange(s.seen)[None, :] <= torch.arange(s.start, s.seen)[:, None]).to(device)
                       for i, s in enumerate(segments) if s.length > 1}  # [length, seen]
+        self.windowed: dict[tuple[int, int], torch.Tensor] = {}
+
+    def first_key(self, i: int, window: int | None) -> int:
+        """The first position segment i's earliest query sees: with a sliding ``window`` (a query at
+        position p sees p - window + 1 .. p, as Hugging Face's sliding-window masks), else 0."""
+        return 0 if window is None else max(0, self.segments[i].start - window + 1)
+
+    def mask(self, i: int, window: int | None) -> torch.Tensor:
+        """Segment i's causal mask [length, seen - first_key], within ``window`` if one is given."""
+        if window is None:
+            return self.masks[i]
+        if (i, window) not in self.windowed:
+            s, lo, causal = self.segments[i], self.first_key(i, window), self.masks[i]
+            keys, queries = (torch.arange(a, s.seen, device=causal.device) for a in (lo, s.start))
+            self.windowed[i, window] = causal[:, lo:] & (keys[None, :] > queries[:, None] - window)
+        return self.windowed[i, window]
 
 
 class KVCache:
@@ -74,8 +92,10 @@ class KVCache:
         self.k[layer].index_copy_(1, layout.write, k[0])
         self.v[layer].index_copy_(1, layout.write, v[0])
 
-    def attend(self, layer: int, q: torch.Tensor, layout: PassLayout, scale: float | None = None) -> torch.Tensor:
-        """q [1, h, T, e] -> [1, T, h, e]: every segment's queries over its own keys, read in place."""
+    def attend(self, layer: int, q: torch.Tensor, layout: PassLayout, scale: float | None = None,
+               window: int | None = None) -> torch.Tensor:
+        """q [1, h, T, e] -> [1, T, h, e]: every segment's queries over its own keys, read in place
+        (the last ``window`` positions only, for a layer with a sliding window)."""
         keys, values = self.k[layer][None], self.v[layer][None]  # [1, h_kv, N, e]
         h_kv, e = keys.shape[1], keys.shape[3]
         h, T = q.shape[1], q.shape[2]
@@ -83,14 +103,14 @@ class KVCache:
         by_token = q[0].view(h_kv, g, T, e).permute(2, 0, 1, 3)  # [T, h_kv, g, e]: a view
         outs = []
         for i, s in enumerate(layout.segments):
-            lo, hi = s.offset, s.offset + s.seen
+            lo, hi = s.offset + layout.first_key(i, window), s.offset + s.seen
             if s.length == 1:  # a decode row: its g query heads per key head, so keys are never repeated
                 outs.append(F.scaled_dot_product_attention(by_token[s.first:s.first + 1], keys[:, :, lo:hi],
                                                            values[:, :, lo:hi], scale=scale))  # [1, h_kv, g, e]
                 continue
             qs = q[:, :, s.first:s.first + s.length].reshape(1, h_kv, g * s.length, e)  # [1, h_kv, g length, e]
             y = F.scaled_dot_product_attention(qs, keys[:, :, lo:hi], values[:, :, lo:hi],
-                                               attn_mask=layout.masks[i].repeat(g, 1), scale=scale)
+                                               attn_mask=layout.mask(i, window).repeat(g, 1), scale=scale)
             outs.append(y.view(h_kv, g, s.length, e).permute(2, 0, 1, 3))  # [length, h_kv, g, e]
         return torch.cat(outs).reshape(1, T, h, e)
 
@@ -126,24 +146,36 @@ _PASS: contextvars.ContextVar[tuple[KVCache, PassLayout] | None] = contextvars.C
                                                                                             default=None)
 
 
-def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Hugging Face's attention interface: in an engine pass, the packed attention over the cache;
-    elsewhere (training, the full-recompute reference) plain SDPA."""
+def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                 **kwargs):
+    """Hugging Face's attention interface: in an engine pass, the packed attention over the cache
+    (within the layer's sliding window, if it has one); elsewhere (training, the full-recompute
+    reference) SDPA with the mask ``hf_mask`` built."""
     current = _PASS.get()
     if current is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+                                      sliding_window=sliding_window, **kwargs)
     cache, layout = current
-    return cache.attend(module.layer_idx, query, layout, scaling), None  # [1, T, h, e]
+    return cache.attend(module.layer_idx, query, layout, scaling, sliding_window), None  # [1, T, h, e]
+
+
+def hf_mask(*args, **kwargs):
+    """Hugging Face's mask interface: in an engine pass none (``KVCache.attend`` masks each
+    segment itself); elsewhere SDPA's, so sliding windows and packed examples stay masked there."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _PASS.get() is not None else sdpa_mask(*args, **kwargs)
 
 
 def use_packed_attention(model) -> None:
     """Make a Hugging Face model's attention the engine's (outside a pass it stays SDPA)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(HF_ATTENTION, hf_attention)
+    AttentionMaskInterface.register(HF_ATTENTION, hf_mask)
     model.set_attn_implementation(HF_ATTENTION)
 
 
