@@ -345,11 +345,11 @@ def _trained_looking(cca_modules) -> None:
 
 
 def make_model(kind: str, vocab: int, eos: int):
-    """A tiny random model of ``kind`` (retro, gpt, llama, mistral, gpt2) whose CCA changes its
-    output and which never ends a text by itself; the Mistral's layers attend within a sliding
-    window of 40 positions."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM)
+    """A tiny random model of ``kind`` (retro, gpt, llama, qwen2, mistral, gemma3, gpt2) whose CCA
+    changes its output and which never ends a text by itself. The Mistral's layers attend within a
+    sliding window of 40 positions, the Gemma 3's first and third."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     from retro_ray.model import Retro, RetroConfig
     from retro_ray.model.retrofit import RetroFit, retrofit_config
@@ -367,8 +367,13 @@ def make_model(kind: str, vocab: int, eos: int):
                    intermediate_size=64, max_position_embeddings=512)
     if kind == "llama":
         base = LlamaForCausalLM(LlamaConfig(**decoder))
+    elif kind == "qwen2":
+        base = Qwen2ForCausalLM(Qwen2Config(**decoder))
     elif kind == "mistral":
         base = MistralForCausalLM(MistralConfig(**decoder, sliding_window=40))
+    elif kind == "gemma3":
+        base = Gemma3ForCausalLM(Gemma3TextConfig(**decoder, head_dim=8, query_pre_attn_scalar=8, sliding_window=40,
+                                                  layer_types=["sliding_attention", "full_attention"] * 2))
     else:
         base = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=512))
     model = RetroFit(base, retrofit_config(base, **common))

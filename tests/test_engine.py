@@ -32,7 +32,7 @@ def _request(gen, prompt: str, params: SamplingParams, retrieve: bool = True, **
     return Request(gen.encode_prompt(prompt, params), params, retrieve and gen.cfg.retrieval, **kw)
 
 
-@pytest.mark.parametrize("kind", ["retro", "llama", "mistral"])
+@pytest.mark.parametrize("kind", ["retro", "llama", "qwen2", "mistral"])
 def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind):
     """Mixed prompt lengths, retrieval on and off, admitted at different steps (one mid-chunk of
     another's decoding), long prompts prefilled in pieces: each equals its own reference."""
@@ -44,7 +44,7 @@ def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind
              (PROMPT * 2, 50, True)]
     arrive = [0, 5, 11, 37, 52]  # steps; 37 is mid-chunk for the first sequence
     engine = engine_of(gen, EngineConfig(kv_tokens=4096, max_seqs=8, prefill_tokens=48))
-    assert (engine.runner.llama is not None) == (kind == "llama")  # the Llama runs its own pass, not HF's
+    assert (engine.runner.llama is not None) == (kind != "retro")  # Llama's family runs its own pass, not HF's
     seqs, step = {}, 0
     while len(seqs) < len(cases) or engine.has_work():
         for i, at in enumerate(arrive):
@@ -90,15 +90,20 @@ def test_a_llama_with_a_wrapped_projection_keeps_the_hugging_face_pass(run):
     assert all(np.allclose(a, b, atol=atol) for a, b in zip(cached.logits, alone.logits))
 
 
-def test_a_sliding_window_model_decodes_as_its_own_hugging_face_attention(run):
-    """A base whose layers attend within a sliding window (Mistral, Qwen2, Gemma) decodes in the
-    engine, past the window, as Hugging Face's own SDPA attention computes it; its full-recompute
-    reference too (the window is not lost once the engine's attention is installed)."""
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_a_sliding_window_model_decodes_as_its_own_hugging_face_attention(run, kind):
+    """A base whose layers attend within a sliding window (Mistral's all, Gemma 3's every other)
+    decodes in the engine, past the window, as Hugging Face's own SDPA attention computes it, on
+    the engine's own pass (Mistral) and on Hugging Face's (Gemma 3); its full-recompute reference
+    too (the window is not lost once the engine's attention is installed)."""
     cfg, tok, retriever = run
-    model = make_model("mistral", len(tok), tok.eos_token_id)
+    model = make_model(kind, len(tok), tok.eos_token_id)
     window = model.base.config.sliding_window
     params = SamplingParams(max_new_tokens=3 * window)
     gen = Generator(model, tok, retriever)
+    engine = engine_of(gen, EngineConfig(kv_tokens=512, max_seqs=2))
+    assert (engine.runner.llama is not None) == (kind == "mistral")
+    engine.close()
     cached = gen.generate([PROMPT], params, mode="off", keep_logits=True)[0]
     full = Generator(model, tok, retriever, use_cache=False).generate([PROMPT], params, mode="off",
                                                                       keep_logits=True)[0]
@@ -107,13 +112,32 @@ def test_a_sliding_window_model_decodes_as_its_own_hugging_face_attention(run):
     model.base.set_attn_implementation("sdpa")
     with torch.no_grad():
         own = model.base(ids).logits[0, -len(cached.logits):]  # [new, V]: Hugging Face's own masks
-        model.base.config.sliding_window = None
+        for holder in (model.base.config, *(layer.self_attn for layer in model.base.model.layers)):
+            if getattr(holder, "sliding_window", None):
+                holder.sliding_window = 10**6  # a window the sequence never leaves
         unwindowed = model.base(ids).logits[0, -1]
     atol = LOGITS_ATOL[gen.device.type]
     assert cached.tokens == full.tokens
     for step, (a, b, c) in enumerate(zip(cached.logits, full.logits, own.float().cpu().numpy())):
         assert np.allclose(a, c, atol=atol) and np.allclose(b, c, atol=atol), step
     assert not np.allclose(unwindowed.float().cpu().numpy(), cached.logits[-1], atol=1e-3)  # the window matters
+
+
+def test_a_model_whose_attention_soft_caps_its_logits_is_refused_at_start(run):
+    """Gemma 2's attention caps its logits; the packed attention cannot, so the engine says so
+    when it starts instead of decoding other logits than the model's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from retro_ray.core.errors import UserError
+    from retro_ray.model.retrofit import RetroFit, retrofit_config
+
+    cfg, tok, retriever = run
+    base = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, intermediate_size=64))
+    gen = Generator(RetroFit(base, retrofit_config(base, chunk_length=M, k=2, encoder_layers=1, cca_layers=[2])), tok,
+                    retriever)
+    with pytest.raises(UserError, match="attn_logit_softcapping=50"):
+        engine_of(gen, EngineConfig(kv_tokens=512, max_seqs=2))
 
 
 def test_a_short_request_finishes_while_a_long_one_decodes(run):

@@ -1,4 +1,5 @@
-"""A retro-fitted Llama's packed pass without the Hugging Face module stack.
+"""A retro-fitted Llama's (or Qwen2's, or Mistral's: the same layers) packed pass without the
+Hugging Face module stack.
 
 Through ``transformers``' Llama, about a third of a one-sequence decode step of SmolLM2-135M on
 2 cores is spent outside the matrix products: per layer the decorated module calls and keyword
@@ -6,8 +7,9 @@ plumbing, rotate-half twice, the attention interface's dispatch and a ``Cache`` 
 ``LlamaPass`` runs the same arithmetic in the same order with the model's own norms, rotary tables
 and weights (queries and keys rotated in one go) and reads and writes the engine's cache directly,
 with the retro-fit's CCA after its layers: SmolLM2's decode step without retrieval 30.8 -> 28-29.6
-ms on 2 cores, the same tokens. Models of any other class keep the Hugging Face pass
-(``supports``).
+ms on 2 cores, the same tokens. Qwen2 (biases on q, k, v) and Mistral differ from Llama only in
+their attention's sliding window, which the pass passes on to the cache. Models of any other
+class keep the Hugging Face pass (``supports``).
 
 Notation as ``memory``: T tokens in the pass, P sampled positions, V vocabulary, d width, h heads,
 h_kv key/value heads, e head width. Imports no Ray.
@@ -23,20 +25,28 @@ from retro_ray.serving.memory import KVCache, PassLayout
 
 
 class LlamaPass:
-    """``fit`` (a ``RetroFit`` of a ``LlamaForCausalLM``) over a packed pass of the engine's cache."""
+    """``fit`` (a ``RetroFit`` of a Llama, Qwen2 or Mistral causal LM) over a packed pass of the
+    engine's cache."""
 
     def __init__(self, fit):
         self.fit, self.base = fit, fit.base
         self.heads = self.base.config.num_attention_heads
         self.cca = {int(name) - 1: name for name in fit.cca}  # layer index -> the CCA that follows it
+        window = getattr(self.base.config, "sliding_window", None)  # Mistral's; Qwen2's attention has its own
+        self.windows = [getattr(layer.self_attn, "sliding_window", window) for layer in self.base.model.layers]
 
     @staticmethod
     def supports(base) -> bool:
-        """A plain ``LlamaForCausalLM``: no quantized, LoRA or otherwise wrapped projection (their
-        own modules know how to run them, ``F.linear`` on their weights would not)."""
+        """A plain ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``MistralForCausalLM``: no
+        quantized, LoRA or otherwise wrapped projection (their own modules know how to run them,
+        ``F.linear`` on their weights would not)."""
         from transformers.models.llama.modeling_llama import LlamaForCausalLM
+        from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
-        if type(base) is not LlamaForCausalLM or getattr(base, "hf_quantizer", None) is not None:
+        if type(base) not in (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM):
+            return False
+        if getattr(base, "hf_quantizer", None) is not None:
             return False
         projections = [m for layer in base.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
                        if m is not layer.mlp.act_fn]
@@ -61,7 +71,7 @@ class LlamaPass:
             qk = torch.cat((q, k), 2)  # [1, T, h + h_kv, e]
             qk = qk * cos + rotate_half(qk) * sin
             cache.write(i, qk[:, :, h_q:].transpose(1, 2), v.transpose(1, 2), layout)
-            y = cache.attend(i, qk[:, :, :h_q].transpose(1, 2), layout, attn.scaling)  # [1, T, h, e]
+            y = cache.attend(i, qk[:, :, :h_q].transpose(1, 2), layout, attn.scaling, self.windows[i])  # [1, T, h, e]
             x = x + F.linear(y.reshape(1, T, -1), attn.o_proj.weight, attn.o_proj.bias)
             y = layer.post_attention_layernorm(x)
             gate = mlp.act_fn(F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias))

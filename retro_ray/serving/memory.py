@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from retro_ray.core.errors import UserError
 from retro_ray.model.retro import Retro
 
 
@@ -103,7 +104,7 @@ class KVCache:
         by_token = q[0].view(h_kv, g, T, e).permute(2, 0, 1, 3)  # [T, h_kv, g, e]: a view
         outs = []
         for i, s in enumerate(layout.segments):
-            lo, hi = s.offset + layout.first_key(i, window), s.offset + s.seen
+            lo, hi = s.offset + (layout.first_key(i, window) if window else 0), s.offset + s.seen
             if s.length == 1:  # a decode row: its g query heads per key head, so keys are never repeated
                 outs.append(F.scaled_dot_product_attention(by_token[s.first:s.first + 1], keys[:, :, lo:hi],
                                                            values[:, :, lo:hi], scale=scale))  # [1, h_kv, g, e]
@@ -170,10 +171,15 @@ def hf_mask(*args, **kwargs):
 
 
 def use_packed_attention(model) -> None:
-    """Make a Hugging Face model's attention the engine's (outside a pass it stays SDPA)."""
+    """Make a Hugging Face model's attention the engine's (outside a pass it stays SDPA). A model
+    whose attention soft-caps its logits (Gemma 2) is refused: the packed attention has no cap."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    cap = getattr(model.config, "attn_logit_softcapping", None)
+    if cap is not None:
+        raise UserError(f"{model.config.model_type}: the engine cannot serve a model whose attention soft-caps "
+                        f"its logits (attn_logit_softcapping={cap})")
     AttentionInterface.register(HF_ATTENTION, hf_attention)
     AttentionMaskInterface.register(HF_ATTENTION, hf_mask)
     model.set_attn_implementation(HF_ATTENTION)
