@@ -345,11 +345,12 @@ def _trained_looking(cca_modules) -> None:
 
 
 def make_model(kind: str, vocab: int, eos: int):
-    """A tiny random model of ``kind`` (retro, gpt, llama, qwen2, mistral, gemma3, gpt2) whose CCA
-    changes its output and which never ends a text by itself. The Mistral's layers attend within a
+    """A tiny random model of ``kind`` (retro, gpt, llama, qwen2, qwen3, mistral, gemma3, gpt2) whose
+    CCA changes its output and which never ends a text by itself. The Mistral's layers attend within a
     sliding window of 40 positions, the Gemma 3's first and third."""
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     from retro_ray.model import Retro, RetroConfig
     from retro_ray.model.retrofit import RetroFit, retrofit_config
@@ -369,6 +370,8 @@ def make_model(kind: str, vocab: int, eos: int):
         base = LlamaForCausalLM(LlamaConfig(**decoder))
     elif kind == "qwen2":
         base = Qwen2ForCausalLM(Qwen2Config(**decoder))
+    elif kind == "qwen3":
+        base = Qwen3ForCausalLM(Qwen3Config(**decoder, head_dim=8))
     elif kind == "mistral":
         base = MistralForCausalLM(MistralConfig(**decoder, sliding_window=40))
     elif kind == "gemma3":

@@ -32,7 +32,7 @@ def _request(gen, prompt: str, params: SamplingParams, retrieve: bool = True, **
     return Request(gen.encode_prompt(prompt, params), params, retrieve and gen.cfg.retrieval, **kw)
 
 
-@pytest.mark.parametrize("kind", ["retro", "llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["retro", "llama", "qwen2", "qwen3", "mistral"])
 def test_staggered_admission_equals_the_full_recompute_reference_alone(run, kind):
     """Mixed prompt lengths, retrieval on and off, admitted at different steps (one mid-chunk of
     another's decoding), long prompts prefilled in pieces: each equals its own reference."""
