@@ -118,9 +118,9 @@ class ModelRunner:
         seqs = plan.sampled
         tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)  # [P]
         greedy = [j for j, seq in enumerate(seqs) if seq.params.greedy]
-        if greedy:
+        if greedy:  # one batched argmax, then its rows (not a gather of [P, V] logits first)
             rows = torch.tensor([row_of[j] for j in greedy], device=logits.device)
-            tokens[greedy] = logits[rows].argmax(-1)  # one batched argmax
+            tokens[greedy] = logits.argmax(-1)[rows]
         failed: dict[int, str] = {}
         for j, seq in enumerate(seqs):
             if seq.req.keep_logits:
