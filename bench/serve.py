@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -190,7 +191,7 @@ def mixed(client: Client, work: list[tuple[str, int]], clients: int) -> dict:
 
 def poison(client: Client, texts: list[str]) -> bool:
     """(d): 8 at once, one of them with a lone surrogate in its prompt."""
-    bodies = [json.dumps({"model": client.model, "prompt": texts[i], "max_tokens": 16, "temperature": 0,
+    bodies = [json.dumps({"model": client.model, "prompt": texts[i % len(texts)], "max_tokens": 16, "temperature": 0,
                           "stream": True, "retrieval": "encoder", "ignore_eos": True}).encode() for i in range(8)]
     bodies[3] = bodies[3].replace(b'"prompt": "', b'"prompt": "\\ud800', 1)
     with ThreadPoolExecutor(8) as pool:
@@ -338,7 +339,10 @@ def main() -> None:
     questions = [json.loads(line)["question"] for line in (ROOT / "configs" / "pydocs-qa.jsonl").read_text().splitlines()]
     rng = np.random.default_rng(0)
     work = [(texts[i], int(rng.choice(LENGTHS))) for i in range(args.requests)]
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # replicas' lines stay in their logs (shipping them here costs the 2 cores they share); Ray's
+    # and Serve's own lines in this process only when something goes wrong
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url, runs = f"http://127.0.0.1:{args.port}", {}
     try:
