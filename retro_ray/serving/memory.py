@@ -237,7 +237,8 @@ class NeighbourState:
     def swap(self, a: int, b: int) -> None:
         """Rows a and b trade places (the scheduler keeps the decoding rows first), as copies of
         whole rows: advanced indexing (``t[[a, b]] = t[[b, a]]``) gathers and scatters element by
-        element, ten times slower for rows of this size (a swap took 4% of a step at 32 rows)."""
+        element, ten times slower for rows this size (16 tensors of [32, 9, 256, 64]: 8 ms a swap
+        against 0.8 on 2 cores)."""
         for t in (*(t for pair in self.keys.values() for t in pair), *([] if self.mask is None else [self.mask])):
             row = t[a].clone()
             t[a] = t[b]
