@@ -99,7 +99,7 @@ def test_special_tokens_the_model_writes_are_left_out_of_the_text_unless_kept(ru
     cfg, tok, retriever = run
     model = make_model("retro", len(tok), tok.eos_token_id)
     model.lm_head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, torch.tensor(
-        [tok.eos_token_id]), 1e4))  # the model writes end of text, and goes on (ignore_eos)
+        [tok.eos_token_id], device=logits.device), 1e4))  # the model writes end of text, and goes on (ignore_eos)
     gen = Generator(model, tok, retriever)
     skipped, kept = (gen.generate([PROMPT], SamplingParams(max_new_tokens=3, ignore_eos=True,
                                                            skip_special_tokens=skip))[0] for skip in (True, False))
