@@ -292,7 +292,7 @@ def answer_questions(generator, tokenizer, questions: list[dict], passages: list
     from retro_ray.training.prompts import fit_passages, qa_prompt
 
     ec, template = cfg.eval, cfg.eval.template or cfg.instruct.template
-    params = SamplingParams(max_new_tokens=ec.max_new_tokens)
+    params = SamplingParams(max_new_tokens=ec.max_new_tokens, skip_special_tokens=False)  # the scoring cuts at them
     room = generator.cfg.max_seq_len - ec.max_new_tokens
     prompts = [fit_passages(lambda given: qa_prompt(q["question"], given, template, tokenizer),
                             passages[i] if passages else [], tokenizer, room)
