@@ -165,3 +165,25 @@ def test_neighbour_token_minus_one_is_masked_padding():
     expected = logits(model, tokens, neighbors, expected_mask)
     assert torch.equal(logits(model, tokens, padded, mask), expected)
     assert torch.equal(logits(model, tokens, padded), expected)  # no mask given: -1 alone masks
+
+
+@pytest.mark.parametrize("vocabulary_first", [True, False])
+@pytest.mark.parametrize("b,positions", [(1, [5]), (1, [0, 3, 9]), (2, [1, 2])])
+def test_logits_at_sampled_positions_equal_the_full_logits_there(monkeypatch, vocabulary_first, b, positions):
+    """Whichever of the head's two products ``sampled_logits`` measured faster, the logits at the
+    sampled positions are the full pass's there (one position too, which is doubled)."""
+    from retro_ray.model import retro
+
+    model = tiny()
+    head = model.lm_head.weight
+    monkeypatch.setitem(retro._VOCABULARY_FIRST, (tuple(head.shape), head.dtype), vocabulary_first)
+    tokens, neighbors, mask = inputs(b=b)
+    n = tokens.shape[1]
+    with torch.no_grad():
+        full = model(tokens, neighbors, mask)[0]  # [b, n, V]
+        retrieved = model._retriever(neighbors, mask, n)
+        at = torch.tensor(positions)
+        sampled = model.decode(tokens, torch.arange(n), retrieved, logits_at=at)  # [b, P, V]
+    assert sampled.shape == (b, len(positions), 61)
+    torch.testing.assert_close(sampled, full[:, at], rtol=1e-5, atol=1e-5)
+    assert torch.equal(sampled.argmax(-1), full[:, at].argmax(-1))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retro_ray.model.retro import sampled_logits
 from retro_ray.serving.memory import KVCache, PassLayout
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,4 +88,4 @@ class LlamaPass:
                              mlp.down_proj.bias)
             if retrieved is not None and i in self.cca:
                 x = self.fit.with_cca(self.cca[i], x, retrieved)
-        return self.base.lm_head(model.norm(x)[:, logits_at])  # [1, P, V]
+        return sampled_logits(self.base.lm_head, model.norm(x)[:, logits_at])  # [1, P, V]
