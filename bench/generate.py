@@ -11,7 +11,9 @@ For each: greedy decoding of ``--new-tokens`` tokens (end of text ignored, so ev
 the same count) from one prompt with the KV cache and with full recomputation (the same tokens
 are checked), the same model decoder-only (encoder dropped: the GPT twin, same weights
 otherwise), the share of time spent in retrieval (embed + search + read) and in encoding the
-neighbours, and a batch of 8 prompts together. Last line: one JSON object.
+neighbours, a batch of 8 prompts together, and the LM head at 1, 8 and 32 sampled positions
+(``head_ms``: ``F.linear`` against the product the engine measured faster). Last line: one JSON
+object.
 
     python bench/generate.py [--workdir runs/tiny] [--config configs/tiny.yaml] [--new-tokens 256] [--no-smollm2]
 """
@@ -78,6 +80,7 @@ def measure(name: str, gen: Generator, new_tokens: int) -> dict:
         "batch8_tokens_per_s": round(sum(len(o.tokens) for o in batch) / batch_s, 1),
         "decode_step_ms": {mode: p.pop("step_ms") for mode, p in profiles.items()},
         "decode_profile": profiles,
+        "head_ms": head_products(gen.model),
     }
     print(f"{name}: {json.dumps(result)}", flush=True)
     print(f"{name}: continuation of prompt 0: {retro.text[:200]!r}", flush=True)
@@ -102,6 +105,33 @@ def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> d
     shares["step_ms"] = round(1000 * shares.pop("seconds") / steps, 2)
     engine.close()
     return shares
+
+
+def head_products(model, repeats: int = 5) -> dict[str, list[float]]:
+    """The LM head at 1, 8 and 32 sampled positions: milliseconds (best of ``repeats``) of
+    ``F.linear`` and of ``sampled_logits`` (the engine's: the product it measured faster)."""
+    from retro_ray.model.retro import Retro, sampled_logits
+
+    head = model.lm_head if isinstance(model, Retro) else model.base.get_output_embeddings()
+    out = {}
+    with torch.inference_mode():
+        for positions in (1, 8, 32):
+            x = torch.randn(1, positions, head.in_features, dtype=head.weight.dtype, device=head.weight.device)
+            best = []
+            for run in (lambda: torch.nn.functional.linear(x, head.weight), lambda: sampled_logits(head, x)):
+                run()
+                times = []
+                for _ in range(repeats):
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    run().argmax(-1)
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                best.append(round(1000 * min(times), 2))
+            out[str(positions)] = best
+    return out
 
 
 def smollm2_generator(workdir: Path) -> Generator:

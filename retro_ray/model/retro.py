@@ -357,7 +357,8 @@ def sampled_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     the vocabulary as the long side of the BLAS product and 2 positions at least (a one-row
     product takes a matrix-vector path). Which of the two is faster depends on the BLAS and the
     CPU, so it is measured once per head shape and kept. With MKL on 2 Zen 4 cores, SmolLM2's head
-    (49152 x 576, fp32): 1 position 9.8 -> 2.9 ms, 8: 18 -> 7, 32: 27 -> 20."""
+    (49152 x 576, fp32): 1 position 10 -> 3 to 5 ms, 2: 24 -> 3 to 5, 8: 16 to 19 -> 7 to 15, 32:
+    27 to 28 -> 20 to 25."""
     b, P, d = x.shape
     if x.device.type != "cpu" or head.bias is not None or type(head) is not nn.Linear:
         return head(x)
