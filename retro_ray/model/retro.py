@@ -352,7 +352,7 @@ _VOCABULARY_FIRST: dict[tuple, bool] = {}
 
 
 def sampled_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The LM head at a few sampled positions: x [b, P, d] -> logits [b, P, V] (a view that may
+    """The LM head at a few sampled positions: x [b, P, d] -> logits [b, P, vocab] (a view that may
     not be contiguous). On a CPU the same product can be computed vocabulary first, (W x^T)^T, with
     the vocabulary as the long side of the BLAS product and 2 positions at least (a one-row
     product takes a matrix-vector path). Which of the two is faster depends on the BLAS and the
@@ -373,10 +373,10 @@ def sampled_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _vocabulary_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight [V, d], x [P, d] -> x W^T [P, V] as (W x^T)^T, a one-row x doubled."""
+    """weight [vocab, d], x [P, d] -> x W^T [P, vocab] as (W x^T)^T, a one-row x doubled."""
     P = x.shape[0]
     both = torch.cat([x, x]) if P == 1 else x  # [max(P, 2), d]
-    return (weight @ both.t())[:, :P].t()  # [P, V], strides (1, max(P, 2))
+    return (weight @ both.t())[:, :P].t()  # [P, vocab], strides (1, max(P, 2))
 
 
 def _best_of(run, repeats: int = 3) -> float:
