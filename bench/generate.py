@@ -110,27 +110,23 @@ def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> d
 def head_products(model, repeats: int = 5) -> dict[str, list[float]]:
     """The LM head at 1, 8 and 32 sampled positions: milliseconds (best of ``repeats``) of
     ``F.linear`` and of ``sampled_logits`` (the engine's: the product it measured faster)."""
-    from retro_ray.model.retro import Retro, sampled_logits
+    from retro_ray.model.retro import Retro, best_of, sampled_logits
 
     head = model.lm_head if isinstance(model, Retro) else model.base.get_output_embeddings()
+
+    def synced(product):  # each call ends with the device idle, so the next one's clock starts there
+        def run():
+            product().argmax(-1)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        return run
+
     out = {}
     with torch.inference_mode():
         for positions in (1, 8, 32):
             x = torch.randn(1, positions, head.in_features, dtype=head.weight.dtype, device=head.weight.device)
-            best = []
-            for run in (lambda: torch.nn.functional.linear(x, head.weight), lambda: sampled_logits(head, x)):
-                run()
-                times = []
-                for _ in range(repeats):
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    run().argmax(-1)
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-                best.append(round(1000 * min(times), 2))
-            out[str(positions)] = best
+            products = (lambda: torch.nn.functional.linear(x, head.weight), lambda: sampled_logits(head, x))
+            out[str(positions)] = [round(1000 * best_of(synced(p), repeats), 2) for p in products]
     return out
 
 

@@ -365,8 +365,8 @@ def sampled_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     key = (tuple(head.weight.shape), head.weight.dtype)
     if key not in _VOCABULARY_FIRST:
         probes = [torch.ones(n, d, dtype=x.dtype) for n in (1, 16)]  # no draw from the global generator
-        _VOCABULARY_FIRST[key] = (_best_of(lambda: [_vocabulary_first(head.weight, p) for p in probes])
-                                  < _best_of(lambda: [F.linear(p, head.weight) for p in probes]))
+        _VOCABULARY_FIRST[key] = (best_of(lambda: [_vocabulary_first(head.weight, p) for p in probes])
+                                  < best_of(lambda: [F.linear(p, head.weight) for p in probes]))
     if not _VOCABULARY_FIRST[key]:
         return head(x)
     return _vocabulary_first(head.weight, x.reshape(b * P, d)).view(b, P, -1)
@@ -379,7 +379,7 @@ def _vocabulary_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weight @ both.t())[:, :P].t()  # [P, vocab], strides (1, max(P, 2))
 
 
-def _best_of(run, repeats: int = 3) -> float:
+def best_of(run, repeats: int = 3) -> float:
     """The fastest of ``repeats`` timed calls of ``run`` (after one untimed)."""
     run()
     times = []
