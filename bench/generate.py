@@ -12,8 +12,9 @@ the same count) from one prompt with the KV cache and with full recomputation (t
 are checked), the same model decoder-only (encoder dropped: the GPT twin, same weights
 otherwise), the share of time spent in retrieval (embed + search + read) and in encoding the
 neighbours, a batch of 8 prompts together, and the LM head at 1, 8 and 32 sampled positions
-(``head_ms``: ``F.linear`` against the product the engine measured faster). Last line: one JSON
-object.
+(``head_ms``: ``F.linear`` against the product the engine measured faster), and one layer's decode
+attention for 1, 8 and 32 rows (``attention_ms``: per-row SDPA against the engine's, the compiled
+kernel on a CPU). Last line: one JSON object.
 
     python bench/generate.py [--workdir runs/tiny] [--config configs/tiny.yaml] [--new-tokens 256] [--no-smollm2]
 """
@@ -81,6 +82,7 @@ def measure(name: str, gen: Generator, new_tokens: int) -> dict:
         "decode_step_ms": {mode: p.pop("step_ms") for mode, p in profiles.items()},
         "decode_profile": profiles,
         "head_ms": head_products(gen.model),
+        "attention_ms": attention_products(gen.model),
     }
     print(f"{name}: {json.dumps(result)}", flush=True)
     print(f"{name}: continuation of prompt 0: {retro.text[:200]!r}", flush=True)
@@ -107,26 +109,61 @@ def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> d
     return shares
 
 
+def synced(product):
+    """``product`` as a call that ends with the device idle, so the next one's clock starts there."""
+    def run():
+        product()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return run
+
+
 def head_products(model, repeats: int = 5) -> dict[str, list[float]]:
     """The LM head at 1, 8 and 32 sampled positions: milliseconds (best of ``repeats``) of
     ``F.linear`` and of ``sampled_logits`` (the engine's: the product it measured faster)."""
     from retro_ray.model.retro import Retro, best_of, sampled_logits
 
     head = model.lm_head if isinstance(model, Retro) else model.base.get_output_embeddings()
-
-    def synced(product):  # each call ends with the device idle, so the next one's clock starts there
-        def run():
-            product().argmax(-1)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        return run
-
     out = {}
     with torch.inference_mode():
         for positions in (1, 8, 32):
             x = torch.randn(1, positions, head.in_features, dtype=head.weight.dtype, device=head.weight.device)
-            products = (lambda: torch.nn.functional.linear(x, head.weight), lambda: sampled_logits(head, x))
+            products = (lambda: torch.nn.functional.linear(x, head.weight).argmax(-1),
+                        lambda: sampled_logits(head, x).argmax(-1))
             out[str(positions)] = [round(1000 * best_of(synced(p), repeats), 2) for p in products]
+    return out
+
+
+def attention_products(model, keys: int = 300, repeats: int = 5) -> dict[str, list[float]]:
+    """One layer's decode attention at the model's heads, for 1, 8 and 32 rows of ``keys`` keys
+    each: milliseconds (best of ``repeats``) of per-row SDPA and of the engine's cache (the
+    compiled kernel on a CPU where it is built, else the same SDPA)."""
+    from retro_ray.model.retro import Retro, best_of
+    from retro_ray.serving import kernels
+    from retro_ray.serving.memory import KVCache, PassLayout, Segment
+
+    if isinstance(model, Retro):
+        h = h_kv = model.cfg.n_heads
+        e = model.cfg.d_model // h
+    else:
+        c = model.base.config
+        h = c.num_attention_heads
+        h_kv, e = getattr(c, "num_key_value_heads", None) or h, getattr(c, "head_dim", None) or c.hidden_size // h
+    weight = next(model.parameters())
+    ours = kernels.decode_attention() if weight.device.type == "cpu" else None
+    out = {}
+    with torch.inference_mode():
+        for rows in (1, 8, 32):
+            history = PassLayout([Segment(i * keys, keys, i * keys, 0) for i in range(rows)], weight.device)
+            layout = PassLayout([Segment(i, 1, i * keys, keys - 1) for i in range(rows)], weight.device)
+            kv = [torch.randn(1, h_kv, rows * keys, e, dtype=weight.dtype, device=weight.device) for _ in range(2)]
+            q = torch.randn(1, h, rows, e, dtype=weight.dtype, device=weight.device)
+            out[str(rows)] = []
+            for kernel in (None, ours):
+                cache = KVCache(rows * keys, weight.device)
+                cache.kernel = kernel
+                cache.write(0, *kv, history)
+                out[str(rows)].append(round(1000 * best_of(synced(lambda: cache.attend(0, q, layout)), repeats), 3))
     return out
 
 

@@ -4,9 +4,12 @@ where it lives.
 - ``KVCache``: every sequence's keys and values, one tensor of ``tokens`` positions per layer; a
   sequence owns a contiguous range (``scheduler.KVSpace`` decides which). A pass packs its
   sequences' tokens one after another (``PassLayout``); each layer writes its new keys at their
-  positions and each sequence attends to its own range through a view: no per-step copy of the
-  cache. Grouped-query heads are folded into the query length, so keys are never repeated; a
-  layer with a sliding window (Mistral, Qwen2, Gemma) reads only the window's keys.
+  positions and each sequence attends to its own range where it lives: no per-step copy of the
+  cache. On a CPU the decode rows of a layer attend in one call of the compiled kernel
+  (``kernels``), which reads keys stored in blocks of ``kernels.BLOCK`` positions; prompt slices,
+  GPUs, and a CPU without the kernel use SDPA per segment. Grouped-query heads share the keys
+  they read (folded into SDPA's query length), so keys are never repeated; a layer with a
+  sliding window (Mistral, Qwen2, Gemma) reads only the window's keys.
   Hugging Face models use it through their attention interface (``hf_attention``, with their mask
   interface ``hf_mask``) and a ``Cache`` (``hf_cache``), so the same packed pass runs a
   retro-fitted GPT-2 or any other base; a Llama runs its own pass over it (``llama.LlamaPass``).
@@ -23,6 +26,7 @@ h_kv key/value heads, g = h / h_kv, e head width. Imports no Ray.
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 from dataclasses import dataclass
 
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 
 from retro_ray.core.errors import UserError
 from retro_ray.model.retro import Retro
+from retro_ray.serving import kernels
+from retro_ray.serving.kernels import BLOCK
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,31 @@ class PassLayout:
         self.masks = {i: (torch.arange(s.seen)[None, :] <= torch.arange(s.start, s.seen)[:, None]).to(device)
                       for i, s in enumerate(segments) if s.length > 1}  # [length, seen]
         self.windowed: dict[tuple[int, int], torch.Tensor] = {}
+        self.decode = [i for i, s in enumerate(segments) if s.length == 1]  # segments of one token
+        self.ranges: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @functools.cached_property
+    def blocked_write(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's key positions in the blocked cache: (block, lane) [T] each."""
+        return self.write // BLOCK, self.write % BLOCK
 
     def first_key(self, i: int, window: int | None) -> int:
         """The first position segment i's earliest query sees: with a sliding ``window`` (a query at
         position p sees p - window + 1 .. p, as Hugging Face's sliding-window masks), else 0."""
         return 0 if window is None else max(0, self.segments[i].start - window + 1)
+
+    def keys_seen(self, i: int, window: int | None) -> tuple[int, int]:
+        """The cache positions segment i attends to: lo .. hi - 1."""
+        s = self.segments[i]
+        return s.offset + self.first_key(i, window), s.offset + s.seen
+
+    def decode_ranges(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one-token segments' pass rows, and the cache positions each sees (lo, hi): [b] each."""
+        if window not in self.ranges:
+            seen = [self.keys_seen(i, window) for i in self.decode]
+            self.ranges[window] = (torch.tensor([self.segments[i].first for i in self.decode]),
+                                   *torch.tensor(seen, dtype=torch.long).reshape(-1, 2).t().contiguous())
+        return self.ranges[window]
 
     def mask(self, i: int, window: int | None) -> torch.Tensor:
         """Segment i's causal mask [length, seen - first_key], within ``window`` if one is given."""
@@ -78,47 +104,81 @@ class PassLayout:
 
 
 class KVCache:
-    """Keys and values of every layer in ``tokens`` positions (allocated at a layer's first write)."""
+    """Keys and values of every layer in ``tokens`` positions (allocated at a layer's first write).
+    Where the CPU kernel runs (float32, a head width it is built for), a layer's keys are blocked,
+    [h_kv, N / BLOCK, e, BLOCK], else [h_kv, N, e]; values are always [h_kv, N, e]."""
 
     def __init__(self, tokens: int, device: torch.device):
         self.tokens, self.device = tokens, device
-        self.k: dict[int, torch.Tensor] = {}  # layer -> [h_kv, N, e]
-        self.v: dict[int, torch.Tensor] = {}
+        self.kernel = kernels.decode_attention() if device.type == "cpu" else None
+        self.k: dict[int, torch.Tensor] = {}  # layer -> [h_kv, N, e] or blocked [h_kv, N / BLOCK, e, BLOCK]
+        self.v: dict[int, torch.Tensor] = {}  # layer -> [h_kv, N, e]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, layout: PassLayout) -> None:
         """k, v [1, h_kv, T, e] of a pass, at its positions."""
         if layer not in self.k:
-            self.k[layer] = k.new_zeros(k.shape[1], self.tokens, k.shape[3])
-            self.v[layer] = v.new_zeros(v.shape[1], self.tokens, v.shape[3])
-        self.k[layer].index_copy_(1, layout.write, k[0])
+            h_kv, e = k.shape[1], k.shape[3]
+            if self.kernel is not None and k.dtype == torch.float32 and e in kernels.WIDTHS:
+                blocks = -(-self.tokens // BLOCK)
+                self.k[layer] = k.new_zeros(h_kv, blocks, e, BLOCK)
+                self.v[layer] = v.new_zeros(h_kv, blocks * BLOCK, e)
+            else:
+                self.k[layer] = k.new_zeros(h_kv, self.tokens, e)
+                self.v[layer] = v.new_zeros(h_kv, self.tokens, e)
+        if self.k[layer].dim() == 4:
+            block, lane = layout.blocked_write
+            self.k[layer][:, block, :, lane] = k[0].transpose(0, 1)  # [T, h_kv, e]
+        else:
+            self.k[layer].index_copy_(1, layout.write, k[0])
         self.v[layer].index_copy_(1, layout.write, v[0])
+
+    def keys(self, layer: int, lo: int, hi: int) -> torch.Tensor:
+        """Positions lo .. hi - 1 of a layer's keys -> [1, h_kv, hi - lo, e] (from blocked keys, a copy)."""
+        keys = self.k[layer]
+        if keys.dim() == 3:
+            return keys[None, :, lo:hi]
+        first, last = lo // BLOCK, -(-hi // BLOCK)
+        flat = keys[:, first:last].transpose(2, 3).reshape(1, keys.shape[0], -1, keys.shape[2])
+        return flat[:, :, lo - first * BLOCK:hi - first * BLOCK]
 
     def attend(self, layer: int, q: torch.Tensor, layout: PassLayout, scale: float | None = None,
                window: int | None = None) -> torch.Tensor:
         """q [1, h, T, e] -> [1, T, h, e]: every segment's queries over its own keys, read in place
         (the last ``window`` positions only, for a layer with a sliding window)."""
-        keys, values = self.k[layer][None], self.v[layer][None]  # [1, h_kv, N, e]
-        h_kv, e = keys.shape[1], keys.shape[3]
+        values = self.v[layer][None]  # [1, h_kv, N, e]
+        h_kv, e = values.shape[1], values.shape[3]
         h, T = q.shape[1], q.shape[2]
         g = h // h_kv
         by_token = q[0].view(h_kv, g, T, e).permute(2, 0, 1, 3)  # [T, h_kv, g, e]: a view
-        outs = []
+        out = q.new_empty(T, h_kv, g, e)
+        kernel = self.k[layer].dim() == 4 and g <= kernels.GROUPS and bool(layout.decode)
+        if kernel:  # every decode row at once, each over its own keys
+            rows, lo, hi = layout.decode_ranges(window)
+            out[rows] = self.kernel(by_token[rows].contiguous(), self.k[layer], self.v[layer], lo, hi,
+                                    e ** -0.5 if scale is None else scale)  # [b, h_kv, g, e]
         for i, s in enumerate(layout.segments):
-            lo, hi = s.offset + (layout.first_key(i, window) if window else 0), s.offset + s.seen
+            lo, hi = layout.keys_seen(i, window)
             if s.length == 1:  # a decode row: its g query heads per key head, so keys are never repeated
-                outs.append(F.scaled_dot_product_attention(by_token[s.first:s.first + 1], keys[:, :, lo:hi],
-                                                           values[:, :, lo:hi], scale=scale))  # [1, h_kv, g, e]
+                if not kernel:
+                    out[s.first] = F.scaled_dot_product_attention(by_token[s.first:s.first + 1], self.keys(layer, lo, hi),
+                                                                  values[:, :, lo:hi], scale=scale)[0]  # [h_kv, g, e]
                 continue
             qs = q[:, :, s.first:s.first + s.length].reshape(1, h_kv, g * s.length, e)  # [1, h_kv, g length, e]
-            y = F.scaled_dot_product_attention(qs, keys[:, :, lo:hi], values[:, :, lo:hi],
+            y = F.scaled_dot_product_attention(qs, self.keys(layer, lo, hi), values[:, :, lo:hi],
                                                attn_mask=layout.mask(i, window).repeat(g, 1), scale=scale)
-            outs.append(y.view(h_kv, g, s.length, e).permute(2, 0, 1, 3))  # [length, h_kv, g, e]
-        return torch.cat(outs).reshape(1, T, h, e)
+            out[s.first:s.first + s.length] = y.view(h_kv, g, s.length, e).permute(2, 0, 1, 3)  # [length, h_kv, g, e]
+        return out.reshape(1, T, h, e)
 
     def copy(self, src: int, dst: int, n: int) -> None:
         """Positions src..src+n-1 -> dst..dst+n-1 in every layer (a forked sequence)."""
-        for store in (*self.k.values(), *self.v.values()):
-            store[:, dst:dst + n] = store[:, src:src + n]
+        at, to = torch.arange(src, src + n), torch.arange(dst, dst + n)
+        for keys in self.k.values():
+            if keys.dim() == 4:
+                keys[:, to // BLOCK, :, to % BLOCK] = keys[:, at // BLOCK, :, at % BLOCK]
+            else:
+                keys[:, dst:dst + n] = keys[:, src:src + n]
+        for values in self.v.values():
+            values[:, dst:dst + n] = values[:, src:src + n]
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
