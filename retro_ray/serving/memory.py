@@ -157,11 +157,12 @@ class KVCache:
             out[rows] = self.kernel(by_token[rows].contiguous(), self.k[layer], self.v[layer], lo, hi,
                                     e ** -0.5 if scale is None else scale)  # [b, h_kv, g, e]
         for i, s in enumerate(layout.segments):
+            if s.length == 1 and kernel:
+                continue  # attended above
             lo, hi = layout.keys_seen(i, window)
             if s.length == 1:  # a decode row: its g query heads per key head, so keys are never repeated
-                if not kernel:
-                    out[s.first] = F.scaled_dot_product_attention(by_token[s.first:s.first + 1], self.keys(layer, lo, hi),
-                                                                  values[:, :, lo:hi], scale=scale)[0]  # [h_kv, g, e]
+                out[s.first] = F.scaled_dot_product_attention(by_token[s.first:s.first + 1], self.keys(layer, lo, hi),
+                                                              values[:, :, lo:hi], scale=scale)[0]  # [h_kv, g, e]
                 continue
             qs = q[:, :, s.first:s.first + s.length].reshape(1, h_kv, g * s.length, e)  # [1, h_kv, g length, e]
             y = F.scaled_dot_product_attention(qs, self.keys(layer, lo, hi), values[:, :, lo:hi],
