@@ -29,11 +29,12 @@ def _filled(kernel, layout: PassLayout, h_kv: int, e: int, tokens: int, seed: in
     return cache
 
 
-@pytest.mark.parametrize("g, e, window", [(3, 64, None), (1, 32, None), (8, 128, None), (2, 64, 5)])
+@pytest.mark.parametrize("g, e, window", [(3, 64, None), (1, 32, None), (8, 128, None), (2, 64, 5), (12, 64, None)])
 def test_the_decode_kernel_attends_as_sdpa_over_each_rows_own_keys(g, e, window):
     """Decode rows at unaligned offsets and lengths (a block's first and last lanes, a row of one
-    key), next to a prompt slice, with and without a sliding window: the kernel's output equals
-    per-row SDPA's (fp32, 1e-5), and the prompt slice's is untouched by it."""
+    key), next to a prompt slice, with and without a sliding window, and more query heads per key
+    head than one call takes (multi-query models: in groups): the kernel's output equals per-row
+    SDPA's (fp32, 1e-5), and the prompt slice's is untouched by it."""
     kernel = kernels.decode_attention()
     if kernel is None:
         pytest.skip("no compiler for the CPU kernel on this machine")

@@ -23,7 +23,7 @@ BLOCK = 16
 WIDTHS = (32, 64, 128)
 """Head widths the kernel is compiled for."""
 GROUPS = 8
-"""The most query heads per key head it is compiled for."""
+"""The most query heads per key head one call takes (``KVCache`` hands it more in groups)."""
 
 _FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
           "AVX2": ["-mavx2", "-mfma"]}

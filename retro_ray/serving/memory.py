@@ -6,10 +6,11 @@ where it lives.
   sequences' tokens one after another (``PassLayout``); each layer writes its new keys at their
   positions and each sequence attends to its own range where it lives: no per-step copy of the
   cache. On a CPU the decode rows of a layer attend in one call of the compiled kernel
-  (``kernels``), which reads keys stored in blocks of ``kernels.BLOCK`` positions; prompt slices,
-  GPUs, and a CPU without the kernel use SDPA per segment. Grouped-query heads share the keys
-  they read (folded into SDPA's query length), so keys are never repeated; a layer with a
-  sliding window (Mistral, Qwen2, Gemma) reads only the window's keys.
+  (``kernels``; one per eight query heads of a key head), which reads keys stored in blocks of
+  ``kernels.BLOCK`` positions; prompt slices, GPUs, and a CPU without the kernel use SDPA per
+  segment. Grouped-query heads share the keys they read (folded into SDPA's query length), so
+  keys are never repeated; a layer with a sliding window (Mistral, Qwen2, Gemma) reads only the
+  window's keys.
   Hugging Face models use it through their attention interface (``hf_attention``, with their mask
   interface ``hf_mask``) and a ``Cache`` (``hf_cache``), so the same packed pass runs a
   retro-fitted GPT-2 or any other base; a Llama runs its own pass over it (``llama.LlamaPass``).
@@ -151,11 +152,13 @@ class KVCache:
         g = h // h_kv
         by_token = q[0].view(h_kv, g, T, e).permute(2, 0, 1, 3)  # [T, h_kv, g, e]: a view
         out = q.new_empty(T, h_kv, g, e)
-        kernel = self.k[layer].dim() == 4 and g <= kernels.GROUPS and bool(layout.decode)
-        if kernel:  # every decode row at once, each over its own keys
+        kernel = self.k[layer].dim() == 4 and bool(layout.decode)
+        if kernel:  # every decode row at once, each over its own keys (query heads in groups of GROUPS)
             rows, lo, hi = layout.decode_ranges(window)
-            out[rows] = self.kernel(by_token[rows].contiguous(), self.k[layer], self.v[layer], lo, hi,
-                                    e ** -0.5 if scale is None else scale)  # [b, h_kv, g, e]
+            for j in range(0, g, kernels.GROUPS):
+                heads = slice(j, j + kernels.GROUPS)
+                out[rows, :, heads] = self.kernel(by_token[rows, :, heads].contiguous(), self.k[layer], self.v[layer],
+                                                  lo, hi, e ** -0.5 if scale is None else scale)  # [b, h_kv, <= GROUPS, e]
         for i, s in enumerate(layout.segments):
             if s.length == 1 and kernel:
                 continue  # attended above
