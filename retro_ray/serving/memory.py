@@ -153,12 +153,15 @@ class KVCache:
         by_token = q[0].view(h_kv, g, T, e).permute(2, 0, 1, 3)  # [T, h_kv, g, e]: a view
         out = q.new_empty(T, h_kv, g, e)
         kernel = self.k[layer].dim() == 4 and bool(layout.decode)
-        if kernel:  # every decode row at once, each over its own keys (query heads in groups of GROUPS)
+        if kernel:  # every decode row at once, each over its own keys
             rows, lo, hi = layout.decode_ranges(window)
-            for j in range(0, g, kernels.GROUPS):
-                heads = slice(j, j + kernels.GROUPS)
-                out[rows, :, heads] = self.kernel(by_token[rows, :, heads].contiguous(), self.k[layer], self.v[layer],
-                                                  lo, hi, e ** -0.5 if scale is None else scale)  # [b, h_kv, <= GROUPS, e]
+            keys, scaling = self.k[layer], e ** -0.5 if scale is None else scale
+            qs = by_token[rows].contiguous()  # [b, h_kv, g, e]
+            if g <= kernels.GROUPS:
+                out[rows] = self.kernel(qs, keys, self.v[layer], lo, hi, scaling)
+            else:  # a multi-query model: GROUPS query heads per key head a call
+                out[rows] = torch.cat([self.kernel(qs[:, :, j:j + kernels.GROUPS].contiguous(), keys, self.v[layer],
+                                                   lo, hi, scaling) for j in range(0, g, kernels.GROUPS)], 2)
         for i, s in enumerate(layout.segments):
             if s.length == 1 and kernel:
                 continue  # attended above
