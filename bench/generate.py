@@ -10,13 +10,16 @@ Two models, each with its own database and index:
 For each: greedy decoding of ``--new-tokens`` tokens (end of text ignored, so every run decodes
 the same count) from one prompt with the KV cache and with full recomputation (the same tokens
 are checked), the same model decoder-only (encoder dropped: the GPT twin, same weights
-otherwise), the share of time spent in retrieval (embed + search + read) and in encoding the
-neighbours, a batch of 8 prompts together, and the LM head at 1, 8 and 32 sampled positions
+otherwise; ``--pairs`` pairs of runs, which of the two goes first alternating, and the median of
+the pairs' ratios: a VM's speed drifts between runs by more than the gap between them), the
+share of time spent in retrieval (embed + search + read) and in encoding the neighbours, a batch
+of 8 prompts together, and the LM head at 1, 8 and 32 sampled positions
 (``head_ms``: ``F.linear`` against the product the engine measured faster), and one layer's decode
 attention for 1, 8 and 32 rows (``attention_ms``: per-row SDPA against the engine's, the compiled
 kernel on a CPU). Last line: one JSON object.
 
-    python bench/generate.py [--workdir runs/tiny] [--config configs/tiny.yaml] [--new-tokens 256] [--no-smollm2]
+    python bench/generate.py [--workdir runs/tiny] [--config configs/tiny.yaml] [--new-tokens 256] [--pairs 5]
+                             [--no-smollm2]
 """
 
 from __future__ import annotations
@@ -53,12 +56,17 @@ def timed(gen: Generator, prompts: list[str], params: SamplingParams, mode: str)
     return out, time.perf_counter() - start, dict(gen.last_timings)
 
 
-def measure(name: str, gen: Generator, new_tokens: int) -> dict:
+def measure(name: str, gen: Generator, new_tokens: int, pairs: int) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     prompts = db_prompts(gen.retriever.chunk_texts, len(gen.retriever.store), 8)
     gen.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
-    [retro], retro_s, timings = timed(gen, prompts[:1], params, "encoder")
-    [gpt], gpt_s, _ = timed(gen, prompts[:1], params, "off")
+    runs: dict[str, list] = {"encoder": [], "off": []}
+    for i in range(pairs):  # Retro first, then its twin first: a slow phase of the machine falls on both
+        for mode in ("encoder", "off") if i % 2 == 0 else ("off", "encoder"):
+            runs[mode].append(timed(gen, prompts[:1], params, mode))
+    (_, retro_s, timings), (_, gpt_s, _) = (sorted(runs[mode], key=lambda r: r[1])[pairs // 2] for mode in runs)
+    [retro], [gpt] = runs["encoder"][0][0], runs["off"][0][0]
+    ratios = [round(o[1] / e[1], 3) for e, o in zip(runs["encoder"], runs["off"])]  # twin's time over Retro's
     gen.use_cache = False
     [full], full_s, _ = timed(gen, prompts[:1], params, "encoder")
     gen.use_cache = True
@@ -74,7 +82,8 @@ def measure(name: str, gen: Generator, new_tokens: int) -> dict:
         "same_tokens": retro.tokens == full.tokens,
         "retro_tokens_per_s": round(len(retro.tokens) / retro_s, 1),
         "gpt_tokens_per_s": round(len(gpt.tokens) / gpt_s, 1),
-        "retro_vs_gpt": round(gpt_s / retro_s, 3),
+        "retro_vs_gpt": sorted(ratios)[pairs // 2],
+        "retro_vs_gpt_pairs": ratios,
         "retrieval_share": round((timings["retrieve_s"] + timings["encode_s"]) / retro_s, 3),
         "retrieve_s": round(timings["retrieve_s"], 3),
         "encode_s": round(timings["encode_s"], 3),
@@ -191,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--pairs", type=int, default=5, help="alternating runs of Retro and its twin (medians)")
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--config", default=str(TINY), help="the config of the run in --workdir")
     args = parser.parse_args()
@@ -200,10 +210,10 @@ def main() -> None:
         cli("pipeline", "--config", args.config, "--set", f"workdir={args.workdir}")
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch_threads": torch.get_num_threads()}
-    results["retro"] = measure("retro (pipeline model)", run_generator(cfg, storage), args.new_tokens)
+    results["retro"] = measure("retro (pipeline model)", run_generator(cfg, storage), args.new_tokens, args.pairs)
     if not args.no_smollm2:
         results["smollm2"] = measure("smollm2 retro-fit", smollm2_generator(ROOT / "bench" / "out" / "generate-smollm2"),
-                                     args.new_tokens)
+                                     args.new_tokens, args.pairs)
     head = results["retro"]
     print(json.dumps({key: head[key] for key in ("kv_speedup", "retro_tokens_per_s", "gpt_tokens_per_s",
                                                  "retro_vs_gpt", "retrieval_share", "batch8_tokens_per_s")}
