@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--config", default=str(TINY), help="the config of the run in --workdir")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error(f"--pairs {args.pairs}: at least one pair of runs")
     cfg = load_config(args.config, [f"workdir={args.workdir}"])
     storage = Storage(cfg.storage)
     if not storage.exists(join(model_dir(cfg), "config.json")):
