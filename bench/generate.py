@@ -16,7 +16,8 @@ share of time spent in retrieval (embed + search + read) and in encoding the nei
 of 8 prompts together, and the LM head at 1, 8 and 32 sampled positions
 (``head_ms``: ``F.linear`` against the product the engine measured faster), and one layer's decode
 attention for 1, 8 and 32 rows (``attention_ms``: per-row SDPA against the engine's, the compiled
-kernel on a CPU). Last line: one JSON object.
+kernel on a CPU), and the median decode step with 1, 8 and 32 sequences together, with retrieval
+and without (``step_ms_by_rows``: what a row adds to a step). Last line: one JSON object.
 
     python bench/generate.py [--workdir runs/tiny] [--config configs/tiny.yaml] [--new-tokens 256] [--pairs 5]
                              [--no-smollm2]
@@ -91,6 +92,7 @@ def measure(name: str, gen: Generator, new_tokens: int, pairs: int) -> dict:
         "batch8_tokens_per_s": round(sum(len(o.tokens) for o in batch) / batch_s, 1),
         "decode_step_ms": {mode: p.pop("step_ms") for mode, p in profiles.items()},
         "decode_profile": profiles,
+        "step_ms_by_rows": steps_by_rows(gen, prompts),
         "head_ms": head_products(gen.model),
         "attention_ms": attention_products(gen.model),
     }
@@ -103,20 +105,49 @@ def decode_profile(gen: Generator, prompt: str, mode: str, steps: int = 32) -> d
     """Where one stream's decode steps spend their time (``common.step_profile``), in ``mode``
     (``encoder``: retrieval for every completed chunk; ``off``: the decoder alone), and the mean
     step in milliseconds."""
-    from retro_ray.serving.engine import Engine, EngineConfig, Request
-
-    params = SamplingParams(max_new_tokens=2 * steps + 1, ignore_eos=True)  # the profiled run is a second one
-    req = Request(gen.encode_prompt(prompt, params), params, retrieve=mode == "encoder")
-    engine = Engine(gen.model, gen.tokenizer, gen.retriever, device=gen.device,
-                    config=EngineConfig(kv_tokens=len(req.ids) + 2 * steps + 1, max_seqs=1,
-                                        prefill_tokens=len(req.ids)))
-    engine.add(req)
-    while not engine.scheduler.running or engine.scheduler.running[0].fed < len(req.ids):
-        engine.step()  # admitted, its prompt in: from here on every step decodes
+    engine = decoding(gen, [prompt], mode, 2 * steps + 1)  # the profiled run is a second one
     shares = step_profile(engine, lambda: [engine.step() for _ in range(steps)])
     shares["step_ms"] = round(1000 * shares.pop("seconds") / steps, 2)
     engine.close()
     return shares
+
+
+def steps_by_rows(gen: Generator, prompts: list[str], rows: tuple[int, ...] = (1, 8, 32), steps: int = 16) -> dict:
+    """The median decode step in milliseconds with 1, 8 and 32 sequences decoding together (the
+    prompts repeated), with retrieval (``encoder``) and without (``off``): what a row adds to a
+    step, which bounds what continuous batching can gain over static batches on this machine."""
+    out: dict[str, dict[str, float]] = {"encoder": {}, "off": {}}
+    for n in rows:
+        for mode in out:
+            engine = decoding(gen, [prompts[i % len(prompts)] for i in range(n)], mode, steps + 1)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - start)
+            engine.close()
+            out[mode][str(n)] = round(1000 * statistics.median(times), 1)
+    return out
+
+
+def decoding(gen: Generator, prompts: list[str], mode: str, new_tokens: int):
+    """An engine with ``prompts`` admitted and prefilled, each with room for ``new_tokens`` more:
+    from here on every step decodes every sequence. A prompt with no complete chunk starts
+    decoding while the others wait for their neighbours: four chunks more of room keep it running."""
+    from retro_ray.serving.engine import Engine, EngineConfig, Request
+
+    room = new_tokens + (4 * gen.model.cfg.chunk_length if len(prompts) > 1 else 0)
+    params = SamplingParams(max_new_tokens=room, ignore_eos=True)
+    reqs = [Request(gen.encode_prompt(p, params), params, retrieve=mode == "encoder") for p in prompts]
+    engine = Engine(gen.model, gen.tokenizer, gen.retriever, device=gen.device,
+                    config=EngineConfig(kv_tokens=sum(len(r.ids) + room for r in reqs), max_seqs=len(reqs),
+                                        prefill_tokens=sum(len(r.ids) for r in reqs)))
+    for req in reqs:
+        engine.add(req)
+    running = engine.scheduler.running
+    while engine.stats.admitted < len(reqs) or any(seq.fed < len(seq.req.ids) for seq in running):
+        engine.step()
+    return engine
 
 
 def synced(product):
